@@ -1,0 +1,95 @@
+"""How a model family turns messages into prompt ids and generated ids back into visible text.
+
+``ChatGLM3Format``  native ChatGLM3 prompt (role tokens, metadata lines), sentencepiece only,
+                    so user text can never become a special token; hides the reply's metadata line.
+``TemplateFormat``  any Hugging Face chat model: the tokenizer's own chat template.
+
+Both give: ``prompt_ids(messages)``, ``stop_token_ids``, and ``text_stream()`` -> an object
+whose ``push(token_id)`` returns the new visible text and ``finish()`` the rest.
+"""
+
+from __future__ import annotations
+
+from .chatglm3.reply import ReplyTextFilter
+from .chatglm3.tokenizer import ChatGLM3Tokenizer
+from .streaming_text import IncrementalDecoder
+
+
+class _TextStream:
+    """Generated ids -> visible text: incremental detokenizing, then an optional text filter."""
+
+    def __init__(self, tokenizer, text_filter=None):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._filter = text_filter
+
+    def push(self, token_id: int) -> str:
+        text = self._decoder.push(token_id)
+        return self._filter.feed(text) if self._filter and text else text
+
+    def finish(self) -> str:
+        text = self._decoder.finish()
+        if self._filter is None:
+            return text
+        return (self._filter.feed(text) if text else "") + self._filter.finish()
+
+
+def _plain_text(content) -> str:
+    """Message content as plain text: a string, or Gradio 6 content blocks ([{"type": "text", "text": ...}])."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, (list, tuple)):
+        parts = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, dict) and block.get("type", "text") == "text" and "text" in block:
+                parts.append(str(block["text"]))
+            # files/images are not understood by a text model: left out of the prompt
+        return "\n".join(parts)
+    if content is None:
+        return ""
+    return str(content)
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Keep role/content (+ChatGLM3 metadata/tools), flatten content to text."""
+    out = []
+    for message in messages:
+        item = {"role": message.get("role"), "content": _plain_text(message.get("content"))}
+        for key in ("metadata", "tools"):
+            if message.get(key) and isinstance(message.get(key), (str, list)):
+                item[key] = message[key]
+        out.append(item)
+    return out
+
+
+class ChatGLM3Format:
+    def __init__(self, tokenizer: ChatGLM3Tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(tokenizer.stop_token_ids)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.build_chat_input(normalize_messages(messages))
+
+    def text_stream(self) -> _TextStream:
+        return _TextStream(self.tokenizer, ReplyTextFilter())
+
+
+class TemplateFormat:
+    def __init__(self, tokenizer, stop_token_ids: list[int]):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this tokenizer has no chat template, so it is not a chat model")
+        self.tokenizer = tokenizer
+        self.stop_token_ids = list(stop_token_ids)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        messages = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def text_stream(self) -> _TextStream:
+        return _TextStream(self.tokenizer)

@@ -1,0 +1,148 @@
+"""Parse ChatGLM3 replies: the text generated after ``<|assistant|>`` (stop token removed).
+
+The first line of a reply is metadata. Empty metadata: the rest is the answer. Non-empty metadata
+with tools in the system prompt: the rest is a tool call, a fenced code block holding
+``tool_call(arg=value, ...)``, and the metadata line is the tool name.
+
+    parse_reply(text, tools_available) -> ParsedReply(content, metadata, tool_call)
+    ReplyTextFilter().feed(delta) -> visible text; .metadata; .finish() -> rest
+
+Decisions:
+- ``ParsedReply.metadata`` is the raw first line ("" when the reply has no newline at all);
+  ``ToolCall.name`` is that line stripped.
+- Every non-tool-call content is ``.strip()``-ed (the official code strips only answers with empty
+  metadata); newlines inside are kept.
+- The official code ``eval``s the tool call. Here it is parsed with ``ast``: only a call of
+  ``tool_call`` with keyword arguments whose values are literals (``ast.literal_eval``: strings,
+  numbers, booleans, None, lists, tuples, dicts, sets). Anything else - a malformed block,
+  positional or ``**`` arguments, names, attribute access, calls such as ``__import__('os')`` -
+  raises :class:`ToolCallError` (a ``ValueError``) and nothing is executed. ``ToolCallError``
+  carries ``metadata`` and ``content`` so a caller can show the raw reply instead.
+- Streaming: the visible pieces from :class:`ReplyTextFilter` concatenate to exactly
+  ``parse_reply(full, tools_available=False).content``: leading whitespace of the content is
+  dropped and trailing whitespace is held back until non-whitespace text follows it.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+
+
+@dataclass
+class ParsedReply:
+    content: str
+    metadata: str
+    tool_call: ToolCall | None = None
+
+
+class ToolCallError(ValueError):
+    """A reply announced a tool call whose text is not a safe literal ``tool_call(...)``."""
+
+    def __init__(self, message: str, metadata: str = "", content: str = ""):
+        super().__init__(message)
+        self.metadata = metadata
+        self.content = content
+
+
+def split_metadata(text: str) -> tuple[str, str]:
+    """``(metadata, rest)``: the first line and what follows; no newline means no metadata."""
+    if "\n" not in text:
+        return "", text
+    metadata, rest = text.split("\n", 1)
+    return metadata, rest
+
+
+def _strip_code_fence(content: str) -> str:
+    code = content.strip()
+    if code.startswith("```"):
+        code = code.split("\n", 1)[1] if "\n" in code else ""
+        if code.rstrip().endswith("```"):
+            code = code.rstrip()[:-3]
+    return code.strip()
+
+
+def parse_tool_call(code: str) -> dict:
+    """Keyword arguments of ``tool_call(...)`` in ``code``; raises ``ValueError`` unless they are literals."""
+    try:
+        tree = ast.parse(code, mode="eval")
+    except SyntaxError as error:
+        raise ValueError(f"tool call is not valid Python syntax: {error.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError("tool call is nested too deeply") from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
+        raise ValueError("tool call must be a single call tool_call(name=value, ...)")
+    if call.args:
+        raise ValueError("tool_call() takes keyword arguments only")
+    arguments = {}
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            raise ValueError("tool_call() does not accept ** arguments")
+        try:
+            arguments[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(f"tool_call() argument {keyword.arg!r} is not a literal value") from None
+    return arguments
+
+
+def parse_reply(text: str, tools_available: bool) -> ParsedReply:
+    """Split a reply into metadata and content; parse a tool call when tools are available."""
+    metadata, content = split_metadata(text)
+    if metadata.strip() and tools_available:
+        try:
+            arguments = parse_tool_call(_strip_code_fence(content))
+        except ValueError as error:
+            raise ToolCallError(f"invalid tool call for {metadata.strip()!r}: {error}", metadata, content) from None
+        return ParsedReply(content=content, metadata=metadata, tool_call=ToolCall(metadata.strip(), arguments))
+    return ParsedReply(content=content.strip(), metadata=metadata)
+
+
+class ReplyTextFilter:
+    """Streaming view of a reply: hides the metadata line and the content's outer whitespace."""
+
+    def __init__(self):
+        self._head = ""            # text before the first newline, while it is still unknown
+        self._metadata: str | None = None
+        self._started = False      # a non-whitespace content character has been shown
+        self._held = ""            # trailing whitespace not shown yet
+
+    @property
+    def metadata(self) -> str | None:
+        """The raw metadata line once its newline has arrived, else None."""
+        return self._metadata
+
+    def _content(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body):]
+        return body
+
+    def feed(self, delta: str) -> str:
+        """Add decoded text; return the part of the answer that can be shown now."""
+        if self._metadata is None:
+            self._head += delta
+            if "\n" not in self._head:
+                return ""
+            self._metadata, delta = self._head.split("\n", 1)
+            self._head = ""
+        return self._content(delta)
+
+    def finish(self) -> str:
+        """Flush: a reply that never had a newline is all content."""
+        if self._metadata is None:
+            self._metadata = ""
+            head, self._head = self._head, ""
+            return self._content(head)
+        return ""

@@ -1,0 +1,320 @@
+"""The generation engine: one worker thread owns the model and serves every request in one batch.
+
+    request = engine.submit(prompt_ids, params, stop_ids)   # EngineBusy when the queue is full
+    for event in request: ...                                # or: async for event in request
+    request.cancel()                                         # frees its slot within one step
+
+Events are ``("queued", position)``, ``("token", id)`` and, last, ``("done", reason)`` with
+reason ``stop`` | ``length`` | ``cancelled`` | ``error: ...``.
+
+Continuous batching: a new request is prefilled on its own (batch 1, only the last position's
+logits), then its KV cache is joined to the running batch; every decode step advances all
+running requests by one token. Rows are left-padded to a common cache length, with the
+attention mask and explicit position ids hiding the padding; a finished or cancelled row is
+dropped from the batch at once, and padding columns no row needs any more are trimmed, so
+memory follows the live requests and nothing accumulates between turns. With one request the
+loop is a plain cached decode (no padding, no mask), as fast as ``model.generate``.
+
+Each request samples with its own settings and its own seeded ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+
+import torch
+from transformers import DynamicCache
+
+from .generation import BackendBusy, SamplingParams
+from .sampling import choose_token
+
+log = logging.getLogger(__name__)
+
+_DONE = "done"
+
+
+class EngineBusy(BackendBusy):
+    pass
+
+
+class GenerationRequest:
+    """A handle on one submitted generation; iterate it (sync or async) for its events."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], max_length: int):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop_ids = set(stop_ids)
+        self.max_length = max_length
+        self.submitted_at = time.perf_counter()
+        self._cancelled = threading.Event()
+        self._finished = False
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._async_queue: asyncio.Queue | None = asyncio.Queue()
+        except RuntimeError:
+            self._loop, self._async_queue = None, None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    # -- consumer side -------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self):
+        while True:
+            event = self._queue.get()
+            yield event
+            if event[0] == _DONE:
+                return
+
+    async def __aiter__(self):
+        if self._async_queue is None:
+            raise RuntimeError("submit() the request from the event loop that iterates it")
+        try:
+            while True:
+                event = await self._async_queue.get()
+                yield event
+                if event[0] == _DONE:
+                    return
+        finally:
+            self.cancel()  # no-op when finished; frees the slot when the consumer went away
+
+    # -- engine side ---------------------------------------------------------------------
+    def _emit(self, kind: str, value) -> None:
+        if self._finished:
+            return
+        self._finished = kind == _DONE
+        if self._async_queue is None:
+            self._queue.put((kind, value))
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_queue.put_nowait, (kind, value))
+        except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+            self.cancel()
+
+
+class _Row:
+    """A running request inside the batch."""
+
+    def __init__(self, request: GenerationRequest, first_token: int, generator: torch.Generator):
+        self.request = request
+        self.generator = generator
+        self.seen = list(request.prompt_ids) + [first_token]
+        self.generated = 1
+        self.length = len(self.seen)  # real tokens in this row's sequence
+
+    @property
+    def last_token(self) -> int:
+        return self.seen[-1]
+
+
+class Engine:
+    def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_queue = max(0, max_queue)
+        self.context_length = context_length or getattr(model.config, "max_position_embeddings", 4096)
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, cache length + 1] once padding exists, else None
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, for tests and benchmarks
+        self.max_batch_seen = 0
+
+    # -- public ----------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=()) -> GenerationRequest:
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        request = GenerationRequest(prompt_ids, params, set(stop_ids), self.context_length)
+        with self._wake:
+            busy = len(self._rows) >= self.max_batch_size or self._waiting
+            if busy and len(self._waiting) >= self.max_queue:
+                raise EngineBusy(
+                    f"The server is busy ({len(self._rows)} replies running, {len(self._waiting)} waiting). "
+                    "Please try again in a moment."
+                )
+            self._waiting.append(request)
+            self._ensure_thread()
+            self._wake.notify()
+        return request
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting)"""
+        return len(self._rows), len(self._waiting)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    # -- worker ----------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="chatglm-web-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._rows:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                for request in [r for r in self._waiting if r.cancelled]:
+                    self._waiting.remove(request)
+                    request._emit(_DONE, "cancelled")
+                admitted = []
+                while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+                    admitted.append(self._waiting.popleft())
+                for position, request in enumerate(self._waiting, start=1):
+                    request._emit("queued", position)
+            try:
+                with torch.inference_mode():
+                    for request in admitted:
+                        self._admit(request)
+                    if self._rows:
+                        self._decode_step()
+            except Exception as error:  # keep serving: fail the affected requests, drop their state
+                log.exception("generation step failed")
+                self._fail_all(error, admitted)
+        self._fail_all(RuntimeError("engine stopped"), list(self._waiting))
+
+    def _fail_all(self, error: Exception, extra: list[GenerationRequest]) -> None:
+        for request in [row.request for row in self._rows] + extra:
+            request._emit(_DONE, f"error: {error}")
+        self._rows, self._cache, self._mask = [], None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _admit(self, request: GenerationRequest) -> None:
+        """Prefill one request alone and join its cache to the batch."""
+        if request.cancelled:
+            request._emit(_DONE, "cancelled")
+            return
+        seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = self._choose(out.logits[0, -1], request, generator, request.prompt_ids)
+        row = _Row(request, token, generator)
+        if self._finish_if_done(row, token):
+            return
+        request._emit("token", token)
+        self._join(row, cache)
+
+    def _join(self, row: _Row, cache: DynamicCache) -> None:
+        if not self._rows:
+            self._rows, self._cache, self._mask = [row], cache, None
+            return
+        old_len, new_len = self._cache.get_seq_length(), cache.get_seq_length()
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
+            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
+        old_mask = self._mask[:, :-1] if self._mask is not None else torch.ones(
+            len(self._rows), old_len, dtype=torch.long, device=self.device)
+        new_mask = torch.ones(1, new_len, dtype=torch.long, device=self.device)
+        self._mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
+        self._mask = torch.cat([self._mask, torch.ones(len(self._mask), 1, dtype=torch.long, device=self.device)], 1)
+        self._rows.append(row)
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
+        kwargs = {}
+        if self._mask is not None:
+            kwargs["attention_mask"] = self._mask
+            kwargs["position_ids"] = torch.tensor([[row.length - 1] for row in rows], device=self.device)
+        out = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1, **kwargs)
+        logits = out.logits[:, -1].float()
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, len(rows))
+        keep = []
+        for i, row in enumerate(rows):
+            if row.request.cancelled:
+                row.request._emit(_DONE, "cancelled")
+                continue
+            token = self._choose(logits[i], row.request, row.generator, row.seen)
+            row.seen.append(token)
+            row.generated += 1
+            row.length += 1
+            if self._finish_if_done(row, token):
+                continue
+            row.request._emit("token", token)
+            keep.append(i)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            if self._mask is not None:
+                self._mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
+            return
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        self._rows = [self._rows[i] for i in keep]
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        if self._mask is None:  # no padding anywhere: nothing to trim
+            return
+        mask = self._mask[index]
+        # drop leading columns that are padding for every remaining row
+        first_used = int((mask.sum(dim=0) > 0).nonzero()[0])
+        if first_used:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, first_used:]
+                layer.values = layer.values[:, :, first_used:]
+            mask = mask[:, first_used:]
+        self._mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
+
+    def _choose(self, logits, request, generator, seen) -> int:
+        seen_ids = None
+        if request.params.repetition_penalty != 1.0:
+            seen_ids = torch.tensor(seen, device=logits.device)
+        return choose_token(logits.float(), request.params, generator, seen_ids)
+
+    def _finish_if_done(self, row: _Row, token: int) -> bool:
+        request = row.request
+        reason = None
+        if request.cancelled:
+            reason = "cancelled"
+        elif token in request.stop_ids:
+            reason = "stop"
+        elif row.generated >= request.params.max_new_tokens or row.length >= request.max_length:
+            request._emit("token", token)
+            reason = "length"
+        if reason:
+            request._emit(_DONE, reason)
+        return reason is not None
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (dim -2 for KV states, -1 for masks) with zeros to ``width``."""
+    seq_dim = -2 if tensor.dim() == 4 else -1
+    missing = width - tensor.shape[seq_dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[seq_dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=seq_dim)

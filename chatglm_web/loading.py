@@ -1,0 +1,227 @@
+"""Load the chat model once: pick device and precision, estimate memory, build model + chat format.
+
+    loaded = load_chat_model(settings)   # LoadedModel(model, chat_format, info)
+
+* ChatGLM3 checkpoints (``model_type`` chatglm or glm) load natively through ``chatglm3``;
+  any other folder / Hub id loads with ``AutoModelForCausalLM`` and its chat template.
+* ``auto`` precision: a GPU with room for 16-bit weights -> bf16 (fp16 where bf16 is not
+  supported); a smaller GPU -> 4-bit NF4 (double quantization, 16-bit compute); no GPU -> CPU
+  (fp32 when it fits comfortably in RAM, else bf16).
+* The default model (THUDM/chatglm3-6b) falls back to the offline demo model when it is
+  neither cached nor reachable. A model named explicitly is never replaced: failing to load it
+  raises ``ModelLoadError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .generation import ModelInfo
+from .settings import DEFAULT_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "8bit": 1.0, "4bit": 0.53}  # NF4 + double-quant stats
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GPU_HEADROOM = 1.25  # activations + KV cache + CUDA context on top of the weights
+
+
+class ModelLoadError(RuntimeError):
+    """The model (or the requested precision/device) cannot be loaded; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    chat_format: object
+    info: ModelInfo
+
+
+# -- device and precision --------------------------------------------------------------------
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {requested} was asked for, but CUDA is not available on this machine")
+    return requested
+
+
+def estimate_memory(params: int, precision: str, embedding_params: int = 0) -> int:
+    """Bytes of weights. Quantization leaves embeddings (and lm_head) in 16-bit."""
+    if precision in ("4bit", "8bit"):
+        return int((params - embedding_params) * BYTES_PER_PARAM[precision] + embedding_params * 2)
+    return int(params * BYTES_PER_PARAM[precision])
+
+
+def choose_precision(requested: str, device: str, params: int, free_gpu_bytes: int | None = None,
+                     bf16_supported: bool = False, free_cpu_bytes: int | None = None) -> str:
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda"):
+        if free_gpu_bytes is None or free_gpu_bytes >= estimate_memory(params, "fp16") * GPU_HEADROOM:
+            return "bf16" if bf16_supported else "fp16"
+        return "4bit"
+    if free_cpu_bytes is not None and estimate_memory(params, "fp32") * 2 > free_cpu_bytes:
+        return "bf16"
+    return "fp32"
+
+
+def check_precision_supported(precision: str, device: str) -> None:
+    if precision in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as error:  # ImportError, or a broken CUDA setup inside bitsandbytes
+            raise ModelLoadError(
+                f"--precision {precision} needs bitsandbytes, which cannot be used here ({error}). "
+                "Install it with `pip install bitsandbytes` or choose --precision fp16/bf16/fp32."
+            ) from error
+    if precision == "fp16" and device == "cpu":
+        log.warning("fp16 on the CPU is slow and may be unsupported by some kernels; bf16 or fp32 is better")
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError("--precision bf16 was asked for, but this GPU does not support bfloat16; use fp16")
+
+
+def from_pretrained_kwargs(precision: str, device: str) -> dict:
+    kwargs: dict = {"device_map": {"": device}}
+    if precision in ("fp32", "fp16", "bf16"):
+        kwargs["dtype"] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        return kwargs
+    from transformers import BitsAndBytesConfig
+
+    if device.startswith("cuda"):
+        compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        compute = torch.float32
+    if precision == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+    else:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    kwargs["dtype"] = compute
+    return kwargs
+
+
+def count_params(folder: Path) -> tuple[int, int]:
+    """(parameters, embedding + output-layer parameters) from the checkpoint's index or config, without loading."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    hidden = config.get("hidden_size", 0)
+    vocab = config.get("padded_vocab_size") or config.get("vocab_size") or 0
+    embedding = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).exists():
+            total = json.loads((folder / index).read_text())["metadata"]["total_size"]
+            return int(total / _DTYPE_BYTES.get(config.get("torch_dtype", "float16"), 2)), embedding
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    size = sum(f.stat().st_size for f in files)
+    return int(size / _DTYPE_BYTES.get(config.get("torch_dtype", "float16"), 2)), embedding
+
+
+# -- the load ------------------------------------------------------------------------------
+
+def _plan(folder: Path, settings: Settings) -> tuple[str, str, int]:
+    device = resolve_device(settings.device)
+    params, embedding = count_params(folder)
+    free_gpu = bf16 = None
+    if device.startswith("cuda"):
+        free_gpu = torch.cuda.mem_get_info(torch.device(device))[0]
+        bf16 = torch.cuda.is_bf16_supported()
+    free_cpu = None
+    try:
+        import psutil
+
+        free_cpu = psutil.virtual_memory().available
+    except ImportError:
+        pass
+    precision = choose_precision(settings.precision, device, params, free_gpu, bool(bf16), free_cpu)
+    check_precision_supported(precision, device)
+    need = estimate_memory(params, precision, embedding)
+    log.info("loading %s: %.2fB parameters, %s on %s, about %.1f GiB of weights",
+             folder, params / 1e9, precision, device, need / 2**30)
+    if free_gpu is not None and need > free_gpu:
+        raise ModelLoadError(
+            f"{precision} weights need about {need / 2**30:.1f} GiB but the GPU has {free_gpu / 2**30:.1f} GiB free; "
+            "try --precision 4bit"
+        )
+    return device, precision, need
+
+
+def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel:
+    from .chat_format import ChatGLM3Format, TemplateFormat
+    from .chatglm3 import loader as chatglm3
+
+    device, precision, _ = _plan(folder, settings)
+    kwargs = from_pretrained_kwargs(precision, device)
+    try:
+        if chatglm3.is_chatglm_checkpoint(folder):
+            tokenizer = chatglm3.ChatGLM3Tokenizer.from_pretrained(folder)
+            model = chatglm3.load_glm_model(folder, tokenizer, **kwargs)
+            chatglm3.set_generation_defaults(model, tokenizer)
+            chat_format = ChatGLM3Format(tokenizer)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            chat_format = TemplateFormat(tokenizer, _eos_ids(model))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load {name} ({precision} on {device}): {error}") from error
+    model.eval()
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    info = ModelInfo(name=name, precision=precision, device=device, context_length=context)
+    return LoadedModel(model, chat_format, info)
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _locate(model_id: str, explicit: bool) -> Path | None:
+    """The checkpoint folder; None when the default model is neither cached nor reachable."""
+    from .chatglm3.loader import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(model_id, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return resolve_checkpoint(model_id)
+    except Exception as error:
+        if explicit:
+            raise ModelLoadError(f"cannot find or download {model_id!r}: {error}") from error
+        log.warning("%s is not cached and cannot be downloaded (%s)", model_id, type(error).__name__)
+        return None
+
+
+def load_offline_demo(settings: Settings) -> LoadedModel:
+    from .chat_format import TemplateFormat
+    from .offline_model import OFFLINE_MODEL_NAME, load_offline_model
+
+    device = resolve_device(settings.device)
+    model, tokenizer = load_offline_model(device=device, dtype=torch.float32)
+    info = ModelInfo(
+        name=OFFLINE_MODEL_NAME, precision="fp32 (dequantized GGUF)", device=device,
+        context_length=int(getattr(model.config, "max_position_embeddings", 2048) or 2048), offline_demo=True,
+        notes=[f"{DEFAULT_MODEL} is not cached and cannot be downloaded here, so this page runs a small offline "
+               "demo model. To chat with ChatGLM3, run on a machine that can reach the Hugging Face Hub, or "
+               "download the model and start with `python app.py --model /path/to/chatglm3-6b`."],
+    )
+    return LoadedModel(model, TemplateFormat(tokenizer, _eos_ids(model)), info)
+
+
+def load_chat_model(settings: Settings) -> LoadedModel:
+    folder = _locate(settings.model, settings.model_explicit or settings.model != DEFAULT_MODEL)
+    if folder is None:
+        log.warning("starting with the offline demo model instead")
+        return load_offline_demo(settings)
+    return load_from_folder(folder, settings, settings.model)

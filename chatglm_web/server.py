@@ -1,0 +1,47 @@
+"""Wiring: settings -> one loaded model -> engine -> backend -> page -> Gradio server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from .settings import Settings, parse_settings
+
+log = logging.getLogger("chatglm_web")
+
+
+def build_app(settings: Settings):
+    """Load the model (once) and return (page, backend, launch kwargs) without starting the server."""
+    from .branding import load_branding
+    from .engine import Engine
+    from .loading import load_chat_model
+    from .local_backend import LocalBackend
+    from .ui import build_page, launch_kwargs
+
+    loaded = load_chat_model(settings)
+    engine = Engine(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                    context_length=loaded.info.context_length)
+    backend = LocalBackend(engine, loaded.chat_format, loaded.info, max_input_tokens=settings.max_input_tokens,
+                           max_new_tokens=settings.max_new_tokens)
+    branding = load_branding(settings.assets_dir)
+    page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, loaded.info.context_length))
+    # Concurrency is the engine's job (one batch for everyone); Gradio must not serialize requests.
+    page.queue(default_concurrency_limit=settings.max_batch_size + settings.max_queue)
+    return page, backend, launch_kwargs(branding)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_settings(argv)
+    from .loading import ModelLoadError
+
+    try:
+        page, backend, kwargs = build_app(settings)
+    except ModelLoadError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    log.info("model ready: %s", backend.info)
+    page.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
