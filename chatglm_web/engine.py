@@ -64,6 +64,7 @@ class GenerationRequest:
         except RuntimeError:
             self._loop, self._async_queue = None, None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_done = None
 
     # -- consumer side -------------------------------------------------------------------
     def cancel(self) -> None:
@@ -97,6 +98,8 @@ class GenerationRequest:
         if self._finished:
             return
         self._finished = kind == _DONE
+        if self._finished and self._on_done:
+            self._on_done(value)
         if self._async_queue is None:
             self._queue.put((kind, value))
             return
@@ -137,12 +140,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run, for tests and benchmarks
         self.max_batch_seen = 0
+        self.finished = collections.Counter()  # reason -> count
 
     # -- public ----------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=()) -> GenerationRequest:
         if not prompt_ids:
             raise ValueError("empty prompt")
         request = GenerationRequest(prompt_ids, params, set(stop_ids), self.context_length)
+        request._on_done = lambda reason: self.finished.update([reason.split(":")[0]])
         with self._wake:
             busy = len(self._rows) >= self.max_batch_size or self._waiting
             if busy and len(self._waiting) >= self.max_queue:

