@@ -62,6 +62,9 @@ def load_glm_model(folder: Path, tokenizer: ChatGLM3Tokenizer, **from_pretrained
     config = to_glm_config(raw, tokenizer.special_token_ids, dtype=raw.get("torch_dtype"))
     with chatglm3_weight_mapping():
         model = GlmForCausalLM.from_pretrained(folder, config=config, **from_pretrained_kwargs)
+    # transformers remembers the load-time conversions and would reverse them in save_pretrained,
+    # writing original ChatGLM names under a native GLM config; the converted model saves natively.
+    model._weight_conversions = []
     return model
 
 
