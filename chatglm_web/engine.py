@@ -223,7 +223,9 @@ class Engine:
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = self._choose(out.logits[0, -1], request, generator, request.prompt_ids)
         row = _Row(request, token, generator)
-        if self._finish_if_done(row, token):
+        reason = self._finish_reason(row, token)
+        if reason:
+            request._emit(_DONE, reason)
             return
         request._emit("token", token)
         self._join(row, cache)
@@ -255,20 +257,24 @@ class Engine:
         logits = out.logits[:, -1].float()
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
-        keep = []
+        keep, done = [], []
         for i, row in enumerate(rows):
             if row.request.cancelled:
-                row.request._emit(_DONE, "cancelled")
+                done.append((row.request, "cancelled"))
                 continue
             token = self._choose(logits[i], row.request, row.generator, row.seen)
             row.seen.append(token)
             row.generated += 1
             row.length += 1
-            if self._finish_if_done(row, token):
+            reason = self._finish_reason(row, token)
+            if reason:
+                done.append((row.request, reason))
                 continue
             row.request._emit("token", token)
             keep.append(i)
-        self._keep_rows(keep)
+        self._keep_rows(keep)  # free the finished rows' cache before telling their consumers
+        for request, reason in done:
+            request._emit(_DONE, reason)
 
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
@@ -299,19 +305,17 @@ class Engine:
             seen_ids = torch.tensor(seen, device=logits.device)
         return choose_token(logits.float(), request.params, generator, seen_ids)
 
-    def _finish_if_done(self, row: _Row, token: int) -> bool:
+    def _finish_reason(self, row: _Row, token: int) -> str | None:
+        """Why the row ends with ``token`` (a stop token is not shown; the last token of a full budget is)."""
         request = row.request
-        reason = None
         if request.cancelled:
-            reason = "cancelled"
-        elif token in request.stop_ids:
-            reason = "stop"
-        elif row.generated >= request.params.max_new_tokens or row.length >= request.max_length:
+            return "cancelled"
+        if token in request.stop_ids:
+            return "stop"
+        if row.generated >= request.params.max_new_tokens or row.length >= request.max_length:
             request._emit("token", token)
-            reason = "length"
-        if reason:
-            request._emit(_DONE, reason)
-        return reason is not None
+            return "length"
+        return None
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

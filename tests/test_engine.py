@@ -1,0 +1,202 @@
+"""The batching engine and LocalBackend: per-request sampling, cancellation, queue limits, no lost requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from chatglm_web.engine import Engine, EngineBusy
+from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
+from chatglm_web.loading import load_from_folder
+from chatglm_web.local_backend import LocalBackend, fit_to_context
+from chatglm_web.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def loaded(long_reply_checkpoint):
+    return load_from_folder(long_reply_checkpoint, Settings(precision="fp32", device="cpu"), "tiny")
+
+
+@pytest.fixture
+def backend(loaded):
+    engine = Engine(loaded.model, max_batch_size=8, max_queue=4)
+    yield LocalBackend(engine, loaded.chat_format, loaded.info)
+    engine.shutdown()
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+async def collect(backend, messages, params):
+    text, done, queued = "", None, []
+    async for event in backend.stream_chat(messages, params):
+        if isinstance(event, TextDelta):
+            text += event.text
+        elif isinstance(event, Queued):
+            queued.append(event.position)
+        else:
+            done = event
+    return text, done, queued
+
+
+def test_batched_requests_match_each_request_run_alone(backend):
+    settings = [SamplingParams(temperature=t, top_p=p, top_k=k, seed=s, max_new_tokens=n)
+                for t, p, k, s, n in [(0.7, 0.9, 0, 1, 30), (1.3, 1.0, 0, 2, 45), (0.0, 1.0, 0, 3, 20),
+                                      (1.0, 0.5, 20, 4, 60)]]
+    prompts = [user("hello"), user("你好，世界"), user("a longer prompt " * 5), user("x")]
+
+    async def alone():
+        return [await collect(backend, m, p) for m, p in zip(prompts, settings)]
+
+    async def together():
+        return await asyncio.gather(*[collect(backend, m, p) for m, p in zip(prompts, settings)])
+
+    solo, batched = asyncio.run(alone()), asyncio.run(together())
+    assert backend.engine.max_batch_seen >= 3, "requests did not share a batch"
+    for (a, da, _), (b, db, _), p in zip(solo, batched, settings):
+        assert a == b
+        assert da.completion_tokens == db.completion_tokens == p.max_new_tokens
+    assert len({text for text, _, _ in solo}) == 4
+
+
+def test_cancelling_one_request_leaves_the_others_intact(backend):
+    params = [SamplingParams(seed=s, max_new_tokens=40) for s in range(3)]
+    solo = [asyncio.run(collect(backend, user(f"q{i}"), p))[0] for i, p in enumerate(params)]
+    engine = backend.engine
+    requests = [engine.submit(backend.prepare(user(f"q{i}"), p)[0], p, backend.format.stop_token_ids)
+                for i, p in enumerate(params)]
+    victim = engine.submit(backend.prepare(user("long"), SamplingParams(max_new_tokens=4000))[0],
+                           SamplingParams(max_new_tokens=4000), backend.format.stop_token_ids)
+    victim_events = []
+    for event in victim:
+        victim_events.append(event)
+        if len(victim_events) == 5:
+            victim.cancel()
+    assert victim_events[-1] == ("done", "cancelled") and len(victim_events) < 20
+    for request, expected in zip(requests, solo):
+        stream = backend.format.text_stream()
+        text = "".join(stream.push(v) for k, v in request if k == "token") + stream.finish()
+        assert text == expected
+    assert engine.load == (0, 0)
+
+
+def test_closing_the_stream_cancels_within_one_step(backend):
+    engine = backend.engine
+
+    async def consume_a_little():
+        stream = backend.stream_chat(user("go"), SamplingParams(max_new_tokens=4000))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await stream.aclose()  # what Gradio does when the client disconnects or Stop is pressed
+
+    before = engine.finished["cancelled"]
+    asyncio.run(consume_a_little())
+    for _ in range(200):
+        if engine.finished["cancelled"] > before:
+            break
+        threading.Event().wait(0.01)
+    assert engine.finished["cancelled"] == before + 1
+    assert engine.load == (0, 0)
+    assert engine._cache is None, "the KV cache of a finished batch must be freed"
+
+
+def test_queue_positions_and_queue_full_message(loaded):
+    engine = Engine(loaded.model, max_batch_size=1, max_queue=2)
+    backend = LocalBackend(engine, loaded.chat_format, loaded.info)
+    try:
+        params = SamplingParams(max_new_tokens=300, seed=0)
+        ids = backend.prepare(user("hi"), params)[0]
+        running = engine.submit(ids, params, [])
+        next(iter(running))  # first token: it holds the only slot
+        waiting = [engine.submit(ids, params, []) for _ in range(2)]
+        with pytest.raises(EngineBusy, match="busy") as info:
+            engine.submit(ids, params, [])
+        assert isinstance(info.value, BackendBusy)
+        first_events = [next(iter(w)) for w in waiting]
+        assert first_events == [("queued", 1), ("queued", 2)]
+        for request in [running, *waiting]:
+            request.cancel()
+        for request in waiting:
+            assert list(request)[-1] == ("done", "cancelled")
+    finally:
+        engine.shutdown()
+
+
+def test_no_request_is_lost_under_16_concurrent_submits(loaded):
+    engine = Engine(loaded.model, max_batch_size=4, max_queue=16)
+    backend = LocalBackend(engine, loaded.chat_format, loaded.info)
+
+    async def all_of_them():
+        return await asyncio.gather(*[
+            collect(backend, user(f"request {i}"), SamplingParams(seed=i, max_new_tokens=10 + i)) for i in range(16)])
+
+    try:
+        results = asyncio.run(all_of_them())
+    finally:
+        engine.shutdown()
+    assert [done.completion_tokens for _, done, _ in results] == [10 + i for i in range(16)]
+    assert all(done.reason == "length" for _, done, _ in results)
+    assert any(queued for _, _, queued in results), "with 4 slots some of 16 requests must have waited"
+    assert engine.max_batch_seen == 4
+
+
+def test_stop_tokens_end_the_reply_and_are_not_shown(tmp_path, tokenizer_model):
+    from chatglm_web.chatglm3.synthetic import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "stopper", tokenizer_model=tokenizer_model,
+                              token_bias={"<|observation|>": 30.0})
+    loaded = load_from_folder(folder, Settings(precision="fp32", device="cpu"), "stopper")
+    engine = Engine(loaded.model)
+    backend = LocalBackend(engine, loaded.chat_format, loaded.info)
+    try:
+        text, done, _ = asyncio.run(collect(backend, user("hi"), SamplingParams(max_new_tokens=50)))
+    finally:
+        engine.shutdown()
+    assert (text, done.reason, done.completion_tokens) == ("", "stop", 0)
+
+
+def test_bad_input_is_rejected_before_generation(backend):
+    bad = [
+        ([], SamplingParams()),
+        ([{"role": "wizard", "content": "x"}], SamplingParams()),
+        ([{"role": "assistant", "content": "x"}], SamplingParams()),
+        (user("x"), SamplingParams(temperature=-1)),
+        (user("x"), SamplingParams(top_p=float("nan"))),
+        (user("x"), SamplingParams(max_new_tokens=0)),
+        (user("x"), SamplingParams(max_new_tokens=10**9)),
+    ]
+    for messages, params in bad:
+        with pytest.raises(InvalidRequest):
+            asyncio.run(collect(backend, messages, params))
+    assert backend.engine.load == (0, 0)
+
+
+def test_fit_to_context_drops_oldest_exchanges_and_keeps_system():
+    messages = [{"role": "system", "content": "S"}]
+    for i in range(4):
+        messages += [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    messages.append({"role": "user", "content": "last"})
+    one_token_per_message = lambda ms: [m["content"] for m in ms]  # noqa: E731
+
+    ids, dropped = fit_to_context(messages, one_token_per_message, budget=6)
+    assert ids == ["S", "u2", "a2", "u3", "a3", "last"] and dropped == 4
+    ids, dropped = fit_to_context(messages, one_token_per_message, budget=5)  # never starts with a reply
+    assert ids == ["S", "u3", "a3", "last"] and dropped == 6
+    with pytest.raises(InvalidRequest, match="too long"):
+        fit_to_context(messages, one_token_per_message, budget=1)
+
+
+def test_memory_is_flat_across_turns(backend):
+    """Nothing accumulates per turn: after each reply the engine holds no cache or rows."""
+    history = []
+    for turn in range(4):
+        history.append({"role": "user", "content": f"turn {turn}"})
+        text, done, _ = asyncio.run(collect(backend, history, SamplingParams(seed=turn, max_new_tokens=20)))
+        history.append({"role": "assistant", "content": text})
+        assert backend.engine._cache is None and backend.engine._rows == []
+    assert torch.is_grad_enabled()  # inference mode did not leak into the caller
