@@ -186,6 +186,23 @@ def _eos_ids(model) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint (HF_ENDPOINT honoured), so an air-gapped start does not wait on retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _locate(model_id: str, explicit: bool) -> Path | None:
     """The checkpoint folder; None when the default model is neither cached nor reachable."""
     from .chatglm3.loader import resolve_checkpoint
@@ -195,6 +212,8 @@ def _locate(model_id: str, explicit: bool) -> Path | None:
     except Exception:
         pass
     try:
+        if not explicit and not hub_reachable():
+            raise ConnectionError("the Hugging Face Hub is not reachable")
         return resolve_checkpoint(model_id)
     except Exception as error:
         if explicit:

@@ -88,7 +88,9 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         gr.HTML(branding.header_html(), elem_id="brand-header")
         gr.Markdown(header_markdown(backend), elem_id="model-info")
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
-        system_prompt = gr.Textbox(branding.system_prompt, label="System prompt", lines=2, render=False,
+        # A small offline demo model answers better with its own default system prompt.
+        default_system = "" if backend.info.offline_demo else branding.system_prompt
+        system_prompt = gr.Textbox(default_system, label="System prompt", lines=2, render=False,
                                    elem_id="system-prompt")
         sliders = [
             gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", render=False, elem_id="temperature"),
@@ -103,7 +105,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             gr.Number(-1, label="Seed (-1 = random)", precision=0, render=False, elem_id="seed"),
         ]
         chatbot = gr.Chatbot(
-            label=branding.title, elem_id="chatbot", height="60vh", latex_delimiters=LATEX,
+            label=branding.title, elem_id="chatbot", height="55vh", latex_delimiters=LATEX,
             buttons=["copy", "copy_all"], sanitize_html=True, render_markdown=True,
             placeholder=branding.placeholder, editable="user", feedback_options=None,
         )
@@ -114,7 +116,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                                submit_btn=True, stop_btn=True),
             additional_inputs=[system_prompt, *sliders, *advanced],
             additional_outputs=[stats],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             examples=[[e] for e in branding.examples] or None,
             run_examples_on_click=True,
             cache_examples=False,
@@ -133,8 +135,10 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         def remember(history):
             return history, write_download(to_markdown(history), "md"), write_download(to_json(history), "json")
 
-        chat.chatbot_state.change(remember, [chat.chatbot_state], [saved, markdown_file, json_file],
-                                  queue=False, api_visibility="undocumented")
+        # ChatInterface updates its history State without the queue, which fires no State.change;
+        # the Chatbot's own change event does (always_last: once a burst of streamed chunks settles).
+        chatbot.change(remember, [chatbot], [saved, markdown_file, json_file], queue=False,
+                       trigger_mode="always_last", show_progress="hidden", api_visibility="undocumented")
         chatbot.clear(lambda: [], None, [saved], queue=False, api_visibility="undocumented")
 
         def restore(history):

@@ -44,10 +44,6 @@ STATS = "#reply-stats"
 STORAGE_KEY = "chatglm-web-conversation"  # gr.BrowserState(storage_key=...) in chatglm_web/ui.py
 
 
-class KnownAppBug(Exception):
-    """Raised only by the check an ``xfail`` marker names, so that any other failure still fails."""
-
-
 # -- fixtures -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -289,15 +285,11 @@ def test_clear_empties_the_chat_and_it_stays_empty_after_reload(session, server)
     placeholder = load_branding().placeholder
     if placeholder:
         expect(page.locator("#chatbot")).to_contain_text(placeholder)  # shown only while the chat is empty
-    time.sleep(1.0)  # give the restore-on-load event time to (wrongly) bring something back
+    time.sleep(1.0)  # give the restore-on-load event time to bring something back, were it wrong
     assert messages(page, "user") == [] and messages(page, "bot") == []
     session.assert_air_gapped()
 
 
-@pytest.mark.xfail(strict=True, raises=KnownAppBug, reason=(
-    "app bug: chatglm_web/ui.py saves the conversation from chat.chatbot_state.change, which Gradio 6.31 "
-    "never fires (ChatInterface sets chatbot_state from a queue=False event, and State.change is only "
-    "dispatched for queued events), so nothing reaches localStorage. Remove this marker once fixed."))
 def test_conversation_is_restored_after_reload(session, server):
     page = session.page
     short_exchange(page, server, "First question", max_new_tokens=6)
@@ -313,8 +305,7 @@ def test_conversation_is_restored_after_reload(session, server):
                                timeout=5_000)
     except Exception:
         pass  # the assertion below says what came back
-    if messages(page, "user") != users:
-        raise KnownAppBug(f"the conversation was not restored from browser storage: {messages(page, 'user')}")
+    assert messages(page, "user") == users, "the conversation was not restored from browser storage"
     assert messages(page, "bot") == bots, "the replies came back different from what was shown"
 
     # Clear forgets it for good.
@@ -324,19 +315,13 @@ def test_conversation_is_restored_after_reload(session, server):
     wait_for_saved_conversation(page, previous=before_clear)  # the page shows [] before the server stored it
     page.reload()
     page.locator(TEXTAREA).wait_for(state="visible")
-    time.sleep(1.0)  # give the restore-on-load event time to (wrongly) bring something back
+    time.sleep(1.0)  # give the restore-on-load event time to bring something back, were it wrong
     assert messages(page, "user") == [] and messages(page, "bot") == [], "Clear did not forget the conversation"
     session.assert_air_gapped()
 
 
-@pytest.mark.xfail(strict=True, raises=KnownAppBug, reason=(
-    "app bug: chatglm_web/ui.py passes an already-rendered gr.Accordion('Settings') to ChatInterface, "
-    "which builds its own accordion from it, leaving an empty 'Settings' accordion above the chat. "
-    "Create it with render=False. Remove this marker once fixed."))
 def test_one_settings_accordion(session):
     page = session.page
-    count = page.locator("button.label-wrap", has_text="Settings").count()
-    if count != 1:
-        raise KnownAppBug(f"{count} Settings accordions on the page")
+    assert page.locator("button.label-wrap", has_text="Settings").count() == 1
     open_settings(page)
     expect(page.locator("#system-prompt textarea")).to_be_visible()
