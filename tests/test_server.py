@@ -152,3 +152,23 @@ def test_model_loads_once_across_many_requests(server, load_counter):
     for i in range(5):
         run(Client(server.url, verbose=False), f"request {i}", max_new_tokens=3)
     assert len(load_counter) == 1
+
+
+def test_a_disconnected_client_has_its_request_cancelled(server):
+    """An HTTP client that drops the stream mid-reply frees its slot; nothing generates for nobody."""
+    import httpx
+
+    cancelled_before = server.engine.finished["cancelled"]
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        event_id = http.post("gradio_api/call/chat", json={"data": list(chat_args("Write forever", max_new_tokens=4000))}).json()["event_id"]
+        with http.stream("GET", f"gradio_api/call/chat/{event_id}") as response:
+            lines = 0
+            for line in response.iter_lines():
+                lines += line.startswith("data:")
+                if lines >= 3:
+                    break  # leave: the connection closes here
+    deadline = time.time() + 30
+    while server.engine.finished["cancelled"] == cancelled_before and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.engine.finished["cancelled"] == cancelled_before + 1
+    assert server.engine.load == (0, 0)

@@ -1,0 +1,171 @@
+"""Serving benchmark: this app's batching engine vs. raw generate and the one-thread-per-request demo pattern.
+
+    python bench/serving.py [--tokens 64] [--users 1 2 4 8]
+
+Everything runs side by side in one process on one generated GLM-shaped model (original
+ChatGLM3 format, ~90 M parameters, 65k vocabulary, stop tokens suppressed so every reply is
+exactly --tokens long), so the printed numbers are ratios taken under the same conditions:
+
+(a) one user, end to end through the running server's HTTP API (gradio_client, streaming),
+    tokens/s divided by raw ``model.generate`` tokens/s on the same prompt and settings;
+(b) aggregate tokens/s with 1, 2, 4, 8 concurrent users, for this app and for the usual
+    ChatGLM demo pattern (a ``generate`` thread + TextIteratorStreamer per request, under
+    Gradio's default queue), and each one's ratio to its own 1-user number;
+(c) time to first token seen by an HTTP client of the app, minus the raw prefill time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+from gradio_client import Client  # noqa: E402
+
+from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint  # noqa: E402
+from server_harness import free_port, running_server  # noqa: E402
+
+PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
+SPEC = TinyChatGLM3(hidden_size=512, num_layers=8, num_attention_heads=8, kv_channels=64,
+                    multi_query_group_num=2, ffn_hidden_size=1536, padded_vocab_size=65024, sp_vocab_size=400)
+NO_STOP = {2: -30.0, "<|user|>": -30.0, "<|observation|>": -30.0}
+
+
+def chat_args(tokens: int, seed: int):
+    return (PROMPT, "", 0.8, 0.8, tokens, 0, 1.0, seed)
+
+
+def stream_one(url: str, tokens: int, seed: int) -> tuple[float, float]:
+    """(seconds to first text, total seconds) for one streamed /chat call."""
+    client = Client(url, verbose=False)
+    start = time.perf_counter()
+    first = None
+    job = client.submit(*chat_args(tokens, seed), api_name="/chat")
+    for output in job:
+        if first is None and output and output[0] and not str(output[0]).startswith("⏳"):
+            first = time.perf_counter() - start
+    job.result()
+    return first or 0.0, time.perf_counter() - start
+
+
+def aggregate(url: str, users: int, tokens: int) -> float:
+    """Total generated tokens / wall time with ``users`` concurrent streamed requests."""
+    stream_one(url, 4, 0)  # warm the connection path
+    start = time.perf_counter()
+    with ThreadPoolExecutor(users) as pool:
+        list(pool.map(lambda i: stream_one(url, tokens, i + 1), range(users)))
+    return users * tokens / (time.perf_counter() - start)
+
+
+def raw_generate_rate(model, ids, tokens: int, repeats: int = 3) -> float:
+    rates = []
+    for seed in range(repeats):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, temperature=0.8,
+                             top_p=0.8, top_k=0)
+        assert out.shape[1] - ids.shape[1] == tokens
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def raw_prefill_seconds(model, ids, repeats: int = 5) -> float:
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids, logits_to_keep=1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def baseline_server(model, tokenizer_format, port: int):
+    """The usual ChatGLM web demo: one generate thread per request, Gradio's default queue (concurrency 1)."""
+    import gradio as gr
+    from transformers import TextIteratorStreamer
+
+    hf_like = _StreamerTokenizer(tokenizer_format.tokenizer)
+
+    def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed):
+        ids = torch.tensor([tokenizer_format.prompt_ids([{"role": "user", "content": message}])])
+        streamer = TextIteratorStreamer(hf_like, skip_prompt=True)
+        kwargs = dict(input_ids=ids, max_new_tokens=int(max_new_tokens), min_new_tokens=int(max_new_tokens),
+                      do_sample=True, temperature=temperature, top_p=top_p, top_k=0, streamer=streamer)
+        threading.Thread(target=model.generate, kwargs=kwargs, daemon=True).start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text
+
+    inputs = [gr.Textbox(), gr.Number(), gr.Number(), gr.Number(), gr.Number(), gr.Number(), gr.Number()]
+    demo = gr.ChatInterface(chat, additional_inputs=inputs, api_name="chat")
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+class _StreamerTokenizer:
+    """Just what TextIteratorStreamer calls on a tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids, skip_special_tokens=True, **_):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    folder = write_checkpoint(Path(tempfile.mkdtemp()) / "glm-bench", SPEC, token_bias=NO_STOP, dtype=torch.float32)
+    with running_server(model=str(folder), max_batch_size=max(args.users), max_new_tokens=4096) as app:
+        model, chat_format = app.backend.engine.model, app.backend.format
+        params = sum(p.numel() for p in model.parameters())
+        ids = torch.tensor([chat_format.prompt_ids([{"role": "user", "content": PROMPT}])])
+        print(f"model: GLM-shaped, {params / 1e6:.0f} M parameters, fp32 on CPU; prompt {ids.shape[1]} tokens; "
+              f"{args.tokens} tokens per reply; torch threads {torch.get_num_threads()}")
+
+        raw = raw_generate_rate(model, ids, args.tokens)
+        stream_one(app.url, 4, 0)
+        one = statistics.median(args.tokens / stream_one(app.url, args.tokens, s)[1] for s in range(3))
+        prefill = raw_prefill_seconds(model, ids)
+        ttft = statistics.median(stream_one(app.url, 1, s)[0] for s in range(5))
+
+        engine_rates = {u: aggregate(app.url, u, args.tokens) for u in args.users}
+        demo, base_url = baseline_server(model, chat_format, free_port())
+        try:
+            base_rates = {u: aggregate(base_url, u, args.tokens) for u in args.users}
+        finally:
+            demo.close()
+
+    print()
+    print("(a) one user through the HTTP API vs raw model.generate")
+    print(f"    raw generate {raw:8.1f} tok/s | app {one:8.1f} tok/s | ratio {one / raw:5.2f}  (target >= 0.95)")
+    print("(b) aggregate tokens/s by concurrent users")
+    print("    users |  app tok/s  x 1-user | baseline tok/s  x 1-user | app / baseline")
+    for u in args.users:
+        e, b = engine_rates[u], base_rates[u]
+        print(f"    {u:5d} | {e:10.1f} {e / engine_rates[args.users[0]]:7.2f} | {b:14.1f} "
+              f"{b / base_rates[args.users[0]]:7.2f} | {e / b:14.2f}")
+    print("    target: app at 8 users >= 2.5x its 1-user aggregate")
+    print("(c) time to first token")
+    print(f"    app TTFT (HTTP client) {ttft * 1000:7.1f} ms | raw prefill {prefill * 1000:7.1f} ms | "
+          f"difference {(ttft - prefill) * 1000:7.1f} ms  (target <= 30 ms)")
+
+
+if __name__ == "__main__":
+    main()
