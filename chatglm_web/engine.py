@@ -82,13 +82,25 @@ class GenerationRequest:
                 return
 
     async def __aiter__(self):
+        async for events in self.batches():
+            for event in events:
+                yield event
+
+    async def batches(self):
+        """Lists of events: each waits for one, then takes all that already arrived.
+
+        A consumer slower than the decode loop (a busy server) then handles several tokens
+        per wake-up instead of falling further behind.
+        """
         if self._async_queue is None:
             raise RuntimeError("submit() the request from the event loop that iterates it")
         try:
             while True:
-                event = await self._async_queue.get()
-                yield event
-                if event[0] == _DONE:
+                events = [await self._async_queue.get()]
+                while not self._async_queue.empty():
+                    events.append(self._async_queue.get_nowait())
+                yield events
+                if events[-1][0] == _DONE:
                     return
         finally:
             self.cancel()  # no-op when finished; frees the slot when the consumer went away

@@ -80,20 +80,22 @@ class LocalBackend:
         first = last = None
         count = 0
         try:
-            async for kind, value in request:
-                if kind == "queued":
-                    yield Queued(value)
-                elif kind == "token":
-                    last = time.perf_counter()
-                    first = first or last
-                    count += 1
-                    piece = text.push(value)
-                    if piece:
-                        yield TextDelta(piece)
-                else:
-                    tail = text.finish()
-                    if tail:
-                        yield TextDelta(tail)
+            async for events in request.batches():
+                pieces = []
+                for kind, value in events:
+                    if kind == "queued":
+                        yield Queued(value)
+                    elif kind == "token":
+                        last = time.perf_counter()
+                        first = first or last
+                        count += 1
+                        pieces.append(text.push(value))
+                    else:
+                        pieces.append(text.finish())
+                if "".join(pieces):
+                    yield TextDelta("".join(pieces))
+                kind, value = events[-1]
+                if kind == "done":
                     error = value[len("error: "):] if value.startswith("error") else None
                     yield Finished(
                         reason="error" if error else value,

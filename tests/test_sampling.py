@@ -1,0 +1,39 @@
+"""Sampling: the top-p nucleus equals the sorted-prefix definition; draws follow the distribution; seeds repeat."""
+
+import pytest
+import torch
+
+from chatglm_web.generation import SamplingParams
+from chatglm_web.sampling import choose_token, draw, top_p_probs
+
+
+def nucleus_by_sorting(probs, top_p):
+    values, order = torch.sort(probs, descending=True)
+    keep = (torch.cumsum(values, 0) - values) < top_p
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])  # flat, medium, peaked
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.8, 0.95])
+def test_top_p_keeps_the_same_tokens_as_a_full_sort(scale, top_p):
+    gen = torch.Generator().manual_seed(int(scale * 100 + top_p * 10))
+    for _ in range(5):
+        probs = torch.softmax(torch.randn(5000, generator=gen) * scale, 0)
+        kept = set(torch.nonzero(top_p_probs(probs, top_p)).flatten().tolist())
+        assert kept == nucleus_by_sorting(probs, top_p)
+
+
+def test_draw_follows_the_weights_and_never_picks_zero_weight():
+    weights = torch.tensor([0.0, 1.0, 0.0, 3.0, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([draw(weights, gen) for _ in range(4000)]), minlength=5)
+    assert counts[0] == counts[2] == counts[4] == 0
+    assert 0.2 < counts[1] / 4000 < 0.3
+
+
+def test_seeded_choice_repeats_and_greedy_is_argmax():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+    first = [choose_token(logits, params, torch.Generator().manual_seed(5)) for _ in range(3)]
+    assert len(set(first)) == 1 and first[0] in torch.topk(logits, 50).indices.tolist()
+    assert choose_token(logits, SamplingParams(temperature=0), torch.Generator()) == int(logits.argmax())
