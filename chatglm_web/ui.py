@@ -9,6 +9,7 @@ and restored on reload; it can be downloaded as Markdown or JSON.
 from __future__ import annotations
 
 import logging
+from contextlib import aclosing
 
 import gradio as gr
 
@@ -64,18 +65,19 @@ def make_chat_fn(backend: ChatBackend):
                 top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
                 seed=None if seed is None or int(seed) < 0 else int(seed),
             )
-            stream = backend.stream_chat(messages, params)
             reply = ""
-            async for event in stream:
-                if isinstance(event, Queued):
-                    yield f"⏳ Waiting for a free slot… (position {event.position} in the queue)", ""
-                elif isinstance(event, TextDelta):
-                    reply += event.text
-                    yield reply, ""
-                elif isinstance(event, Finished):
-                    if event.reason == "error":
-                        raise gr.Error(f"Generation failed: {event.error}")
-                    yield reply, stats_markdown(event)
+            # aclosing: however this generator ends (Stop, disconnect, error), the generation is cancelled
+            async with aclosing(backend.stream_chat(messages, params)) as stream:
+                async for event in stream:
+                    if isinstance(event, Queued):
+                        yield f"⏳ Waiting for a free slot… (position {event.position} in the queue)", ""
+                    elif isinstance(event, TextDelta):
+                        reply += event.text
+                        yield reply, ""
+                    elif isinstance(event, Finished):
+                        if event.reason == "error":
+                            raise gr.Error(f"Generation failed: {event.error}")
+                        yield reply, stats_markdown(event)
         except (InvalidRequest, BackendBusy, ValueError, TypeError) as error:
             raise gr.Error(str(error)) from None
 
