@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from .generation import BackendBusy, SamplingParams
-from .sampling import choose_token
+from .sampling import choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,8 @@ class Engine:
         ids = torch.tensor([request.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = self._choose(out.logits[0, -1], request, generator, request.prompt_ids)
+        seen = torch.tensor(request.prompt_ids, device=self.device) if request.params.repetition_penalty != 1.0 else None
+        token = choose_tokens(out.logits[:, -1].float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
         reason = self._finish_reason(row, token)
         if reason:
@@ -269,12 +270,16 @@ class Engine:
         logits = out.logits[:, -1].float()
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
+        live = [i for i, row in enumerate(rows) if not row.request.cancelled]
+        tokens = dict(zip(live, choose_tokens(
+            logits[live], [rows[i].request.params for i in live], [rows[i].generator for i in live],
+            [self._seen_ids(rows[i]) for i in live])))
         keep, done = [], []
         for i, row in enumerate(rows):
-            if row.request.cancelled:
+            if i not in tokens:
                 done.append((row.request, "cancelled"))
                 continue
-            token = self._choose(logits[i], row.request, row.generator, row.seen)
+            token = tokens[i]
             row.seen.append(token)
             row.generated += 1
             row.length += 1
@@ -311,11 +316,10 @@ class Engine:
             mask = mask[:, first_used:]
         self._mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
 
-    def _choose(self, logits, request, generator, seen) -> int:
-        seen_ids = None
-        if request.params.repetition_penalty != 1.0:
-            seen_ids = torch.tensor(seen, device=logits.device)
-        return choose_token(logits.float(), request.params, generator, seen_ids)
+    def _seen_ids(self, row: _Row) -> torch.Tensor | None:
+        if row.request.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(row.seen, device=self.device)
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         """Why the row ends with ``token`` (a stop token is not shown; the last token of a full budget is)."""

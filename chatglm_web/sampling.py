@@ -28,40 +28,72 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penal
     return logits.scatter(0, seen_ids, scores)
 
 
-def top_p_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``probs`` with everything outside the top-p nucleus set to 0 (not renormalized)."""
-    k = min(_FAST_K, probs.numel())
-    values = torch.topk(probs, k).values
-    cumulative = torch.cumsum(values, 0)
-    if float(cumulative[-1]) >= top_p:  # nucleus within the top k: its smallest member is the threshold
-        threshold = values[int(torch.searchsorted(cumulative, torch.tensor(top_p, dtype=cumulative.dtype)))]
-    else:  # flat distribution: sort it all
-        values = torch.sort(probs, descending=True).values
-        cumulative = torch.cumsum(values, 0)
-        position = int(torch.searchsorted(cumulative, torch.tensor(top_p, dtype=cumulative.dtype)))
-        threshold = values[min(position, values.numel() - 1)]
-    return torch.where(probs >= threshold, probs, torch.zeros_like(probs))
+def top_p_probs(probs: torch.Tensor, top_p) -> torch.Tensor:
+    """``probs`` ([V] or [B, V]) with everything outside each row's top-p nucleus set to 0 (not renormalized)."""
+    rows = probs if probs.dim() == 2 else probs[None]
+    top_p = torch.as_tensor(top_p, dtype=rows.dtype).reshape(-1, 1).expand(rows.shape[0], 1).contiguous()
+    values = torch.topk(rows, min(_FAST_K, rows.shape[1]), dim=-1).values
+    cumulative = torch.cumsum(values, -1)
+    flat = cumulative[:, -1] < top_p[:, 0]
+    if bool(flat.any()):  # nucleus beyond the top k: sort those rows whole (one batched sort)
+        full = torch.sort(rows[flat], dim=-1, descending=True).values
+        values = values.new_zeros(rows.shape[0], full.shape[1])
+        values[~flat, :_FAST_K] = torch.topk(rows[~flat], min(_FAST_K, rows.shape[1]), dim=-1).values
+        values[flat] = full
+        cumulative = torch.cumsum(values, -1)
+    position = torch.searchsorted(cumulative, top_p).clamp(max=values.shape[1] - 1)
+    threshold = values.gather(1, position)  # the smallest probability inside each nucleus
+    kept = torch.where(rows >= threshold, rows, torch.zeros_like(rows))
+    return kept if probs.dim() == 2 else kept[0]
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+                  seen_ids: list[torch.Tensor | None]) -> list[int]:
+    """Next ids for a [B, V] float32 batch of logits rows, each with its own settings and generator.
+
+    Rows are processed together (one softmax, one top-p pass, one cumulative sum), and each row
+    gets exactly what it would get alone.
+    """
+    chosen: list[int | None] = [None] * len(params)
+    batch = []
+    for i, p in enumerate(params):
+        row = logits[i]
+        if seen_ids[i] is not None:
+            row = logits[i] = apply_repetition_penalty(row, seen_ids[i], p.repetition_penalty)
+        if p.temperature <= 0 or p.top_k == 1:
+            chosen[i] = int(torch.argmax(row))
+        elif 0 < p.top_k < row.numel():  # top-k rows: on their own (few candidates, cheap)
+            values, indices = torch.topk(row, p.top_k)
+            probs = torch.softmax(values / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                probs = top_p_probs(probs, p.top_p)
+            chosen[i] = int(indices[draw(probs, generators[i])])
+        else:
+            batch.append(i)
+    if batch:
+        index = torch.tensor(batch)
+        temperature = torch.tensor([params[i].temperature for i in batch], dtype=logits.dtype).unsqueeze(1)
+        probs = torch.softmax(logits[index] / temperature, dim=-1)
+        nucleus = [j for j, i in enumerate(batch) if params[i].top_p < 1.0]
+        if nucleus:
+            probs[nucleus] = top_p_probs(probs[nucleus], [params[batch[j]].top_p for j in nucleus])
+        cdf = torch.cumsum(probs, dim=-1)
+        for j, i in enumerate(batch):
+            chosen[i] = _from_cdf(cdf[j], generators[i])
+    return chosen
+
+
+def _from_cdf(cdf: torch.Tensor, generator: torch.Generator) -> int:
+    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
     """Index drawn with probability proportional to ``weights`` (non-negative)."""
-    cdf = torch.cumsum(weights, 0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), weights.numel() - 1)
+    return _from_cdf(torch.cumsum(weights, 0), generator)
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
                  seen_ids: torch.Tensor | None = None) -> int:
     """Pick the next id from a 1-D float32 logits row."""
-    if seen_ids is not None:
-        logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
-    if params.temperature <= 0 or params.top_k == 1:
-        return int(torch.argmax(logits))
-    indices = None
-    if 0 < params.top_k < logits.numel():
-        logits, indices = torch.topk(logits, params.top_k)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        probs = top_p_probs(probs, params.top_p)
-    choice = draw(probs, generator)
-    return int(indices[choice]) if indices is not None else choice
+    return choose_tokens(logits[None].clone(), [params], [generator], [seen_ids])[0]

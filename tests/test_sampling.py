@@ -37,3 +37,17 @@ def test_seeded_choice_repeats_and_greedy_is_argmax():
     first = [choose_token(logits, params, torch.Generator().manual_seed(5)) for _ in range(3)]
     assert len(set(first)) == 1 and first[0] in torch.topk(logits, 50).indices.tolist()
     assert choose_token(logits, SamplingParams(temperature=0), torch.Generator()) == int(logits.argmax())
+
+
+def test_a_batch_of_rows_gets_what_each_row_gets_alone():
+    from chatglm_web.sampling import choose_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.cat([torch.randn(3, 3000, generator=gen) * 0.05, torch.randn(3, 3000, generator=gen) * 6])
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, repetition_penalty=r)
+              for t, p, k, r in [(0.8, 0.8, 0, 1.0), (1.0, 1.0, 0, 1.0), (0.0, 1.0, 0, 1.0),
+                                 (0.7, 0.9, 0, 1.3), (1.2, 0.5, 40, 1.0), (0.8, 0.8, 0, 1.0)]]
+    seen = [None, None, None, torch.tensor([1, 2, 3]), None, None]
+    together = choose_tokens(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(6)], seen)
+    alone = [choose_token(logits[i].clone(), params[i], torch.Generator().manual_seed(i), seen[i]) for i in range(6)]
+    assert together == alone
