@@ -325,3 +325,15 @@ def test_one_settings_accordion(session):
     assert page.locator("button.label-wrap", has_text="Settings").count() == 1
     open_settings(page)
     expect(page.locator("#system-prompt textarea")).to_be_visible()
+
+
+def test_markdown_and_latex_render_and_html_is_sanitized(session, server):
+    page = session.page
+    text = 'Hi <img src=x onerror="window.__xss = 1"> **bold** $x^2$'
+    short_exchange(page, server, text, max_new_tokens=4)
+    bubble = page.locator('#chatbot [data-testid="user"]').last
+    expect(bubble.locator("strong")).to_have_text("bold")
+    expect(bubble.locator(".katex").first).to_be_attached()
+    assert page.evaluate("() => window.__xss") is None, "an event handler from chat text ran"
+    assert bubble.locator("img[onerror]").count() == 0
+    session.assert_air_gapped()
