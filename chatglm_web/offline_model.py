@@ -195,7 +195,7 @@ def load_offline_model(
     gguf = ensure_offline_gguf(cache_dir)
     folder, name = str(gguf.parent), gguf.name
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    tokenizer = _load_tokenizer(folder, name)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHATML_TEMPLATE
     stop_ids = _stop_token_ids(tokenizer)
@@ -215,6 +215,23 @@ def load_offline_model(
     gen.pad_token_id = tokenizer.pad_token_id
     gen.bos_token_id = tokenizer.bos_token_id
     return model, tokenizer
+
+
+def _load_tokenizer(folder: str, gguf_name: str):
+    """The GGUF's tokenizer, converted once (about 10 s) and then read back from its saved form (well under 1 s)."""
+    from transformers import AutoTokenizer
+
+    saved = Path(folder) / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name, local_files_only=True)
+    partial = Path(tempfile.mkdtemp(dir=folder, prefix=".tokenizer-"))
+    tokenizer.save_pretrained(partial)
+    try:
+        os.replace(partial, saved)  # atomic: a concurrent start sees all of it or nothing
+    except OSError:
+        pass  # another process saved it first
+    return tokenizer
 
 
 def _main() -> None:  # pragma: no cover - manual smoke test

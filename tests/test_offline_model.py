@@ -151,3 +151,21 @@ def test_real_generation_answers_paris(model_and_tokenizer):
     # Generation stopped on <|im_end|> rather than running to max_new_tokens.
     assert new[-1].item() in model.generation_config.eos_token_id
     assert len(new) < 30
+
+
+@pytest.mark.slow
+def test_converted_tokenizer_is_saved_and_reused_identically(gguf_cache, model_and_tokenizer):
+    from transformers import AutoTokenizer
+
+    from chatglm_web.offline_model import _load_tokenizer
+
+    _, tokenizer = model_and_tokenizer  # the first load converted the GGUF tokenizer and saved it
+    gguf = ensure_offline_gguf(gguf_cache[0])
+    assert (gguf.parent / "tokenizer" / "tokenizer.json").exists()
+    reread = _load_tokenizer(str(gguf.parent), gguf.name)
+    fresh = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    messages = [{"role": "user", "content": "Capital of France? 你好 🙂"}]
+    ids = [t.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) for t in (reread, fresh)]
+    ids = [i["input_ids"] if hasattr(i, "keys") else list(i) for i in ids]
+    assert ids[0] == ids[1]
+    assert reread.chat_template == fresh.chat_template and reread.eos_token == "<|im_end|>"
