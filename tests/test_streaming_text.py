@@ -4,7 +4,6 @@ import random
 
 import pytest
 
-from chatglm_web.chatglm3.synthetic import train_tokenizer_model
 from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.streaming_text import IncrementalDecoder
 
@@ -38,22 +37,17 @@ def assert_streams_exactly(tokenizer, ids, skip_special_tokens=True):
 
 
 @pytest.fixture(scope="module")
-def sp_model_proto():
-    return train_tokenizer_model()
+def glm(tokenizer_model):
+    return ChatGLM3Tokenizer(tokenizer_model)
 
 
 @pytest.fixture(scope="module")
-def glm(sp_model_proto):
-    return ChatGLM3Tokenizer(sp_model_proto)
-
-
-@pytest.fixture(scope="module")
-def llama_like(sp_model_proto, tmp_path_factory):
+def llama_like(tokenizer_model, tmp_path_factory):
     """A Hugging Face (tokenizers-backed) llama tokenizer converted offline from the same model."""
     from transformers import LlamaTokenizer
 
     folder = tmp_path_factory.mktemp("llama_tok")
-    (folder / "tokenizer.model").write_bytes(sp_model_proto)
+    (folder / "tokenizer.model").write_bytes(tokenizer_model)
     return LlamaTokenizer.from_pretrained(str(folder))
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from chatglm_web.chatglm3.synthetic import train_tokenizer_model, write_checkpoint
+from chatglm_web.chatglm3.synthetic import write_checkpoint
 from chatglm_web.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 
@@ -71,18 +71,13 @@ HISTORIES = {
 
 
 @pytest.fixture(scope="module")
-def model_proto():
-    return train_tokenizer_model()
+def tok(tokenizer_model):
+    return ChatGLM3Tokenizer(tokenizer_model)
 
 
 @pytest.fixture(scope="module")
-def tok(model_proto):
-    return ChatGLM3Tokenizer(model_proto)
-
-
-@pytest.fixture(scope="module")
-def ref(model_proto):
-    return OfficialReference(model_proto)
+def ref(tokenizer_model):
+    return OfficialReference(tokenizer_model)
 
 
 def test_special_ids_and_sizes(tok):
@@ -94,8 +89,8 @@ def test_special_ids_and_sizes(tok):
     assert tok.prefix_ids == [n + 1, n + 3]
 
 
-def test_from_pretrained_folder_and_file(tmp_path, model_proto, tok):
-    folder = write_checkpoint(tmp_path / "ckpt", tokenizer_model=model_proto)
+def test_from_pretrained_folder_and_file(tmp_path, tokenizer_model, tok):
+    folder = write_checkpoint(tmp_path / "ckpt", tokenizer_model=tokenizer_model)
     for source in (folder, str(folder), folder / "tokenizer.model"):
         loaded = ChatGLM3Tokenizer.from_pretrained(source)
         assert loaded.vocab_size == tok.vocab_size
