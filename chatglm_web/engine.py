@@ -233,7 +233,7 @@ class Engine:
         ids = torch.tensor([request.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seen = torch.tensor(request.prompt_ids, device=self.device) if request.params.repetition_penalty != 1.0 else None
+        seen = self._penalized_ids(request.params, request.prompt_ids)
         token = choose_tokens(out.logits[:, -1].float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
         reason = self._finish_reason(row, token)
@@ -273,7 +273,7 @@ class Engine:
         live = [i for i, row in enumerate(rows) if not row.request.cancelled]
         tokens = dict(zip(live, choose_tokens(
             logits[live], [rows[i].request.params for i in live], [rows[i].generator for i in live],
-            [self._seen_ids(rows[i]) for i in live])))
+            [self._penalized_ids(rows[i].request.params, rows[i].seen) for i in live])))
         keep, done = [], []
         for i, row in enumerate(rows):
             if i not in tokens:
@@ -316,10 +316,11 @@ class Engine:
             mask = mask[:, first_used:]
         self._mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
 
-    def _seen_ids(self, row: _Row) -> torch.Tensor | None:
-        if row.request.params.repetition_penalty == 1.0:
+    def _penalized_ids(self, params: SamplingParams, seen: list[int]) -> torch.Tensor | None:
+        """The ids a repetition penalty applies to (None when there is no penalty: no tensor built)."""
+        if params.repetition_penalty == 1.0:
             return None
-        return torch.tensor(row.seen, device=self.device)
+        return torch.tensor(seen, device=self.device)
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         """Why the row ends with ``token`` (a stop token is not shown; the last token of a full budget is)."""
