@@ -232,7 +232,7 @@ class Engine:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.tensor([request.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         seen = self._penalized_ids(request.params, request.prompt_ids)
         token = choose_tokens(out.logits[:, -1].float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
@@ -266,7 +266,7 @@ class Engine:
         if self._mask is not None:
             kwargs["attention_mask"] = self._mask
             kwargs["position_ids"] = torch.tensor([[row.length - 1] for row in rows], device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1, **kwargs)
+        out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1, **kwargs)
         logits = out.logits[:, -1].float()
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))

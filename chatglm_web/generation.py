@@ -13,9 +13,10 @@ OpenAI-compatible server (vLLM, SGLang) can implement the same protocol.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class InvalidRequest(ValueError):
@@ -26,35 +27,112 @@ class BackendBusy(RuntimeError):
     """The waiting queue is full; the client should try again shortly."""
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8  # 0 = greedy
-    top_p: float = 0.8
-    top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int | None = None  # None = a fresh random seed
+class SamplingParams(BaseModel):
+    """How one reply is sampled. Each option is declared here once: its default, its range, its
+    label. The page's sliders, the validation of every request and the API schema derive from
+    these fields (``option()``, ``SamplingParams.model_json_schema()``).
+
+    Constructing one with a bad value raises ``InvalidRequest`` with a message naming the option.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    temperature: float = Field(0.8, ge=0.0, le=2.0, title="Temperature",
+                               description="randomness; 0 = always the most likely token",
+                               json_schema_extra={"step": 0.05})
+    top_p: float = Field(0.8, ge=0.05, le=1.0, title="Top-p",
+                         description="sample from the smallest set of tokens whose probability reaches top_p",
+                         json_schema_extra={"step": 0.05})
+    max_new_tokens: int = Field(1024, ge=1, le=32768, title="Max new tokens",
+                                description="longest reply in tokens (the server may allow less)",
+                                json_schema_extra={"step": 1})
+    top_k: int = Field(0, ge=0, le=200, title="Top-k (0 = off)",
+                       description="sample only from the k most likely tokens; 0 = no limit",
+                       json_schema_extra={"step": 1})
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, title="Repetition penalty",
+                                      description="> 1 makes tokens already in the conversation less likely",
+                                      json_schema_extra={"step": 0.01})
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, title="Seed",
+                             description="the same seed and settings repeat a reply; none = random")
+
+    def __init__(self, **values):
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise InvalidRequest(_explain(error)) from None
+
+    @classmethod
+    def from_form(cls, **values) -> "SamplingParams":
+        """From a form's or slider's numbers: 3.0 is taken for a whole-number option, 1 for a float one.
+
+        Strings, booleans and fractions for whole-number options are still rejected.
+        """
+        cleaned = {}
+        for name, value in values.items():
+            field = cls.model_fields.get(name)
+            if field is not None and not isinstance(value, bool):
+                if field.annotation in (int, int | None) and isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                elif field.annotation is float and isinstance(value, int):
+                    value = float(value)
+            cleaned[name] = value
+        return cls(**cleaned)
 
     def validated(self, max_new_tokens_limit: int | None = None) -> "SamplingParams":
-        """Return self, or raise ``InvalidRequest`` saying which value is out of range."""
-        checks = [
-            ("temperature", self.temperature, 0.0, 10.0),
-            ("top_p", self.top_p, 0.0, 1.0),
-            ("repetition_penalty", self.repetition_penalty, 0.01, 10.0),
-        ]
-        for name, value, low, high in checks:
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-                raise InvalidRequest(f"{name} must be a number between {low} and {high}, got {value!r}")
-        if self.top_p == 0.0:
-            raise InvalidRequest("top_p must be greater than 0")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequest(f"top_k must be a whole number >= 0, got {self.top_k!r}")
-        limit = max_new_tokens_limit or 1_000_000
-        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= limit:
-            raise InvalidRequest(f"max_new_tokens must be a whole number between 1 and {limit}, got {self.max_new_tokens!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise InvalidRequest(f"seed must be a whole number >= 0, got {self.seed!r}")
+        """Return self, or raise ``InvalidRequest`` when max_new_tokens is over the server's limit."""
+        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
+            raise InvalidRequest(f"max_new_tokens must be a whole number between 1 and {max_new_tokens_limit}, "
+                                 f"got {self.max_new_tokens}")
         return self
+
+
+@dataclass(frozen=True)
+class Option:
+    """One sampling option as a control shows it."""
+
+    name: str
+    label: str
+    description: str
+    default: float | int | None
+    minimum: float | int | None
+    maximum: float | int | None
+    step: float | int | None
+
+
+def option(name: str) -> Option:
+    """Default, range and label of ``SamplingParams.<name>``, for building a slider or form."""
+    field = SamplingParams.model_fields[name]
+    bounds = {}
+    for rule in field.metadata:
+        for key in ("ge", "gt", "le", "lt"):
+            if getattr(rule, key, None) is not None:
+                bounds[key] = getattr(rule, key)
+    extra = field.json_schema_extra or {}
+    return Option(name=name, label=field.title or name, description=field.description or "", default=field.default,
+                  minimum=bounds.get("ge", bounds.get("gt")), maximum=bounds.get("le", bounds.get("lt")),
+                  step=extra.get("step"))
+
+
+def _explain(error: ValidationError) -> str:
+    """Pydantic's errors as one sentence a user can act on: which option, what is allowed, what came."""
+    parts = []
+    for item in error.errors(include_url=False):
+        name = ".".join(str(x) for x in item["loc"]) or "value"
+        field = SamplingParams.model_fields.get(name)
+        got = item.get("input")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown sampling option {name!r}")
+            continue
+        if field is None:
+            parts.append(f"{name}: {item['msg']}")
+            continue
+        spec = option(name)
+        kind = "a whole number" if field.annotation in (int, int | None) else "a number"
+        text = f"{name} must be {kind} between {spec.minimum} and {spec.maximum}"
+        if field.default is None:
+            text += " (or empty)"
+        parts.append(f"{text}, got {got!r:.40}")
+    return "; ".join(parts)
 
 
 @dataclass(frozen=True)

@@ -165,15 +165,37 @@ def test_bad_input_is_rejected_before_generation(backend):
         ([], SamplingParams()),
         ([{"role": "wizard", "content": "x"}], SamplingParams()),
         ([{"role": "assistant", "content": "x"}], SamplingParams()),
-        (user("x"), SamplingParams(temperature=-1)),
-        (user("x"), SamplingParams(top_p=float("nan"))),
-        (user("x"), SamplingParams(max_new_tokens=0)),
-        (user("x"), SamplingParams(max_new_tokens=10**9)),
+        (user("x"), SamplingParams(max_new_tokens=backend.max_new_tokens + 1)),
     ]
     for messages, params in bad:
         with pytest.raises(InvalidRequest):
             asyncio.run(collect(backend, messages, params))
     assert backend.engine.load == (0, 0)
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"),
+    ({"top_p": float("nan")}, "top_p"), ({"top_p": 0.0}, "top_p"), ({"top_k": -1}, "top_k"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 10**9}, "max_new_tokens"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"temperature": "0.5"}, "temperature"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"), ({"seed": -2}, "seed"),
+    ({"seed": 2**70}, "seed"), ({"temperature": True}, "temperature"), ({"colour": 1}, "colour"),
+])
+def test_sampling_params_reject_bad_values_by_name(values, named):
+    with pytest.raises(InvalidRequest, match=named):
+        SamplingParams(**values)
+
+
+def test_sampling_option_ranges_are_declared_once():
+    from chatglm_web.generation import option
+
+    temperature = option("temperature")
+    assert (temperature.default, temperature.minimum, temperature.maximum) == (0.8, 0.0, 2.0)
+    SamplingParams(temperature=temperature.maximum)
+    with pytest.raises(InvalidRequest):
+        SamplingParams(temperature=temperature.maximum + 0.01)
+    schema = SamplingParams.model_json_schema()["properties"]["temperature"]
+    assert (schema["minimum"], schema["maximum"]) == (0.0, 2.0)
 
 
 def test_fit_to_context_drops_oldest_exchanges_and_keeps_system():
