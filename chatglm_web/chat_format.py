@@ -4,8 +4,11 @@
                     so user text can never become a special token; hides the reply's metadata line.
 ``TemplateFormat``  any Hugging Face chat model: the tokenizer's own chat template.
 
-Both give: ``prompt_ids(messages)``, ``stop_token_ids``, and ``text_stream()`` -> an object
-whose ``push(token_id)`` returns the new visible text and ``finish()`` the rest.
+Both give: ``prompt_ids(messages)``, ``stop_token_ids``, ``text_stream()`` -> an object whose
+``push(token_id)`` returns the new visible text and ``finish()`` the rest, and, for fitting a long
+conversation into the context one message at a time, ``message_tokens(message)`` (what one message
+adds to the prompt: exact for ChatGLM3, an estimate for templates) and ``fixed_tokens`` (what every
+prompt has besides its messages).
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ class ChatGLM3Format:
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.build_chat_input(normalize_messages(messages))
 
+    @property
+    def fixed_tokens(self) -> int:
+        return len(self.tokenizer.prefix_ids) + 1  # [gMASK] sop ... <|assistant|>
+
+    def message_tokens(self, message: dict) -> int:
+        """Exact: ChatGLM3 prompts are the concatenation of independently encoded messages."""
+        return len(self.tokenizer.build_chat_input(normalize_messages([message]), add_generation_prompt=False)) - 2
+
     def text_stream(self) -> _TextStream:
         return _TextStream(self.tokenizer, ReplyTextFilter())
 
@@ -84,12 +95,20 @@ class TemplateFormat:
         self.tokenizer = tokenizer
         self.stop_token_ids = list(stop_token_ids)
 
+    fixed_tokens = 0  # the template's own text is counted per message (and checked on the final prompt)
+    _PER_MESSAGE = 8  # role markers and separators of a typical template
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         messages = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
+
+    def message_tokens(self, message: dict) -> int:
+        """An estimate (the content's tokens plus the usual markers); the final prompt is measured exactly."""
+        content = normalize_messages([message])[0]["content"]
+        return len(self.tokenizer.encode(content, add_special_tokens=False)) + self._PER_MESSAGE
 
     def text_stream(self) -> _TextStream:
         return _TextStream(self.tokenizer)

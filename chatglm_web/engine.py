@@ -4,8 +4,13 @@
     for event in request: ...                                # or: async for event in request
     request.cancel()                                         # frees its slot within one step
 
-Events are ``("queued", position)``, ``("token", id)`` and, last, ``("done", reason)`` with
-reason ``stop`` | ``length`` | ``cancelled`` | ``error: ...``.
+Events are ``("queued", position)`` (sent when the position changes), ``("token", id)`` and,
+last, ``("done", Outcome)``: why it ended (``stop`` | ``length`` | ``cancelled`` | ``error``) and,
+for an error, what went wrong.
+
+Limits: at most ``max_batch_size`` requests run and at most ``max_queue`` wait; a submit beyond
+that raises ``EngineBusy`` at once. A request whose prefill fails (say, out of memory on one long
+prompt) ends with an error alone; the running replies go on.
 
 Continuous batching: a new request is prefilled on its own (batch 1, only the last position's
 logits), then its KV cache is joined to the running batch; every decode step advances all
@@ -28,6 +33,7 @@ import queue
 import random
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -42,6 +48,14 @@ _DONE = "done"
 
 class EngineBusy(BackendBusy):
     pass
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a request ended: ``reason`` is stop | length | cancelled | error; ``error`` says what failed."""
+
+    reason: str
+    error: str | None = None
 
 
 class GenerationRequest:
@@ -65,6 +79,7 @@ class GenerationRequest:
             self._loop, self._async_queue = None, None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._on_done = None
+        self._position: int | None = None  # last queue position sent
 
     # -- consumer side -------------------------------------------------------------------
     def cancel(self) -> None:
@@ -106,6 +121,15 @@ class GenerationRequest:
             self.cancel()  # no-op when finished; frees the slot when the consumer went away
 
     # -- engine side ---------------------------------------------------------------------
+    def _queued_at(self, position: int) -> None:
+        """Tell the consumer its queue position, once per change."""
+        if position != self._position:
+            self._position = position
+            self._emit("queued", position)
+
+    def _end(self, reason: str, error: str | None = None) -> None:
+        self._emit(_DONE, Outcome(reason, error))
+
     def _emit(self, kind: str, value) -> None:
         if self._finished:
             return
@@ -145,6 +169,7 @@ class Engine:
         self.context_length = context_length or getattr(model.config, "max_position_embeddings", 4096)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._rows: list[_Row] = []
+        self._admitting: list[GenerationRequest] = []  # taken from the queue, prefill not yet done
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, cache length + 1] once padding exists, else None
         self._wake = threading.Condition()
@@ -159,14 +184,9 @@ class Engine:
         if not prompt_ids:
             raise ValueError("empty prompt")
         request = GenerationRequest(prompt_ids, params, set(stop_ids), self.context_length)
-        request._on_done = lambda reason: self.finished.update([reason.split(":")[0]])
+        request._on_done = lambda outcome: self.finished.update([outcome.reason])
         with self._wake:
-            busy = len(self._rows) >= self.max_batch_size or self._waiting
-            if busy and len(self._waiting) >= self.max_queue:
-                raise EngineBusy(
-                    f"The server is busy ({len(self._rows)} replies running, {len(self._waiting)} waiting). "
-                    "Please try again in a moment."
-                )
+            self._check_capacity()
             self._waiting.append(request)
             self._ensure_thread()
             self._wake.notify()
@@ -174,8 +194,23 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting)"""
-        return len(self._rows), len(self._waiting)
+        """(running, waiting): requests generating, and requests waiting for a slot."""
+        accepted = len(self._rows) + len(self._admitting) + len(self._waiting)
+        running = min(accepted, self.max_batch_size)
+        return running, accepted - running
+
+    def check_capacity(self) -> None:
+        """Raise ``EngineBusy`` if a submit now would be refused (a cheap early check)."""
+        with self._wake:
+            self._check_capacity()
+
+    def _check_capacity(self) -> None:
+        running, waiting = self.load
+        if running + waiting >= self.max_batch_size + self.max_queue:
+            raise EngineBusy(
+                f"The server is busy: {running} replies are being written and {waiting} are waiting, "
+                f"which is all it takes at once. Please try again in a moment."
+            )
 
     def shutdown(self) -> None:
         with self._wake:
@@ -199,34 +234,45 @@ class Engine:
                     break
                 for request in [r for r in self._waiting if r.cancelled]:
                     self._waiting.remove(request)
-                    request._emit(_DONE, "cancelled")
-                admitted = []
-                while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
-                    admitted.append(self._waiting.popleft())
+                    request._end("cancelled")
+                while self._waiting and len(self._rows) + len(self._admitting) < self.max_batch_size:
+                    self._admitting.append(self._waiting.popleft())
                 for position, request in enumerate(self._waiting, start=1):
-                    request._emit("queued", position)
-            try:
-                with torch.inference_mode():
-                    for request in admitted:
+                    request._queued_at(position)
+            with torch.inference_mode():
+                while self._admitting:
+                    request = self._admitting[0]
+                    try:
                         self._admit(request)
-                    if self._rows:
+                    except Exception as error:  # this request alone fails; the batch goes on
+                        log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
+                                  len(request.prompt_ids), type(error).__name__, error)
+                        request._end("error", _describe(error))
+                        self._release_memory()
+                    finally:
+                        self._admitted(request)
+                if self._rows:
+                    try:
                         self._decode_step()
-            except Exception as error:  # keep serving: fail the affected requests, drop their state
-                log.exception("generation step failed")
-                self._fail_all(error, admitted)
-        self._fail_all(RuntimeError("engine stopped"), list(self._waiting))
+                    except Exception as error:  # the shared batch is unusable: fail its rows, keep serving
+                        log.exception("decode step failed")
+                        self._fail_running(error)
+        self._fail_running(RuntimeError("the engine stopped"), list(self._waiting))
 
-    def _fail_all(self, error: Exception, extra: list[GenerationRequest]) -> None:
-        for request in [row.request for row in self._rows] + extra:
-            request._emit(_DONE, f"error: {error}")
+    def _fail_running(self, error: Exception, extra: list[GenerationRequest] = ()) -> None:
+        for request in [row.request for row in self._rows] + list(extra):
+            request._end("error", _describe(error))
         self._rows, self._cache, self._mask = [], None, None
+        self._release_memory()
+
+    def _release_memory(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _admit(self, request: GenerationRequest) -> None:
         """Prefill one request alone and join its cache to the batch."""
         if request.cancelled:
-            request._emit(_DONE, "cancelled")
+            request._end("cancelled")
             return
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -238,26 +284,40 @@ class Engine:
         row = _Row(request, token, generator)
         reason = self._finish_reason(row, token)
         if reason:
-            request._emit(_DONE, reason)
+            request._end(reason)
             return
         request._emit("token", token)
         self._join(row, cache)
 
     def _join(self, row: _Row, cache: DynamicCache) -> None:
         if not self._rows:
-            self._rows, self._cache, self._mask = [row], cache, None
+            self._cache, self._mask = cache, None
+            self._admitted(row.request, row)
             return
         old_len, new_len = self._cache.get_seq_length(), cache.get_seq_length()
         width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            old_layer.keys = torch.cat([_pad_left(old_layer.keys, width), _pad_left(new_layer.keys, width)])
-            old_layer.values = torch.cat([_pad_left(old_layer.values, width), _pad_left(new_layer.values, width)])
+        # Build every joined tensor first, then swap them in: a failure here (out of memory) leaves the
+        # running batch as it was, and only the joining request fails.
+        joined = [(torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
+                   torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]))
+                  for old, new in zip(self._cache.layers, cache.layers)]
         old_mask = self._mask[:, :-1] if self._mask is not None else torch.ones(
             len(self._rows), old_len, dtype=torch.long, device=self.device)
         new_mask = torch.ones(1, new_len, dtype=torch.long, device=self.device)
-        self._mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
-        self._mask = torch.cat([self._mask, torch.ones(len(self._mask), 1, dtype=torch.long, device=self.device)], 1)
-        self._rows.append(row)
+        mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.long, device=self.device)], 1)
+        for layer, (keys, values) in zip(self._cache.layers, joined):
+            layer.keys, layer.values = keys, values
+        self._mask = mask
+        self._admitted(row.request, row)
+
+    def _admitted(self, request: GenerationRequest, row: _Row | None = None) -> None:
+        """Move a request out of admission: into the batch (``row``), or out (done / failed)."""
+        with self._wake:
+            if row is not None:
+                self._rows.append(row)
+            if request in self._admitting:
+                self._admitting.remove(request)
 
     def _decode_step(self) -> None:
         rows = self._rows
@@ -291,7 +351,7 @@ class Engine:
             keep.append(i)
         self._keep_rows(keep)  # free the finished rows' cache before telling their consumers
         for request, reason in done:
-            request._emit(_DONE, reason)
+            request._end(reason)
 
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
@@ -333,6 +393,13 @@ class Engine:
             request._emit("token", token)
             return "length"
         return None
+
+
+def _describe(error: Exception) -> str:
+    """A short, user-facing account of a generation failure."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "the GPU ran out of memory for this request; try a shorter message or fewer max new tokens"
+    return f"{type(error).__name__}: {error}"
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

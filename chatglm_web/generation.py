@@ -154,6 +154,7 @@ class Finished:
     time_to_first_token: float = 0.0  # from submission
     dropped_messages: int = 0  # oldest history messages left out to fit the context
     error: str | None = None
+    max_new_tokens_clamped: int | None = None  # the reply budget, when lowered to what the context leaves
 
     @property
     def tokens_per_second(self) -> float:

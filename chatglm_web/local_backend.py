@@ -1,84 +1,143 @@
 """``LocalBackend``: the ``ChatBackend`` for a model loaded in this process.
 
-messages -> checked and fitted to the context (oldest turns dropped, system prompt kept)
+messages -> checked (roles, characters per message) before any tokenizing
+         -> fitted to the context off the event loop, newest message first, each message
+            tokenized once (oldest turns dropped, system prompt kept; a reply budget larger
+            than what the context leaves is lowered)
          -> prompt ids (the model family's ``ChatFormat``) -> the shared ``Engine``
          -> generated ids -> visible text pieces -> ``ChatEvent``s
+Every request ends with one log line: its outcome, token counts and duration.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import AsyncIterator
 
 from .engine import Engine
-from .generation import ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams, TextDelta
+from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
+                         TextDelta)
+
+log = logging.getLogger("chatglm_web.requests")
 
 ROLES = {"system", "user", "assistant", "observation"}
+CHARS_PER_CONTEXT_TOKEN = 8  # default character limit per message: 8 characters for each context token
 
 
-def check_messages(messages) -> None:
+def check_messages(messages, max_chars: int) -> None:
+    """Roles, text and size of every message, without tokenizing (cheap even for huge input)."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("the conversation is empty")
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise InvalidRequest(f"each message needs a role out of {sorted(ROLES)}; got {message!r:.80}")
+        content = message.get("content")
+        if isinstance(content, str):
+            if len(content) > max_chars:
+                what = "The system prompt" if message["role"] == "system" else "A message"
+                raise InvalidRequest(f"{what} is too long: {len(content):,} characters, the limit is "
+                                     f"{max_chars:,}. Shorten it or split it into several messages.")
+            _check_text(content)
     if messages[-1]["role"] not in ("user", "observation"):
         raise InvalidRequest("the last message must be the user's")
+    if not str(messages[-1].get("content") or "").strip():
+        raise InvalidRequest("The message is empty.")
 
 
-def fit_to_context(messages: list[dict], prompt_ids, budget: int) -> tuple[list[int], int]:
-    """Prompt ids of the longest suffix of the history that fits ``budget`` tokens.
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(
+            f"The message contains a character that is not valid text (an unpaired surrogate "
+            f"{text[error.start]!r} at position {error.start}); please remove it.") from None
 
-    Leading system messages are always kept, and the newest message always; older messages are
-    dropped oldest first, a whole exchange at a time (up to the next user message), so the
-    prompt never starts with an orphaned assistant reply. Returns (ids, number of dropped messages).
+
+def fit_to_context(messages: list[dict], chat_format, budget: int) -> tuple[list[int], int]:
+    """Prompt ids of the longest suffix of the conversation that fits ``budget`` tokens.
+
+    The leading system message is always kept, and the newest message always; older messages are
+    dropped oldest first, a whole exchange at a time (the kept part starts with a user message),
+    so the prompt never starts with an orphaned reply. Messages are measured newest first and
+    the walk stops at the budget, so the cost follows what fits, not the length of the history.
+    Returns (ids, number of dropped messages).
     """
     system = [m for m in messages[:1] if m["role"] == "system"]
     rest = messages[len(system):]
-    dropped = 0
+    used = chat_format.fixed_tokens + sum(chat_format.message_tokens(m) for m in system)
+    start = len(rest)
+    for index in range(len(rest) - 1, -1, -1):
+        used += chat_format.message_tokens(rest[index])
+        if used > budget:
+            break
+        if index == len(rest) - 1 or rest[index]["role"] == "user":
+            start = index
+    if start == len(rest):
+        raise InvalidRequest(
+            f"The message is too long: the prompt needs {used} tokens but only {budget} fit (the model's "
+            "context minus room for the reply). Shorten it or lower max new tokens."
+        )
     while True:
-        ids = prompt_ids(system + rest[dropped:])
+        ids = chat_format.prompt_ids(system + rest[start:])
         if len(ids) <= budget:
-            return ids, dropped
-        if dropped >= len(rest) - 1:
+            return ids, start
+        # an estimate was low (template formats): drop the next exchange and measure again
+        later = [i for i in range(start + 1, len(rest)) if rest[i]["role"] == "user" or i == len(rest) - 1]
+        if not later:
             raise InvalidRequest(
-                f"The message is too long: the prompt needs {len(ids)} tokens but only {budget} fit "
-                "(context length minus the reply budget). Shorten it or lower max new tokens."
+                f"The message is too long: the prompt needs {len(ids)} tokens but only {budget} fit (the "
+                "model's context minus room for the reply). Shorten it or lower max new tokens."
             )
-        dropped += 1
-        while dropped < len(rest) - 1 and rest[dropped]["role"] != "user":
-            dropped += 1
+        start = later[0]
 
 
 class LocalBackend:
     def __init__(self, engine: Engine, chat_format, info: ModelInfo, *, max_input_tokens: int | None = None,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, max_input_chars: int | None = None):
         self.engine = engine
         self.format = chat_format
         self.info = info
         self.max_input_tokens = max_input_tokens
         self.max_new_tokens = max_new_tokens or info.context_length
+        self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
 
-    def prepare(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int]:
-        """Validate and fit: (prompt ids, dropped message count); raises InvalidRequest."""
+    def prepare(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
+        """Validate and fit: (prompt ids, dropped message count, reply budget); raises InvalidRequest.
+
+        The prompt may use the context minus room for the reply: the requested max_new_tokens, or
+        half the context when more is asked for. The reply budget is what the context then leaves,
+        at most the requested max_new_tokens.
+        """
         params.validated(self.max_new_tokens)
-        check_messages(messages)
-        budget = self.info.context_length - params.max_new_tokens
+        check_messages(messages, self.max_input_chars)
+        context = self.info.context_length
+        budget = context - min(params.max_new_tokens, context // 2)
         if self.max_input_tokens:
             budget = min(budget, self.max_input_tokens)
-        if budget <= 0:
-            raise InvalidRequest(
-                f"max_new_tokens={params.max_new_tokens} leaves no room for the prompt in the "
-                f"{self.info.context_length}-token context"
-            )
-        return fit_to_context(messages, self.format.prompt_ids, budget)
+        ids, dropped = fit_to_context(messages, self.format, budget)
+        return ids, dropped, min(params.max_new_tokens, context - len(ids))
 
     async def stream_chat(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[ChatEvent]:
-        ids, dropped = self.prepare(messages, params)
-        request = self.engine.submit(ids, params, self.format.stop_token_ids)
+        started = time.perf_counter()
+        outcome = "rejected"
+        count = prompt_tokens = 0
+        try:
+            self.engine.check_capacity()  # refuse a flood before spending any work on it
+            ids, dropped, reply_budget = await asyncio.to_thread(self.prepare, messages, params)
+            prompt_tokens = len(ids)
+            clamped = reply_budget if reply_budget < params.max_new_tokens else None
+            if clamped:
+                params = params.model_copy(update={"max_new_tokens": reply_budget})
+            request = self.engine.submit(ids, params, self.format.stop_token_ids)
+        except (InvalidRequest, BackendBusy) as error:
+            outcome = "busy" if isinstance(error, BackendBusy) else "invalid"
+            log.info("request %s: %s", outcome, error)
+            raise
         text = self.format.text_stream()
         first = last = None
-        count = 0
+        outcome = "cancelled (Stop or disconnect)"  # unless a done event reaches this consumer
         try:
             async for events in request.batches():
                 pieces = []
@@ -96,15 +155,18 @@ class LocalBackend:
                     yield TextDelta("".join(pieces))
                 kind, value = events[-1]
                 if kind == "done":
-                    error = value[len("error: "):] if value.startswith("error") else None
+                    outcome = value.reason if value.reason != "error" else f"error ({value.error})"
                     yield Finished(
-                        reason="error" if error else value,
+                        reason=value.reason,
                         prompt_tokens=len(ids),
                         completion_tokens=count,
                         seconds=(last - first) if first else 0.0,
                         time_to_first_token=(first - request.submitted_at) if first else 0.0,
                         dropped_messages=dropped,
-                        error=error,
+                        error=value.error,
+                        max_new_tokens_clamped=clamped,
                     )
         finally:
             request.cancel()  # the consumer stopped early (Stop button, disconnect): free the slot
+            log.info("request %d: %s, prompt %d tokens, reply %d tokens, %.2f s", request.id, outcome,
+                     prompt_tokens, count, time.perf_counter() - started)

@@ -23,11 +23,16 @@ def build_app(settings: Settings):
     engine = Engine(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                     context_length=loaded.info.context_length)
     backend = LocalBackend(engine, loaded.chat_format, loaded.info, max_input_tokens=settings.max_input_tokens,
-                           max_new_tokens=settings.max_new_tokens)
+                           max_new_tokens=settings.max_new_tokens,
+                           max_input_chars=getattr(settings, "max_input_chars", None))
     branding = load_branding(settings.assets_dir)
     page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, loaded.info.context_length))
-    # Concurrency is the engine's job (one batch for everyone); Gradio must not serialize requests.
-    page.queue(default_concurrency_limit=settings.max_batch_size + settings.max_queue)
+    # Admission is the engine's job: --max-batch-size running, --max-queue waiting, everyone else is told
+    # at once that the server is busy. So Gradio passes every request straight through (no concurrency
+    # limit of its own, under which requests would wait unseen and unbounded); its queue's max_size only
+    # bounds what a flood can pile up before the engine has answered.
+    capacity = settings.max_batch_size + settings.max_queue
+    page.queue(default_concurrency_limit=None, max_size=4 * capacity)
     return page, backend, launch_kwargs(branding)
 
 

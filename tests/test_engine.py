@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from chatglm_web.engine import Engine, EngineBusy
+from chatglm_web.engine import Engine, EngineBusy, Outcome
 from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
 from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend, fit_to_context
@@ -76,7 +76,7 @@ def test_cancelling_one_request_leaves_the_others_intact(backend):
         victim_events.append(event)
         if len(victim_events) == 5:
             victim.cancel()
-    assert victim_events[-1] == ("done", "cancelled") and len(victim_events) < 20
+    assert victim_events[-1] == ("done", Outcome("cancelled")) and len(victim_events) < 20
     for request, expected in zip(requests, solo):
         stream = backend.format.text_stream()
         text = "".join(stream.push(v) for k, v in request if k == "token") + stream.finish()
@@ -122,7 +122,7 @@ def test_queue_positions_and_queue_full_message(loaded):
         for request in [running, *waiting]:
             request.cancel()
         for request in waiting:
-            assert list(request)[-1] == ("done", "cancelled")
+            assert list(request)[-1] == ("done", Outcome("cancelled"))
     finally:
         engine.shutdown()
 
@@ -198,19 +198,46 @@ def test_sampling_option_ranges_are_declared_once():
     assert (schema["minimum"], schema["maximum"]) == (0.0, 2.0)
 
 
+class OneTokenPerMessage:
+    """A chat format whose prompt is one token per message, to check the fitting rule by hand."""
+
+    fixed_tokens = 0
+
+    def __init__(self):
+        self.measured = []
+
+    def message_tokens(self, message):
+        self.measured.append(message["content"])
+        return 1
+
+    def prompt_ids(self, messages):
+        return [m["content"] for m in messages]
+
+
 def test_fit_to_context_drops_oldest_exchanges_and_keeps_system():
     messages = [{"role": "system", "content": "S"}]
     for i in range(4):
         messages += [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
     messages.append({"role": "user", "content": "last"})
-    one_token_per_message = lambda ms: [m["content"] for m in ms]  # noqa: E731
 
-    ids, dropped = fit_to_context(messages, one_token_per_message, budget=6)
+    ids, dropped = fit_to_context(messages, OneTokenPerMessage(), budget=6)
     assert ids == ["S", "u2", "a2", "u3", "a3", "last"] and dropped == 4
-    ids, dropped = fit_to_context(messages, one_token_per_message, budget=5)  # never starts with a reply
+    ids, dropped = fit_to_context(messages, OneTokenPerMessage(), budget=5)  # never starts with a reply
     assert ids == ["S", "u3", "a3", "last"] and dropped == 6
     with pytest.raises(InvalidRequest, match="too long"):
-        fit_to_context(messages, one_token_per_message, budget=1)
+        fit_to_context(messages, OneTokenPerMessage(), budget=1)
+
+
+def test_fit_to_context_measures_each_message_once_and_stops_at_the_budget():
+    messages = [{"role": "system", "content": "S"}]
+    for i in range(1000):
+        messages += [{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    messages.append({"role": "user", "content": "last"})
+    chat_format = OneTokenPerMessage()
+    ids, dropped = fit_to_context(messages, chat_format, budget=10)
+    assert len(ids) <= 10 and ids[0] == "S" and ids[-1] == "last"
+    assert len(chat_format.measured) <= 11, "older messages beyond the budget must not be tokenized"
+    assert len(set(chat_format.measured)) == len(chat_format.measured), "a message was tokenized twice"
 
 
 def test_memory_is_flat_across_turns(backend):
@@ -222,3 +249,86 @@ def test_memory_is_flat_across_turns(backend):
         history.append({"role": "assistant", "content": text})
         assert backend.engine._cache is None and backend.engine._rows == []
     assert torch.is_grad_enabled()  # inference mode did not leak into the caller
+
+
+def test_limits_count_a_request_about_to_be_admitted_as_running(loaded):
+    """batch 1 / queue 1 on an idle engine: two quick submits are accepted, the third is refused."""
+    engine = Engine(loaded.model, max_batch_size=1, max_queue=1)
+    params = SamplingParams(max_new_tokens=200, seed=0)
+    ids = [5, 6, 7]
+    try:
+        accepted = [engine.submit(ids, params, []) for _ in range(2)]
+        with pytest.raises(EngineBusy) as info:
+            engine.submit(ids, params, [])
+        assert "1 replies are being written and 1 are waiting" in str(info.value)
+        for request in accepted:
+            request.cancel()
+        assert [list(r)[-1][1].reason for r in accepted] == ["cancelled", "cancelled"]
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("batch, queue", [(2, 4), (1, 0), (3, 1)])
+def test_exactly_batch_plus_queue_requests_are_accepted(loaded, batch, queue):
+    engine = Engine(loaded.model, max_batch_size=batch, max_queue=queue)
+    params = SamplingParams(max_new_tokens=500, seed=0)
+    accepted, refused = [], 0
+    try:
+        for _ in range(batch + queue + 5):
+            try:
+                accepted.append(engine.submit([5, 6, 7], params, []))
+            except EngineBusy:
+                refused += 1
+        assert (len(accepted), refused) == (batch + queue, 5)
+        assert engine.load == (batch, queue)
+    finally:
+        for request in accepted:
+            request.cancel()
+        engine.shutdown()
+
+
+def test_queue_position_is_sent_only_when_it_changes(loaded):
+    engine = Engine(loaded.model, max_batch_size=1, max_queue=2)
+    params = SamplingParams(max_new_tokens=60, seed=0)
+    try:
+        running = engine.submit([5, 6, 7], params, [])
+        next(iter(running))
+        waiting = [engine.submit([5, 6, 7], params, []) for _ in range(2)]
+        events = [list(request) for request in waiting]
+        list(running)
+    finally:
+        engine.shutdown()
+    queued = [[value for kind, value in request if kind == "queued"] for request in events]
+    assert queued == [[1], [2, 1]], "one event per position, not one per decode step"
+    assert engine.steps >= 100
+
+
+def test_a_failing_prefill_fails_only_its_own_request(loaded, monkeypatch):
+    """E.g. out of memory on one long prompt: that request gets the error, the running replies go on."""
+    model = loaded.model
+    real_forward = model.forward
+
+    def forward(input_ids=None, **kwargs):
+        if input_ids.shape[1] > 50:  # the long prompt's prefill
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(input_ids=input_ids, **kwargs)
+
+    engine = Engine(model, max_batch_size=4, max_queue=4)
+    params = [SamplingParams(seed=s, max_new_tokens=40) for s in range(2)]
+    solo = []
+    for p in params:
+        solo.append([v for k, v in engine.submit([5, 6, 7, 8], p, []) if k == "token"])
+    monkeypatch.setattr(model, "forward", forward)
+    try:
+        running = [engine.submit([5, 6, 7, 8], p, []) for p in params]
+        first = [next(iter(r)) for r in running]
+        failing = engine.submit(list(range(5, 100)), SamplingParams(seed=9, max_new_tokens=40), [])
+        failed = list(failing)
+        rest = [[v for k, v in r if k == "token"] for r in running]
+    finally:
+        engine.shutdown()
+    assert failed[-1][0] == "done" and failed[-1][1].reason == "error"
+    assert "out of memory" in failed[-1][1].error
+    for f, r, expected in zip(first, rest, solo):
+        assert [f[1]] + r == expected, "a running reply was disturbed by another request's failed prefill"
+    assert engine.finished["error"] == 1 and engine.finished["length"] == 4
