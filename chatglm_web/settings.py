@@ -1,16 +1,42 @@
 """Command-line flags, each also settable by an environment variable (for Hugging Face Spaces).
 
-A flag on the command line wins over its environment variable, which wins over the default.
+Precedence: a flag on the command line wins over its ``CHATGLM_WEB_*`` variable, which wins
+over Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (host and port only; Hugging
+Face Spaces sets those), which win over the default.
+
+Every value is checked here, flag or variable alike: a bad one raises ``SettingsError`` whose
+one-line message names the flag or variable, what it must be and what it got. An empty value
+means "none" only where none is a valid value (``--auth``, ``--max-input-tokens``,
+``--assets-dir``); anywhere else it is an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
 PRECISIONS = ("auto", "4bit", "8bit", "fp16", "bf16", "fp32")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_DEVICE = re.compile(r"[a-z]+(:\d+)?")
+
+
+class StartupError(Exception):
+    """The app cannot start. The message says why, is meant for the user and is shown as one line (exit code 2)."""
+
+
+class SettingsError(StartupError, ValueError):
+    """A flag or environment variable has a value the app cannot use."""
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one log line: a StartupError's message as it is, anything else with its type in front."""
+    text = " ".join(str(error).split())
+    if isinstance(error, StartupError):
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @dataclass
@@ -35,11 +61,11 @@ class Settings:
             return None
         user, sep, password = self.auth.partition(":")
         if not sep or not user or not password:
-            raise SystemExit("--auth must look like user:password")
+            raise SettingsError("--auth must look like user:password")
         return user, password
 
 
-# flag -> (env var, help)
+# field -> help
 _HELP = {
     "model": "local folder or Hub id of ChatGLM3 or any chat model with a chat template",
     "precision": "weights precision; auto = fp16/bf16 on a big enough GPU, 4-bit NF4 on a smaller one, CPU otherwise",
@@ -54,54 +80,109 @@ _HELP = {
     "max_queue": "requests allowed to wait for a slot; more get a 'busy, try again' message",
     "assets_dir": "folder with branding.json, logo and style.css (default: ./assets)",
 }
+#: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
+_GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 
 
 def env_name(field_name: str) -> str:
     return "CHATGLM_WEB_" + field_name.upper()
 
 
-def _parse_bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _int_range(name: str) -> tuple[int, int | None]:
+    """Smallest and largest allowed value of an integer setting (None: no upper limit)."""
+    if name == "max_new_tokens":
+        from .generation import option
+
+        spec = option("max_new_tokens")  # the server limit must be a value a request may ask for
+        return int(spec.minimum), int(spec.maximum)
+    return {"port": (0, 65535), "max_queue": (0, None)}.get(name, (1, None))
+
+
+def _to_bool(raw: str, source: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise SettingsError(f"{source}={raw!r} is not a boolean: use true/false, yes/no, on/off or 1/0")
+
+
+def _to_int(name: str, raw: str, source: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{source}={raw!r} is not a whole number") from None
+    low, high = _int_range(name)
+    if value < low or (high is not None and value > high):
+        allowed = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise SettingsError(f"{source} must be {allowed}, got {value}")
+    return value
+
+
+def convert(name: str, raw: str, source: str):
+    """``raw`` (from flag or variable ``source``) as the value of setting ``name``; SettingsError if unusable."""
+    kind = {field.name: field.type for field in fields(Settings)}[name]
+    if not raw.strip():
+        if "None" in str(kind):
+            return None
+        raise SettingsError(f"{source} is empty; give it a value or leave it unset for the default")
+    if kind in ("bool", bool):
+        return _to_bool(raw, source)
+    if kind in ("int", "int | None", int):
+        return _to_int(name, raw, source)
+    if name == "precision" and raw not in PRECISIONS:
+        raise SettingsError(f"{source} must be one of {', '.join(PRECISIONS)}, got {raw!r}")
+    if name == "device" and not _DEVICE.fullmatch(raw):
+        raise SettingsError(f"{source} must be auto, cpu, cuda or cuda:N (a torch device), got {raw!r}")
+    if name == "auth":
+        user, sep, password = raw.partition(":")
+        if not (user and sep and password):
+            raise SettingsError(f"{source} must look like user:password")
+    return raw
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are a SettingsError (one line) instead of usage text and exit."""
+
+    def error(self, message: str):
+        raise SettingsError(f"{message} (see --help)")
+
+
+def _parser() -> _Parser:
+    parser = _Parser(description="ChatGLM3 chat demo (Gradio)")
+    for name, help_text in _HELP.items():
+        env = env_name(name) + (f", then {_GRADIO_ENV[name]}" if name in _GRADIO_ENV else "")
+        help_text = f"{help_text} [env {env}]"
+        if name == "share":
+            parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = "{" + ",".join(PRECISIONS) + "}" if name == "precision" else name.upper()
+            parser.add_argument(flag_name(name), default=None, metavar=metavar, help=help_text)
+    return parser
 
 
 def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -> Settings:
-    environ = os.environ if environ is None else environ
-    defaults = Settings()
-    parser = argparse.ArgumentParser(description="ChatGLM3 chat demo (Gradio)")
-    for field in fields(Settings):
-        if field.name not in _HELP:
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        env = env_name(field.name)
-        help_text = f"{_HELP[field.name]} [env {env}]"
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        kind = int if field.type in ("int", "int | None") else str
-        choices = PRECISIONS if field.name == "precision" else None
-        parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
-    args = parser.parse_args(argv)
+    """Settings from flags (``argv``, default sys.argv) and environment (``environ``, default os.environ).
 
+    Raises ``SettingsError`` with a one-line message for any bad value; ``--help`` exits 0.
+    """
+    environ = os.environ if environ is None else environ
+    args = _parser().parse_args(argv)
     values = {}
-    for field in fields(Settings):
-        if field.name not in _HELP:
+    for name in _HELP:
+        flag_value = getattr(args, name)
+        if isinstance(flag_value, bool):
+            values[name] = flag_value
             continue
-        value = getattr(args, field.name)
-        if value is None and env_name(field.name) in environ:
-            raw = environ[env_name(field.name)]
-            try:
-                if field.type in ("bool", bool):
-                    value = _parse_bool(raw)
-                elif field.type in ("int", "int | None"):
-                    value = int(raw) if raw.strip() else None
-                else:
-                    value = raw
-            except ValueError:
-                parser.error(f"{env_name(field.name)}={raw!r} is not a whole number")
-            if field.name == "precision" and value not in PRECISIONS:
-                parser.error(f"{env_name(field.name)} must be one of {', '.join(PRECISIONS)}")
-        values[field.name] = getattr(defaults, field.name) if value is None else value
+        candidates = [(flag_value, flag_name(name)), (environ.get(env_name(name)), env_name(name))]
+        if name in _GRADIO_ENV:
+            candidates.append((environ.get(_GRADIO_ENV[name]), _GRADIO_ENV[name]))
+        for raw, source in candidates:
+            if raw is not None:
+                values[name] = convert(name, raw, source)
+                break
     settings = Settings(**values)
     settings.model_explicit = args.model is not None or env_name("model") in environ
-    settings.auth_pair  # validate early
     return settings

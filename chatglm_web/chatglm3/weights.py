@@ -12,11 +12,14 @@ so native GLM checkpoints and ``save_pretrained`` elsewhere in the process are u
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
 from transformers import conversion_mapping
 from transformers.core_model_loading import ConversionOps, WeightConverter, WeightRenaming
+
+log = logging.getLogger(__name__)
 
 
 class SplitQKV(ConversionOps):
@@ -71,17 +74,39 @@ def conversions() -> list:
     ]
 
 
+# transformers has a public register_checkpoint_conversion_mapping() but no way to unregister one. Undoing the
+# registration after the load needs two private names of transformers.conversion_mapping, used only here and
+# guarded by tests/chatglm3/test_loading.py (a failure there names the one that changed). Should one be gone,
+# the load still works; the mapping merely stays registered for the rest of the process (with a warning).
+PRIVATE_MAPPING_CACHE = "_checkpoint_conversion_mapping_cache"
+PRIVATE_USER_MAPPINGS = "USER_REGISTERED_MAPPINGS"
+
+
+def private_mapping_state(name: str, kind: type):
+    """``transformers.conversion_mapping.<name>`` if it is still a ``kind``, else None and a warning naming it."""
+    value = getattr(conversion_mapping, name, None)
+    if not isinstance(value, kind):
+        log.warning("transformers.conversion_mapping.%s is gone or no longer a %s: the ChatGLM3 weight mapping "
+                    "stays registered for this process", name, kind.__name__)
+        return None
+    return value
+
+
 @contextmanager
 def chatglm3_weight_mapping(model_class_name: str = "GlmForCausalLM"):
-    """Register the ChatGLM3 conversions for ``model_class_name`` during one ``from_pretrained``."""
-    previous = conversion_mapping.get_checkpoint_conversion_mapping(model_class_name)
+    """Register the ChatGLM3 conversions for ``model_class_name`` during one ``from_pretrained``, then restore."""
+    previous = conversion_mapping.get_checkpoint_conversion_mapping(model_class_name)  # builds the cache
+    user_mappings = private_mapping_state(PRIVATE_USER_MAPPINGS, set)
+    was_user_registered = user_mappings is not None and model_class_name in user_mappings
     conversion_mapping.register_checkpoint_conversion_mapping(model_class_name, conversions(), overwrite=True)
     try:
         yield
     finally:
-        cache = conversion_mapping._checkpoint_conversion_mapping_cache
-        if previous is None:
-            cache.pop(model_class_name, None)
-            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(model_class_name)
+        if previous is not None:
+            conversion_mapping.register_checkpoint_conversion_mapping(model_class_name, previous, overwrite=True)
         else:
-            cache[model_class_name] = previous
+            cache = private_mapping_state(PRIVATE_MAPPING_CACHE, dict)
+            if cache is not None:
+                cache.pop(model_class_name, None)
+        if user_mappings is not None and not was_user_registered:
+            user_mappings.discard(model_class_name)

@@ -1,0 +1,94 @@
+"""Flags, CHATGLM_WEB_* and GRADIO_SERVER_* variables: precedence, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatglm_web.generation import option
+from chatglm_web.settings import DEFAULT_MODEL, SettingsError, parse_settings
+
+
+def test_flags_env_vars_and_defaults():
+    s = parse_settings([], environ={})
+    assert (s.model, s.precision, s.host, s.port, s.share, s.model_explicit) == (
+        DEFAULT_MODEL, "auto", "127.0.0.1", 7860, False, False)
+    env = {"CHATGLM_WEB_MODEL": "/m", "CHATGLM_WEB_PRECISION": "4bit", "CHATGLM_WEB_PORT": "9000",
+           "CHATGLM_WEB_SHARE": "true", "CHATGLM_WEB_AUTH": "a:b", "CHATGLM_WEB_MAX_INPUT_TOKENS": "512"}
+    s = parse_settings([], environ=env)
+    assert (s.model, s.precision, s.port, s.share, s.auth_pair, s.max_input_tokens) == ("/m", "4bit", 9000, True, ("a", "b"), 512)
+    assert s.model_explicit
+    s = parse_settings(["--precision", "fp16", "--port", "1234", "--no-share", "--device", "cpu"], environ=env)
+    assert (s.precision, s.port, s.share, s.device) == ("fp16", 1234, False, "cpu")  # flags win
+
+
+def test_gradio_server_variables_are_honoured_below_ours():
+    """Hugging Face Spaces sets GRADIO_SERVER_NAME/PORT: flag > CHATGLM_WEB_* > GRADIO_SERVER_* > default."""
+    gradio = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7861"}
+    s = parse_settings([], environ=gradio)
+    assert (s.host, s.port) == ("0.0.0.0", 7861)
+    ours = {**gradio, "CHATGLM_WEB_HOST": "10.0.0.5", "CHATGLM_WEB_PORT": "7862"}
+    s = parse_settings([], environ=ours)
+    assert (s.host, s.port) == ("10.0.0.5", 7862)
+    s = parse_settings(["--host", "127.0.0.2", "--port", "7863"], environ=ours)
+    assert (s.host, s.port) == ("127.0.0.2", 7863)
+    with pytest.raises(SettingsError, match="GRADIO_SERVER_PORT='x' is not a whole number"):
+        parse_settings([], environ={"GRADIO_SERVER_PORT": "x"})
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("On", True),
+                                        ("false", False), ("0", False), ("no", False), ("off", False)])
+def test_booleans_in_any_usual_spelling(text, value):
+    assert parse_settings([], environ={"CHATGLM_WEB_SHARE": text}).share is value
+
+
+@pytest.mark.parametrize("text", ["ture", "2", "enabled", ""])
+def test_an_invalid_boolean_is_rejected_not_read_as_false(text):
+    with pytest.raises(SettingsError, match="CHATGLM_WEB_SHARE"):
+        parse_settings([], environ={"CHATGLM_WEB_SHARE": text})
+
+
+def test_max_new_tokens_stays_within_the_sampling_range():
+    spec = option("max_new_tokens")
+    assert parse_settings(["--max-new-tokens", str(spec.maximum)], environ={}).max_new_tokens == spec.maximum
+    assert parse_settings([], environ={"CHATGLM_WEB_MAX_NEW_TOKENS": str(spec.minimum)}).max_new_tokens == spec.minimum
+    for value in (spec.minimum - 1, spec.maximum + 1):
+        with pytest.raises(SettingsError, match=f"--max-new-tokens must be between {spec.minimum} and {spec.maximum}"):
+            parse_settings(["--max-new-tokens", str(value)], environ={})
+    with pytest.raises(SettingsError, match="CHATGLM_WEB_MAX_NEW_TOKENS"):
+        parse_settings([], environ={"CHATGLM_WEB_MAX_NEW_TOKENS": str(spec.maximum + 1)})
+
+
+@pytest.mark.parametrize("argv,env,named", [
+    (["--precision", "int3"], {}, "--precision must be one of auto, 4bit"),
+    ([], {"CHATGLM_WEB_PRECISION": "int3"}, "CHATGLM_WEB_PRECISION must be one of"),
+    ([], {"CHATGLM_WEB_PORT": "abc"}, "CHATGLM_WEB_PORT='abc' is not a whole number"),
+    (["--port", "70000"], {}, "--port must be between 0 and 65535"),
+    ([], {"CHATGLM_WEB_MAX_BATCH_SIZE": "0"}, "CHATGLM_WEB_MAX_BATCH_SIZE must be at least 1"),
+    ([], {"CHATGLM_WEB_MAX_QUEUE": "1.5"}, "CHATGLM_WEB_MAX_QUEUE='1.5' is not a whole number"),
+    (["--auth", "nopassword"], {}, "--auth must look like user:password"),
+    ([], {"CHATGLM_WEB_AUTH": "user:"}, "CHATGLM_WEB_AUTH must look like user:password"),
+    (["--device", "cuda:x"], {}, "--device must be"),
+    ([], {"CHATGLM_WEB_MODEL": ""}, "CHATGLM_WEB_MODEL is empty"),
+    ([], {"CHATGLM_WEB_HOST": " "}, "CHATGLM_WEB_HOST is empty"),
+    (["--prot", "80"], {}, "unrecognized arguments: --prot 80"),
+])
+def test_bad_settings_are_one_line_naming_the_flag_or_variable(argv, env, named):
+    with pytest.raises(SettingsError) as caught:
+        parse_settings(argv, environ=env)
+    message = str(caught.value)
+    assert named in message and "\n" not in message
+
+
+def test_an_empty_value_means_none_where_none_is_allowed():
+    s = parse_settings([], environ={"CHATGLM_WEB_AUTH": "", "CHATGLM_WEB_MAX_INPUT_TOKENS": "", "CHATGLM_WEB_ASSETS_DIR": ""})
+    assert (s.auth_pair, s.max_input_tokens, s.assets_dir) == (None, None, None)
+
+
+def test_help_lists_every_variable_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(["--help"], environ={})
+    assert caught.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("CHATGLM_WEB_MODEL", "CHATGLM_WEB_SHARE", "CHATGLM_WEB_HOST, then GRADIO_SERVER_NAME",
+                 "CHATGLM_WEB_PORT, then GRADIO_SERVER_PORT"):
+        assert name in text
