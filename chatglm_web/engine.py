@@ -199,6 +199,11 @@ class Engine:
         running = min(accepted, self.max_batch_size)
         return running, accepted - running
 
+    @property
+    def alive(self) -> bool:
+        """The worker is running or can start on the next submit (not shut down, not crashed)."""
+        return not self._stopping and (self._thread is None or self._thread.is_alive())
+
     def check_capacity(self) -> None:
         """Raise ``EngineBusy`` if a submit now would be refused (a cheap early check)."""
         with self._wake:

@@ -14,13 +14,20 @@ OpenAI-compatible server (vLLM, SGLang) can implement the same protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Annotated, AsyncIterator, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 
 class InvalidRequest(ValueError):
-    """Bad input from a user or API client; the message is meant to be shown to them."""
+    """Bad input from a user or API client; the message is meant to be shown to them.
+
+    ``param`` names the offending option when there is one (e.g. "temperature").
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class BackendBusy(RuntimeError):
@@ -54,12 +61,16 @@ class SamplingParams(BaseModel):
                                       json_schema_extra={"step": 0.01})
     seed: int | None = Field(None, ge=0, le=2**63 - 1, title="Seed",
                              description="the same seed and settings repeat a reply; none = random")
+    stop: tuple[Annotated[str, StringConstraints(min_length=1, max_length=64)], ...] = Field(
+        (), max_length=4, title="Stop strings", description="the reply ends before the first of these (up to 4)")
 
     def __init__(self, **values):
         try:
             super().__init__(**values)
         except ValidationError as error:
-            raise InvalidRequest(_explain(error)) from None
+            problems = error.errors(include_url=False)
+            param = str(problems[0]["loc"][0]) if problems and problems[0]["loc"] else None
+            raise InvalidRequest(_explain(error), param=param) from None
 
     @classmethod
     def from_form(cls, **values) -> "SamplingParams":
@@ -82,7 +93,7 @@ class SamplingParams(BaseModel):
         """Return self, or raise ``InvalidRequest`` when max_new_tokens is over the server's limit."""
         if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
             raise InvalidRequest(f"max_new_tokens must be a whole number between 1 and {max_new_tokens_limit}, "
-                                 f"got {self.max_new_tokens}")
+                                 f"got {self.max_new_tokens}", param="max_new_tokens")
         return self
 
 
@@ -117,7 +128,7 @@ def _explain(error: ValidationError) -> str:
     """Pydantic's errors as one sentence a user can act on: which option, what is allowed, what came."""
     parts = []
     for item in error.errors(include_url=False):
-        name = ".".join(str(x) for x in item["loc"]) or "value"
+        name = str(item["loc"][0]) if item["loc"] else "value"
         field = SamplingParams.model_fields.get(name)
         got = item.get("input")
         if item["type"] == "extra_forbidden":
@@ -125,6 +136,10 @@ def _explain(error: ValidationError) -> str:
             continue
         if field is None:
             parts.append(f"{name}: {item['msg']}")
+            continue
+        if name == "stop":
+            parts.append(f"stop must be up to 4 strings of 1 to 64 characters, got {got!r:.60}")
+            break
             continue
         spec = option(name)
         kind = "a whole number" if field.annotation in (int, int | None) else "a number"
@@ -185,4 +200,8 @@ class ChatBackend(Protocol):
         Raises ``InvalidRequest`` for bad input and ``BackendBusy`` when the queue is full, before
         anything is yielded. Closing the iterator early cancels the generation.
         """
+        ...
+
+    async def health(self) -> tuple[bool, str]:
+        """(ready to generate, a short account): for ``GET /healthz``."""
         ...

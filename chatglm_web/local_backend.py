@@ -17,6 +17,7 @@ import time
 from typing import AsyncIterator
 
 from .engine import Engine
+from .streaming_text import StopStrings
 from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
                          TextDelta)
 
@@ -103,6 +104,13 @@ class LocalBackend:
         self.max_new_tokens = max_new_tokens or info.context_length
         self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
 
+    async def health(self) -> tuple[bool, str]:
+        """(ready, what is the matter): the model is loaded here, so the engine is all that can fail."""
+        if not self.engine.alive:
+            return False, "the generation engine has stopped"
+        running, waiting = self.engine.load
+        return True, f"model loaded, engine running ({running} replies running, {waiting} waiting)"
+
     def prepare(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
         """Validate and fit: (prompt ids, dropped message count, reply budget); raises InvalidRequest.
 
@@ -136,8 +144,9 @@ class LocalBackend:
             log.info("request %s: %s", outcome, error)
             raise
         text = self.format.text_stream()
+        stops = StopStrings(params.stop)
         first = last = None
-        outcome = "cancelled (Stop or disconnect)"  # unless a done event reaches this consumer
+        outcome = "cancelled (Stop or disconnect)"  # unless the reply ends while this consumer listens
         try:
             async for events in request.batches():
                 pieces = []
@@ -148,24 +157,29 @@ class LocalBackend:
                         last = time.perf_counter()
                         first = first or last
                         count += 1
-                        pieces.append(text.push(value))
+                        pieces.append(stops.feed(text.push(value)))
+                        if stops.hit:
+                            break
                     else:
-                        pieces.append(text.finish())
+                        pieces.append(stops.feed(text.finish()) + stops.finish())
                 if "".join(pieces):
                     yield TextDelta("".join(pieces))
                 kind, value = events[-1]
-                if kind == "done":
-                    outcome = value.reason if value.reason != "error" else f"error ({value.error})"
+                if stops.hit or kind == "done":
+                    reason = "stop" if stops.hit else value.reason
+                    error = None if stops.hit else value.error
+                    outcome = reason if reason != "error" else f"error ({error})"
                     yield Finished(
-                        reason=value.reason,
+                        reason=reason,
                         prompt_tokens=len(ids),
                         completion_tokens=count,
                         seconds=(last - first) if first else 0.0,
                         time_to_first_token=(first - request.submitted_at) if first else 0.0,
                         dropped_messages=dropped,
-                        error=value.error,
+                        error=error,
                         max_new_tokens_clamped=clamped,
                     )
+                    return
         finally:
             request.cancel()  # the consumer stopped early (Stop button, disconnect): free the slot
             log.info("request %d: %s, prompt %d tokens, reply %d tokens, %.2f s", request.id, outcome,

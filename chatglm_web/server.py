@@ -17,6 +17,8 @@ def build_app(settings: Settings):
     from .engine import Engine
     from .loading import load_chat_model
     from .local_backend import LocalBackend
+    from .metrics import MeteredBackend
+    from .openai_api import api_routes
     from .ui import build_page, launch_kwargs
 
     loaded = load_chat_model(settings)
@@ -24,7 +26,8 @@ def build_app(settings: Settings):
                     context_length=loaded.info.context_length)
     backend = LocalBackend(engine, loaded.chat_format, loaded.info, max_input_tokens=settings.max_input_tokens,
                            max_new_tokens=settings.max_new_tokens,
-                           max_input_chars=getattr(settings, "max_input_chars", None))
+                           max_input_chars=settings.max_input_chars)
+    backend = MeteredBackend(backend)  # the page and the API share this one backend, queue and metrics
     branding = load_branding(settings.assets_dir)
     page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, loaded.info.context_length))
     # Admission is the engine's job: --max-batch-size running, --max-queue waiting, everyone else is told
@@ -33,7 +36,12 @@ def build_app(settings: Settings):
     # bounds what a flood can pile up before the engine has answered.
     capacity = settings.max_batch_size + settings.max_queue
     page.queue(default_concurrency_limit=None, max_size=4 * capacity)
-    return page, backend, launch_kwargs(branding)
+    kwargs = launch_kwargs(branding)
+    # The OpenAI-compatible API, /healthz and /metrics: FastAPI routes placed before Gradio's own.
+    routes = api_routes(backend, metrics=backend.metrics, api_key=settings.api_key,
+                        auth=settings.auth_pair)
+    kwargs["app_kwargs"] = {**kwargs.get("app_kwargs", {}), "routes": routes}
+    return page, backend, kwargs
 
 
 def main(argv: list[str] | None = None) -> None:

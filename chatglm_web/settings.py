@@ -49,10 +49,12 @@ class Settings:
     share: bool = False
     auth: str | None = None  # "user:pass"
     max_input_tokens: int | None = None
+    max_input_chars: int | None = None  # None: 8 characters per context token
     max_new_tokens: int = 2048
     max_batch_size: int = 8
     max_queue: int = 32
     assets_dir: str | None = None
+    api_key: str | None = None
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
     @property
@@ -75,10 +77,13 @@ _HELP = {
     "share": "create a public gradio.live link",
     "auth": "require a login, user:password",
     "max_input_tokens": "longest prompt (history included) sent to the model; older turns are dropped",
+    "max_input_chars": "longest message or system prompt in characters, checked before tokenizing "
+                       "(default: 8 per context token)",
     "max_new_tokens": "upper limit of the max-new-tokens slider",
     "max_batch_size": "replies generated together in one batch",
     "max_queue": "requests allowed to wait for a slot; more get a 'busy, try again' message",
     "assets_dir": "folder with branding.json, logo and style.css (default: ./assets)",
+    "api_key": "key the OpenAI-compatible API (/v1) and /metrics require as 'Authorization: Bearer KEY'",
 }
 #: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}

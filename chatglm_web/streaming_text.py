@@ -60,3 +60,35 @@ class IncrementalDecoder:
         delta = text[self._emitted:]
         self._emitted = max(self._emitted, len(text))
         return delta
+
+
+class StopStrings:
+    """Cuts streamed text at the first of a few stop strings, across piece boundaries.
+
+        stops = StopStrings(["\\nUser:"])
+        show(stops.feed(piece))   # text before any stop string; a possible start of one is held back
+        stops.hit                 # True once a stop string was seen: end the reply there
+        show(stops.finish())      # the held-back text when the reply ends without a stop string
+    """
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.hit = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if self.hit or not self.stops:
+            return "" if self.hit else text
+        text = self._held + text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.hit, self._held = True, ""
+            return text[:min(found)]
+        keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def finish(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.hit else held

@@ -1,0 +1,253 @@
+"""The app's own OpenAI-compatible API, on the page's port and served by the same backend and queue.
+
+    GET  /v1/models             the one model
+    POST /v1/chat/completions   streamed (SSE) or not; temperature, top_p, max_tokens, seed, stop,
+                                plus top_k and repetition_penalty; ``usage`` in the reply
+    GET  /healthz               200 when the model is loaded (or the backend reachable) and the engine alive
+    GET  /metrics               Prometheus text format
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input,
+401 without valid credentials, 429 when the server is busy, 500 when generation fails. With
+``--api-key`` a request needs ``Authorization: Bearer <key>``; with ``--auth user:pass`` the same
+login as the page works as HTTP Basic credentials. ``/healthz`` needs neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .chat_format import normalize_messages
+from .generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams option -> the API's name for it
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields this server understands; other OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        values = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+                  "top_k": self.top_k, "repetition_penalty": self.repetition_penalty}
+        if self.stop is not None:
+            values["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return SamplingParams.from_form(**{k: v for k, v in values.items() if v is not None})
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None) -> list:
+    """FastAPI routes to put in front of Gradio's (``page.launch(app_kwargs={"routes": ...})``)."""
+    router = APIRouter()
+    model_id = backend.info.name
+
+    def authorize(request: Request) -> None:
+        if not api_key and not auth:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if api_key and scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), api_key):
+            return
+        if auth and scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user = password = ""
+            if hmac.compare_digest(user, auth[0]) and hmac.compare_digest(password, auth[1]):
+                return
+        wanted = "an 'Authorization: Bearer <api key>' header" if api_key else "the page's login as HTTP Basic auth"
+        raise APIError(401, f"This API needs {wanted}.", code="invalid_api_key")
+
+    @router.get("/v1/models")
+    async def list_models(request: Request):
+        try:
+            authorize(request)
+        except APIError as error:
+            return error.response()
+        return {"object": "list", "data": [{
+            "id": model_id, "object": "model", "created": 0, "owned_by": "chatglm-web",
+            "max_model_len": backend.info.context_length}]}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            authorize(request)
+            body = await _read_json(request)
+            try:
+                chat = ChatCompletionRequest.model_validate(body)
+            except ValidationError as error:
+                raise APIError(400, _first_problem(error), param=_first_param(error)) from None
+            if chat.n != 1:
+                raise APIError(400, "only n=1 is supported", param="n")
+            try:
+                params = chat.sampling_params()
+            except InvalidRequest as error:
+                raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
+            messages = normalize_messages([m.model_dump() for m in chat.messages])
+            stream = backend.stream_chat(messages, params)
+            first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
+        except APIError as error:
+            return error.response()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return StreamingResponse(_sse(stream, first, completion_id, model_id, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _complete(stream, first, completion_id, model_id)
+
+    @router.get("/healthz")
+    async def healthz():
+        ready, detail = await backend.health()
+        return JSONResponse({"status": "ok" if ready else "unavailable", "model": model_id, "detail": detail},
+                            status_code=200 if ready else 503)
+
+    @router.get("/metrics")
+    async def prometheus(request: Request):
+        try:
+            authorize(request)
+        except APIError as error:
+            return error.response()
+        return Response(metrics.exposition(), media_type=metrics.content_type)
+
+    return list(router.routes)
+
+
+async def _read_json(request: Request):
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise APIError(400, f"The request body is not valid JSON: {error}") from None
+
+
+def _first_param(error: ValidationError) -> str | None:
+    loc = error.errors(include_url=False)[0]["loc"]
+    return ".".join(str(x) for x in loc) or None
+
+
+def _first_problem(error: ValidationError) -> str:
+    item = error.errors(include_url=False)[0]
+    where = ".".join(str(x) for x in item["loc"])
+    return f"{where}: {item['msg']}" if where else item["msg"]
+
+
+async def _first_event(stream):
+    """The stream's first event; InvalidRequest/BackendBusy become API errors (nothing was sent yet)."""
+    try:
+        return await anext(stream)
+    except InvalidRequest as error:
+        await stream.aclose()
+        raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
+    except BackendBusy as error:
+        await stream.aclose()
+        raise APIError(429, str(error), kind="server_busy", code="server_busy") from None
+    except StopAsyncIteration:
+        raise APIError(500, "the backend ended without a reply", kind="server_error") from None
+
+
+def _api_wording(message: str) -> str:
+    for option, name in API_NAMES.items():
+        message = message.replace(option, name)
+    return message
+
+
+def _usage(done: Finished) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+async def _events(stream, first):
+    async with aclosing(stream):
+        yield first
+        async for event in stream:
+            yield event
+
+
+async def _complete(stream, first, completion_id: str, model_id: str) -> JSONResponse:
+    text, done = [], None
+    async for event in _events(stream, first):
+        if isinstance(event, TextDelta):
+            text.append(event.text)
+        elif isinstance(event, Finished):
+            done = event
+    if done is None or done.reason == "error":
+        error = done.error if done else "the reply ended early"
+        return APIError(500, f"Generation failed: {error}", kind="server_error").response()
+    return JSONResponse({
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                     "finish_reason": FINISH_REASONS.get(done.reason, "stop")}],
+        "usage": _usage(done),
+    })
+
+
+async def _sse(stream, first, completion_id: str, model_id: str, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in _events(stream, first):
+        if isinstance(event, TextDelta):
+            yield chunk({"content": event.text})
+        elif isinstance(event, Finished):
+            if event.reason == "error":
+                error = APIError(500, f"Generation failed: {event.error}", kind="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+                break
+            yield chunk({}, FINISH_REASONS.get(event.reason, "stop"))
+            if include_usage:
+                body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                        "model": model_id, "choices": [], "usage": _usage(event)}
+                yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
