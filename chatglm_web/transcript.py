@@ -1,15 +1,20 @@
-"""A conversation as a downloadable Markdown or JSON file (exactly the text that was typed and generated)."""
+"""A conversation as downloadable Markdown or JSON text (exactly the text that was typed and generated).
+
+The page builds this text only when a download button is clicked and hands it to the browser, which
+saves it; nothing is written to the server's disk.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 from .chat_format import normalize_messages
 
-_DOWNLOADS = Path(tempfile.gettempdir()) / "chatglm-web-downloads"
+#: Where versions before 0.2 wrote a Markdown and a JSON file on every change of the chat, never deleted.
+LEGACY_DOWNLOADS = Path(tempfile.gettempdir()) / "chatglm-web-downloads"
 
 
 def to_markdown(history: list[dict]) -> str:
@@ -24,11 +29,6 @@ def to_json(history: list[dict]) -> str:
     return json.dumps({"messages": normalize_messages(history or [])}, ensure_ascii=False, indent=2)
 
 
-def write_download(text: str, extension: str) -> str:
-    """Write ``text`` to a file named by its content hash (identical conversations share one file)."""
-    _DOWNLOADS.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = _DOWNLOADS / f"conversation-{digest}.{extension}"
-    if not path.exists():
-        path.write_text(text, encoding="utf-8")
-    return str(path)
+def remove_legacy_downloads(directory: Path = LEGACY_DOWNLOADS) -> None:
+    """Delete the download files older versions left in the temporary directory."""
+    shutil.rmtree(directory, ignore_errors=True)

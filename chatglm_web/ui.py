@@ -2,20 +2,34 @@
 
 Built on ``gr.ChatInterface`` (streaming, Stop, Regenerate, Undo, Clear, edit, copy, the
 ``/chat`` API endpoint) with the sampling controls as additional inputs and a statistics line
-as an additional output. The current conversation is kept in the browser (``gr.BrowserState``)
-and restored on reload; it can be downloaded as Markdown or JSON.
+as an additional output. The current conversation is kept in the browser (``gr.BrowserState``,
+encrypted with a key that survives restarts) and restored on reload; it can be downloaded as
+Markdown or JSON (built when a button is clicked, saved by the browser; nothing on the server's disk).
+
+What the page guarantees beyond Gradio's defaults:
+
+* after an error the input box is usable again and holds the message that failed (Gradio 6.31's
+  front end runs no ``.then`` step after a failed event, so ChatInterface would leave it disabled);
+* the queue position is shown in the statistics line, never as a chat message, so it can never be
+  sent back to the model as history;
+* HTML in a message stays inside its bubble (see ``MESSAGE_CSS``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import OrderedDict
 from contextlib import aclosing
 
 import gradio as gr
+from gradio.events import Dependency
 
 from .branding import Branding
-from .generation import BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
-from .transcript import to_json, to_markdown, write_download
+from .browser_secret import browser_state_secret
+from .generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
+                         option)
+from .transcript import remove_legacy_downloads, to_json, to_markdown
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +39,22 @@ LATEX = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
+STORAGE_KEY = "chatglm-web-conversation"
+#: Largest upload the server accepts. The page has no upload control; this keeps Gradio's upload route small.
+MAX_FILE_SIZE = "1mb"
+#: (every, older than) in seconds: how often Gradio deletes the files in its cache, and which.
+DELETE_CACHE = (600, 600)
+
+#: Messages may contain HTML (sanitized: no scripts, but inline styles stay). Containment makes each
+#: bubble the containing block of fixed/absolute children and clips them, so no message can cover the
+#: page. Part of the page, not of assets/style.css, so that re-branding cannot drop it.
+MESSAGE_CSS = """
+#chatbot [data-testid="user"], #chatbot [data-testid="bot"] { contain: layout paint; isolation: isolate; overflow: auto; }
+"""
+
+_QUEUE_STATUS = "⏳ Waiting for a free slot… (position {} in the queue)"
+_QUEUE_STATUS_RE = re.compile(r"⏳ Waiting for a free slot… \(position \d+ in the queue\)")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def header_markdown(backend: ChatBackend) -> str:
@@ -45,48 +75,243 @@ def stats_markdown(done: Finished) -> str:
         text += " · stopped at the max-new-tokens limit"
     elif done.reason == "cancelled":
         text += " · stopped"
+    clamped = getattr(done, "max_new_tokens_clamped", None)
+    if clamped:
+        text += f" · reply budget lowered to {clamped} tokens to fit the context"
     if done.dropped_messages:
         text += (f"\n\nℹ️ The conversation is longer than the model's context: the {done.dropped_messages} oldest "
                  "messages were left out of the prompt (the system prompt is kept).")
     return text
 
 
-def make_chat_fn(backend: ChatBackend):
+def queue_status(position: int) -> str:
+    """The statistics line while a request waits for a slot."""
+    return _QUEUE_STATUS.format(position)
+
+
+def has_lone_surrogate(value) -> bool:
+    """True if any string in ``value`` (a string, or lists/dicts of them) holds an unpaired UTF-16 surrogate.
+
+    Such a string cannot be encoded as UTF-8: Gradio would fail to send it back with a bare ``{"error": null}``.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
+
+
+def printable(text) -> str:
+    """``text`` with every unpaired surrogate replaced by U+FFFD, so that it can be sent to the browser."""
+    if not isinstance(text, str):
+        return ""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def check_text(message, system_prompt, history) -> None:
+    """Reject unpaired surrogates with a message that says where they are (raises ``InvalidRequest``)."""
+    for what, value in (("message", message), ("system prompt", system_prompt), ("conversation", history)):
+        if has_lone_surrogate(value):
+            raise InvalidRequest(f"The {what} contains an invalid character (an unpaired UTF-16 surrogate, "
+                                 "e.g. from text that was cut in the middle of an emoji); remove it and try again.")
+
+
+def validate_message(message):
+    """ChatInterface's check of a typed message before it is shown: one Gradio cannot send back is refused."""
+    try:
+        check_text(message, None, None)
+    except InvalidRequest as error:
+        return gr.validate(False, str(error))
+    return gr.validate(True, "")
+
+
+def conversation(system_prompt, history, message) -> list[dict]:
+    """The messages for the model: system prompt, user/assistant history (never a queue status), new message."""
+    messages = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt})
+    for item in history or []:
+        if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
+            continue
+        content = item.get("content")
+        if item["role"] == "assistant" and isinstance(content, str) and _QUEUE_STATUS_RE.fullmatch(content.strip()):
+            continue  # left in conversations kept by earlier versions
+        messages.append(item)
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def seed_value(seed):
+    """The seed box's value for ``SamplingParams``: -1 or empty means a random seed (None)."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        return None
+    if not isinstance(seed, bool) and isinstance(seed, (int, float)) and seed == -1:
+        return None
+    return seed
+
+
+class TurnFailures:
+    """The last failed turn's error per browser session, until the page's failure step picks it up.
+
+    Gradio reports a Stop to the page as a failure of the turn too; only a turn that raised is
+    recorded here, which tells the two apart. Bounded: API clients' errors are never picked up.
+    """
+
+    def __init__(self, limit: int = 1024):
+        self.limit = limit
+        self._errors: OrderedDict[str, str] = OrderedDict()
+
+    def record(self, request: gr.Request | None, error: str) -> None:
+        session = getattr(request, "session_hash", None)
+        if not session:
+            return
+        self._errors[session] = error
+        self._errors.move_to_end(session)
+        while len(self._errors) > self.limit:
+            self._errors.popitem(last=False)
+
+    def pop(self, request: gr.Request | None) -> str | None:
+        return self._errors.pop(getattr(request, "session_hash", None) or "", None)
+
+    def __len__(self) -> int:
+        return len(self._errors)
+
+
+def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
+    failures = TurnFailures() if failures is None else failures
+
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                   repetition_penalty, seed):
-        messages = []
-        if system_prompt and system_prompt.strip():
-            messages.append({"role": "system", "content": system_prompt})
-        messages += [m for m in history if m.get("role") in ("user", "assistant")]
-        messages.append({"role": "user", "content": message})
+                   repetition_penalty, seed, request=None):
         try:
-            params = SamplingParams(
-                temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens),
-                top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
-                seed=None if seed is None or int(seed) < 0 else int(seed),
-            )
+            check_text(message, system_prompt, history)
+            params = SamplingParams.from_form(
+                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
+                repetition_penalty=repetition_penalty, seed=seed_value(seed))
             reply = ""
             # aclosing: however this generator ends (Stop, disconnect, error), the generation is cancelled
-            async with aclosing(backend.stream_chat(messages, params)) as stream:
+            async with aclosing(backend.stream_chat(conversation(system_prompt, history, message), params)) as stream:
                 async for event in stream:
                     if isinstance(event, Queued):
-                        yield f"⏳ Waiting for a free slot… (position {event.position} in the queue)", ""
+                        yield [], queue_status(event.position)  # [] adds no chat message
                     elif isinstance(event, TextDelta):
                         reply += event.text
                         yield reply, ""
                     elif isinstance(event, Finished):
                         if event.reason == "error":
-                            raise gr.Error(f"Generation failed: {event.error}")
+                            raise InvalidRequest(f"Generation failed: {event.error}")
                         yield reply, stats_markdown(event)
-        except (InvalidRequest, BackendBusy, ValueError, TypeError) as error:
-            raise gr.Error(str(error)) from None
+            return
+        except (InvalidRequest, BackendBusy) as error:
+            text = str(error)
+        except Exception:  # a bug must not leave the page stuck either
+            log.exception("chat request failed")
+            text = "Something went wrong on the server; the error is in its log."
+        failures.record(request, text)
+        raise gr.Error(text, print_exception=False)
 
+    chat.__annotations__["request"] = gr.Request  # Gradio passes the request to a parameter of this type
     return chat
 
 
-def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048) -> gr.Blocks:
+def sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
+    """The sampling inputs in ``make_chat_fn``'s order, each built from ``generation.option``."""
+
+    def slider(name: str, elem_id: str, maximum=None):
+        spec = option(name)
+        maximum = spec.maximum if maximum is None else maximum
+        return gr.Slider(spec.minimum, maximum, value=min(spec.default, maximum), step=spec.step, label=spec.label,
+                         info=spec.description, render=False, elem_id=elem_id)
+
+    seed = option("seed")
+    return [
+        slider("temperature", "temperature"),
+        slider("top_p", "top-p"),
+        slider("max_new_tokens", "max-new-tokens", min(max_new_tokens, option("max_new_tokens").maximum)),
+        slider("top_k", "top-k"),
+        slider("repetition_penalty", "repetition-penalty"),
+        # no minimum/maximum here: SamplingParams checks the value and says what is allowed
+        gr.Number(-1, label=f"{seed.label} (-1 = random)", info=seed.description, precision=0, render=False,
+                  elem_id="seed"),
+    ]
+
+
+def _download_js(filename: str, mime: str) -> str:
+    """Front-end step that saves the text it is given as ``filename``."""
+    return f"""(text) => {{
+  const url = URL.createObjectURL(new Blob([text ?? ""], {{type: "{mime};charset=utf-8"}}));
+  const link = Object.assign(document.createElement("a"), {{href: url, download: "{filename}"}});
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+  return [];
+}}"""
+
+
+def _download_button(label: str, elem_id: str, render_text, chatbot: gr.Chatbot, filename: str, mime: str):
+    button = gr.Button(label, size="sm", elem_id=elem_id)
+    text = gr.Textbox(visible=False)
+    button.click(render_text, [chatbot], [text], queue=False, show_progress="hidden",
+                 api_visibility="undocumented").then(None, [text], None, js=_download_js(filename, mime))
+    return button
+
+
+def _failed_turn_steps(page: gr.Blocks, chat: gr.ChatInterface, chat_fn) -> tuple[list[int], list[int]]:
+    """The ids of the ChatInterface steps that can fail: (showing the user's message, generating the reply)."""
+    showing, generating = [], []
+    page_fns = page.fns
+    for fn_id, block_fn in page_fns.items():
+        fn = block_fn.fn
+        if getattr(fn, "__self__", None) is chat and fn.__func__ is gr.ChatInterface._append_message_to_history:
+            showing.append(fn_id)
+        elif getattr(fn, "__wrapped__", None) is chat_fn and getattr(fn, "__name__", "") == "_submit_fn":
+            generating.append(fn_id)
+    return showing, generating
+
+
+def _give_input_back(page: gr.Blocks, chat: gr.ChatInterface, chat_fn, stats: gr.Markdown, failures: TurnFailures,
+                     placeholder: str) -> None:
+    """After a failed turn: the chat as it was before it, its message back in the input box, the error shown.
+
+    Gradio runs ChatInterface's ``.then`` steps (which re-enable the input box) after a success or a
+    Stop but not after an error; these ``.failure`` steps do it. A Stop counts as a failure too, and
+    then Gradio's own steps keep the stopped reply: only the input box's buttons are reset here.
+    """
+    showing, generating = _failed_turn_steps(page, chat, chat_fn)
+    if not generating:
+        raise RuntimeError("gr.ChatInterface changed: its reply step was not found")
+    idle = {"interactive": True, "submit_btn": True, "stop_btn": False, "placeholder": placeholder}
+
+    def restore(message, history, error):
+        return history, gr.Textbox(value=printable(message), **idle), f"⚠️ {printable(error)}"
+
+    def after_generating(message, history, request: gr.Request):
+        error = failures.pop(request)
+        if error is None:  # stopped
+            return gr.skip(), gr.Textbox(**idle), gr.skip()
+        return restore(message, history, error)
+
+    def after_showing(message, history, request: gr.Request):
+        return restore(message, history, failures.pop(request) or "The message could not be shown; try again.")
+
+    inputs, outputs = [chat.saved_input, chat.chatbot_state], [chat.chatbot, chat.textbox, stats]
+    for step_ids, handler in ((showing, after_showing), (generating, after_generating)):
+        for step_id in step_ids:
+            Dependency(None, {}, step_id, None).failure(handler, inputs, outputs, queue=False, show_progress="hidden",
+                                                        api_visibility="undocumented")
+
+
+def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048,
+               state_secret: str | None = None) -> gr.Blocks:
+    """The chat page. ``state_secret`` encrypts the conversation kept in the browser; by default
+    ``browser_secret.browser_state_secret()`` ($CHATGLM_WEB_STATE_SECRET or a key file made once)."""
+    remove_legacy_downloads()
+    failures = TurnFailures()
+    chat_fn = make_chat_fn(backend, failures)
     with gr.Blocks(title=branding.title, analytics_enabled=False, fill_height=True,
-                   delete_cache=(3600, 3600)) as page:
+                   delete_cache=DELETE_CACHE) as page:
         gr.HTML(branding.header_html(), elem_id="brand-header")
         gr.Markdown(header_markdown(backend), elem_id="model-info")
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
@@ -94,29 +319,17 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         default_system = "" if backend.info.offline_demo else branding.system_prompt
         system_prompt = gr.Textbox(default_system, label="System prompt", lines=2, render=False,
                                    elem_id="system-prompt")
-        sliders = [
-            gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="Temperature", render=False, elem_id="temperature"),
-            gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p", render=False, elem_id="top-p"),
-            gr.Slider(1, max_new_tokens, value=min(1024, max_new_tokens), step=1, label="Max new tokens",
-                      render=False, elem_id="max-new-tokens"),
-        ]
-        advanced = [
-            gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", render=False, elem_id="top-k"),
-            gr.Slider(1.0, 2.0, value=1.0, step=0.01, label="Repetition penalty", render=False,
-                      elem_id="repetition-penalty"),
-            gr.Number(-1, label="Seed (-1 = random)", precision=0, render=False, elem_id="seed"),
-        ]
         chatbot = gr.Chatbot(
             label=branding.title, elem_id="chatbot", height="55vh", latex_delimiters=LATEX,
             buttons=["copy", "copy_all"], sanitize_html=True, render_markdown=True,
             placeholder=branding.placeholder, editable="user", feedback_options=None,
         )
         chat = gr.ChatInterface(
-            make_chat_fn(backend),
+            chat_fn,
             chatbot=chatbot,
             textbox=gr.Textbox(placeholder=branding.input_placeholder, elem_id="chat-input", show_label=False,
                                submit_btn=True, stop_btn=True),
-            additional_inputs=[system_prompt, *sliders, *advanced],
+            additional_inputs=[system_prompt, *sampling_controls(max_new_tokens)],
             additional_outputs=[stats],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             examples=[[e] for e in branding.examples] or None,
@@ -126,25 +339,29 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             api_name="chat",
             fill_height=True,
             autofocus=True,
+            validator=validate_message,
         )
         stats.render()
+        _give_input_back(page, chat, chat_fn, stats, failures, branding.input_placeholder)
         with gr.Row():
-            markdown_file = gr.DownloadButton("Download Markdown", size="sm", elem_id="download-md")
-            json_file = gr.DownloadButton("Download JSON", size="sm", elem_id="download-json")
+            _download_button("Download Markdown", "download-md", to_markdown, chatbot, "conversation.md",
+                             "text/markdown")
+            _download_button("Download JSON", "download-json", to_json, chatbot, "conversation.json",
+                             "application/json")
 
-        saved = gr.BrowserState([], storage_key="chatglm-web-conversation")
-
-        def remember(history):
-            return history, write_download(to_markdown(history), "md"), write_download(to_json(history), "json")
+        # None when nothing is stored or the stored copy cannot be decrypted: the page then writes nothing.
+        saved = gr.BrowserState(None, storage_key=STORAGE_KEY,
+                                secret=state_secret if state_secret is not None else browser_state_secret())
 
         # ChatInterface updates its history State without the queue, which fires no State.change;
         # the Chatbot's own change event does (always_last: once a burst of streamed chunks settles).
-        chatbot.change(remember, [chatbot], [saved, markdown_file, json_file], queue=False,
-                       trigger_mode="always_last", show_progress="hidden", api_visibility="undocumented")
+        chatbot.change(lambda history: history, [chatbot], [saved], queue=False, trigger_mode="always_last",
+                       show_progress="hidden", api_visibility="undocumented")
         chatbot.clear(lambda: [], None, [saved], queue=False, api_visibility="undocumented")
 
         def restore(history):
-            history = history if isinstance(history, list) else []
+            if not isinstance(history, list) or not history:  # nothing to restore: keep what is stored
+                return gr.skip(), gr.skip()
             return history, history
 
         page.load(restore, [saved], [chatbot, chat.chatbot_state], queue=False, api_visibility="undocumented")
@@ -152,5 +369,4 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
 
 
 def launch_kwargs(branding: Branding) -> dict:
-    return {"theme": branding.theme(), "css": branding.css}
-
+    return {"theme": branding.theme(), "css": MESSAGE_CSS + branding.css, "max_file_size": MAX_FILE_SIZE}

@@ -3,7 +3,7 @@
 import json
 
 from chatglm_web.chat_format import normalize_messages
-from chatglm_web.transcript import to_json, to_markdown, write_download
+from chatglm_web.transcript import remove_legacy_downloads, to_json, to_markdown
 
 HISTORY = [
     {"role": "user", "content": [{"type": "text", "text": "<b>hi</b> $x^2$"}], "metadata": {"title": None}},
@@ -18,11 +18,19 @@ def test_content_blocks_are_flattened_and_gradio_metadata_dropped():
     ]
 
 
-def test_markdown_and_json_exports(tmp_path):
+def test_markdown_and_json_exports():
     md = to_markdown(HISTORY)
-    assert "## User\n\n<b>hi</b> $x^2$" in md and "print('你好')" in md
+    assert md == "# Conversation\n\n## User\n\n<b>hi</b> $x^2$\n\n## Assistant\n\n```python\nprint('你好')\n```\n"
     data = json.loads(to_json(HISTORY))
+    assert data == {"messages": normalize_messages(HISTORY)}
     assert data["messages"][1]["content"] == "```python\nprint('你好')\n```"
-    path = write_download(md, "md")
-    assert path.endswith(".md") and open(path, encoding="utf-8").read() == md
-    assert write_download(md, "md") == path  # same conversation, same file
+    assert to_markdown([]) == "# Conversation\n" and json.loads(to_json(None)) == {"messages": []}
+
+
+def test_files_left_by_earlier_versions_are_removed(tmp_path):
+    legacy = tmp_path / "chatglm-web-downloads"
+    legacy.mkdir()
+    (legacy / "conversation-0123456789abcdef.md").write_text("# Conversation\n", encoding="utf-8")
+    remove_legacy_downloads(legacy)
+    assert not legacy.exists()
+    remove_legacy_downloads(legacy)  # nothing there: no error

@@ -1,0 +1,80 @@
+"""The key that encrypts the conversation kept in the browser (``gr.BrowserState``), stable across restarts.
+
+Gradio draws a random key per process when none is given; after a restart or an upgrade the stored
+conversation could no longer be decrypted and was lost. The key comes from ``$CHATGLM_WEB_STATE_SECRET``
+when set, else from a file created once in the app's cache directory and read by every later start.
+
+The key travels to the browser in the page's configuration (Gradio encrypts in the browser): it keeps
+one app's stored data apart from another's, it is not a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "CHATGLM_WEB_STATE_SECRET"
+FILE_NAME = "browser-state-secret"
+
+
+def secret_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the key file lives: ``<cache dir>/browser-state-secret`` (the offline model's cache dir by default)."""
+    if cache_dir is None:
+        from .offline_model import default_cache_dir
+
+        cache_dir = default_cache_dir()
+    return Path(cache_dir) / FILE_NAME
+
+
+def browser_state_secret(cache_dir: str | os.PathLike | None = None, environ=None) -> str:
+    """The key from ``$CHATGLM_WEB_STATE_SECRET``, else from the key file (created on first use).
+
+    Where the file can be neither read nor created, a key for this process only is returned (with a
+    warning): the page still works, but stored conversations do not survive a restart.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = (environ.get(ENV_VAR) or "").strip()
+    if explicit:
+        return explicit
+    path = secret_path(cache_dir)
+    try:
+        return _read(path) or _create(path)
+    except OSError as error:
+        log.warning("cannot keep the browser-storage key in %s (%s): conversations kept in the browser will "
+                    "not survive a restart; set %s to keep them", path, error, ENV_VAR)
+        return secrets.token_urlsafe(32)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _create(path: Path) -> str:
+    """Write a new key atomically with mode 0600; if another process got there first, use its key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(secret + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)  # fails if the file exists: a concurrent start never replaces a key in use
+        except FileExistsError:
+            return _read(path) or secret
+        except OSError:  # a file system without hard links
+            if path.exists():
+                return _read(path) or secret
+            os.replace(temporary, path)
+        return secret
+    finally:
+        temporary.unlink(missing_ok=True)
