@@ -31,7 +31,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penal
 def top_p_probs(probs: torch.Tensor, top_p) -> torch.Tensor:
     """``probs`` ([V] or [B, V]) with everything outside each row's top-p nucleus set to 0 (not renormalized)."""
     rows = probs if probs.dim() == 2 else probs[None]
-    top_p = torch.as_tensor(top_p, dtype=rows.dtype).reshape(-1, 1).expand(rows.shape[0], 1).contiguous()
+    top_p = torch.as_tensor(top_p, dtype=rows.dtype, device=rows.device).reshape(-1, 1).expand(rows.shape[0], 1).contiguous()
     values = torch.topk(rows, min(_FAST_K, rows.shape[1]), dim=-1).values
     cumulative = torch.cumsum(values, -1)
     flat = cumulative[:, -1] < top_p[:, 0]
@@ -71,8 +71,9 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
         else:
             batch.append(i)
     if batch:
-        index = torch.tensor(batch)
-        temperature = torch.tensor([params[i].temperature for i in batch], dtype=logits.dtype).unsqueeze(1)
+        index = torch.tensor(batch, device=logits.device)
+        temperature = torch.tensor([params[i].temperature for i in batch], dtype=logits.dtype,
+                                   device=logits.device).unsqueeze(1)
         probs = torch.softmax(logits[index] / temperature, dim=-1)
         nucleus = [j for j, i in enumerate(batch) if params[i].top_p < 1.0]
         if nucleus:
@@ -84,7 +85,7 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
 
 
 def _from_cdf(cdf: torch.Tensor, generator: torch.Generator) -> int:
-    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=generator.device) * cdf[-1]
     return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chatglm_web.generation import SamplingParams
-from chatglm_web.sampling import choose_token, draw, top_p_probs
+from chatglm_web.sampling import choose_token, choose_tokens, draw, top_p_probs
 
 
 def nucleus_by_sorting(probs, top_p):
@@ -51,3 +51,17 @@ def test_a_batch_of_rows_gets_what_each_row_gets_alone():
     together = choose_tokens(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(6)], seen)
     alone = [choose_token(logits[i].clone(), params[i], torch.Generator().manual_seed(i), seen[i]) for i in range(6)]
     assert together == alone
+
+
+def test_sampling_creates_every_tensor_on_the_logits_device():
+    """On a GPU, a helper tensor made on the default device (the CPU) fails every request. Here the default
+    device is made "meta", so any tensor created without an explicit device cannot meet the CPU logits."""
+    logits = torch.randn(4, 300)
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, repetition_penalty=r)
+              for t, p, k, r in [(0.8, 0.8, 0, 1.0), (1.0, 1.0, 0, 1.3), (0.7, 0.5, 20, 1.0), (0.0, 1.0, 0, 1.0)]]
+    generators = [torch.Generator(device="cpu").manual_seed(i) for i in range(4)]
+    seen = [None, torch.tensor([1, 2, 3]), None, None]
+    expected = choose_tokens(logits.clone(), params, [torch.Generator().manual_seed(i) for i in range(4)], seen)
+    with torch.device("meta"):
+        chosen = choose_tokens(logits.clone(), params, generators, seen)
+    assert chosen == expected
