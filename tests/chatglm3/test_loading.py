@@ -136,6 +136,54 @@ def test_native_glm_folder_loads_as_is(tmp_path, chatglm3_checkpoint):
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+# -- guards: the private transformers names the loader relies on (each failure names the one that changed) ------
+
+
+def test_guard_private_conversion_mapping_registry():
+    """weights.py undoes its registration through two private names of ``transformers.conversion_mapping``."""
+    from transformers import conversion_mapping
+
+    from chatglm_web.chatglm3 import weights
+
+    assert (weights.PRIVATE_MAPPING_CACHE, weights.PRIVATE_USER_MAPPINGS) == (
+        "_checkpoint_conversion_mapping_cache", "USER_REGISTERED_MAPPINGS")
+    conversion_mapping.get_checkpoint_conversion_mapping("GlmForCausalLM")  # builds the cache
+    cache = getattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    users = getattr(conversion_mapping, "USER_REGISTERED_MAPPINGS", None)
+    changed = "changed in transformers: chatglm3/weights.py can no longer unregister its mapping after a load"
+    assert isinstance(cache, dict), f"transformers.conversion_mapping._checkpoint_conversion_mapping_cache {changed}"
+    assert isinstance(users, set), f"transformers.conversion_mapping.USER_REGISTERED_MAPPINGS {changed}"
+    with weights.chatglm3_weight_mapping():
+        assert "GlmForCausalLM" in cache, f"transformers.conversion_mapping._checkpoint_conversion_mapping_cache {changed}"
+        assert "GlmForCausalLM" in users, f"transformers.conversion_mapping.USER_REGISTERED_MAPPINGS {changed}"
+    assert conversion_mapping.get_checkpoint_conversion_mapping("GlmForCausalLM") is None, (
+        f"transformers.conversion_mapping._checkpoint_conversion_mapping_cache {changed}")
+    assert "GlmForCausalLM" not in users, f"transformers.conversion_mapping.USER_REGISTERED_MAPPINGS {changed}"
+
+
+def test_guard_private_weight_conversions_attribute(tmp_path, chatglm3_checkpoint):
+    """loader.py empties ``model._weight_conversions`` (private) so a converted model saves with native names."""
+    from safetensors import safe_open
+
+    from chatglm_web.chatglm3.config import to_glm_config
+    from chatglm_web.chatglm3.weights import chatglm3_weight_mapping
+
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(chatglm3_checkpoint)
+    raw = json.loads((chatglm3_checkpoint / "config.json").read_text())
+    with chatglm3_weight_mapping():
+        plain = GlmForCausalLM.from_pretrained(chatglm3_checkpoint, config=to_glm_config(raw, tokenizer.special_token_ids),
+                                               dtype=torch.float32)
+    assert plain._weight_conversions, (
+        "transformers no longer records the load-time conversions in model._weight_conversions: "
+        "chatglm3/loader.py must find another way to make save_pretrained write native names")
+    load(chatglm3_checkpoint).save_pretrained(tmp_path / "saved")
+    with safe_open(tmp_path / "saved" / "model.safetensors", framework="pt") as saved:
+        original = [name for name in saved.keys() if name.startswith("transformer.")]
+    assert not original, (
+        f"save_pretrained wrote original ChatGLM3 names ({original[:2]}...) under a native config: emptying "
+        "model._weight_conversions no longer stops transformers from reversing the load-time conversions")
+
+
 @pytest.mark.parametrize("key,value", [
     ("pre_seq_len", 128), ("quantization_bit", 4), ("rmsnorm", False), ("post_layer_norm", False),
     ("apply_residual_connection_post_layernorm", True), ("add_bias_linear", True),
