@@ -21,6 +21,10 @@ memory follows the live requests and nothing accumulates between turns. With one
 loop is a plain cached decode (no padding, no mask), as fast as ``model.generate``.
 
 Each request samples with its own settings and its own seeded ``torch.Generator``.
+
+The rules every generator of this app shares (``zero_gpu.py`` too) are module functions here:
+``request_seed`` / ``seeded_generator``, ``penalized_ids``, ``finish_reason``,
+``check_engine_capacity`` and ``describe_failure``.
 """
 
 from __future__ import annotations
@@ -160,6 +164,46 @@ class _Row:
         return self.seen[-1]
 
 
+def request_seed(params: SamplingParams) -> int:
+    """The request's seed: its own, or a random one when it has none."""
+    return params.seed if params.seed is not None else random.getrandbits(63)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """The request's own random generator (on the CPU, so a seed draws the same on any device)."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def penalized_ids(params: SamplingParams, seen: list[int], device) -> torch.Tensor | None:
+    """The ids a repetition penalty applies to (None when there is no penalty: no tensor built)."""
+    if params.repetition_penalty == 1.0:
+        return None
+    return torch.tensor(seen, device=device)
+
+
+def finish_reason(token: int, *, generated: int, length: int, params: SamplingParams, stop_ids,
+                  max_length: int) -> str | None:
+    """Why a reply ends with ``token``, its ``generated``-th token, at sequence ``length``: None to go on.
+
+    ``stop``: a stop token (not shown); ``length``: the last token of the reply budget or the
+    context (shown).
+    """
+    if token in stop_ids:
+        return "stop"
+    if generated >= params.max_new_tokens or length >= max_length:
+        return "length"
+    return None
+
+
+def check_engine_capacity(running: int, waiting: int, max_batch_size: int, max_queue: int) -> None:
+    """Raise ``EngineBusy`` when ``running`` + ``waiting`` requests fill every slot and queue place."""
+    if running + waiting >= max_batch_size + max_queue:
+        raise EngineBusy(
+            f"The server is busy: {running} replies are being written and {waiting} are waiting, "
+            f"which is all it takes at once. Please try again in a moment."
+        )
+
+
 class Engine:
     def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None):
         self.model = model
@@ -210,12 +254,7 @@ class Engine:
             self._check_capacity()
 
     def _check_capacity(self) -> None:
-        running, waiting = self.load
-        if running + waiting >= self.max_batch_size + self.max_queue:
-            raise EngineBusy(
-                f"The server is busy: {running} replies are being written and {waiting} are waiting, "
-                f"which is all it takes at once. Please try again in a moment."
-            )
+        check_engine_capacity(*self.load, self.max_batch_size, self.max_queue)
 
     def shutdown(self) -> None:
         with self._wake:
@@ -252,7 +291,7 @@ class Engine:
                     except Exception as error:  # this request alone fails; the batch goes on
                         log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
                                   len(request.prompt_ids), type(error).__name__, error)
-                        request._end("error", _describe(error))
+                        request._end("error", describe_failure(error))
                         self._release_memory()
                     finally:
                         self._admitted(request)
@@ -266,7 +305,7 @@ class Engine:
 
     def _fail_running(self, error: Exception, extra: list[GenerationRequest] = ()) -> None:
         for request in [row.request for row in self._rows] + list(extra):
-            request._end("error", _describe(error))
+            request._end("error", describe_failure(error))
         self._rows, self._cache, self._mask = [], None, None
         self._release_memory()
 
@@ -279,12 +318,11 @@ class Engine:
         if request.cancelled:
             request._end("cancelled")
             return
-        seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generator = seeded_generator(request_seed(request.params))
         ids = torch.tensor([request.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        seen = self._penalized_ids(request.params, request.prompt_ids)
+        seen = penalized_ids(request.params, request.prompt_ids, self.device)
         token = choose_tokens(out.logits[:, -1].float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
         reason = self._finish_reason(row, token)
@@ -338,7 +376,7 @@ class Engine:
         live = [i for i, row in enumerate(rows) if not row.request.cancelled]
         tokens = dict(zip(live, choose_tokens(
             logits[live], [rows[i].request.params for i in live], [rows[i].generator for i in live],
-            [self._penalized_ids(rows[i].request.params, rows[i].seen) for i in live])))
+            [penalized_ids(rows[i].request.params, rows[i].seen, self.device) for i in live])))
         keep, done = [], []
         for i, row in enumerate(rows):
             if i not in tokens:
@@ -381,26 +419,19 @@ class Engine:
             mask = mask[:, first_used:]
         self._mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
 
-    def _penalized_ids(self, params: SamplingParams, seen: list[int]) -> torch.Tensor | None:
-        """The ids a repetition penalty applies to (None when there is no penalty: no tensor built)."""
-        if params.repetition_penalty == 1.0:
-            return None
-        return torch.tensor(seen, device=self.device)
-
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         """Why the row ends with ``token`` (a stop token is not shown; the last token of a full budget is)."""
         request = row.request
         if request.cancelled:
             return "cancelled"
-        if token in request.stop_ids:
-            return "stop"
-        if row.generated >= request.params.max_new_tokens or row.length >= request.max_length:
+        reason = finish_reason(token, generated=row.generated, length=row.length, params=request.params,
+                               stop_ids=request.stop_ids, max_length=request.max_length)
+        if reason == "length":
             request._emit("token", token)
-            return "length"
-        return None
+        return reason
 
 
-def _describe(error: Exception) -> str:
+def describe_failure(error: Exception) -> str:
     """A short, user-facing account of a generation failure."""
     if isinstance(error, torch.OutOfMemoryError):
         return "the GPU ran out of memory for this request; try a shorter message or fewer max new tokens"
