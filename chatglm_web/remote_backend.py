@@ -1,0 +1,354 @@
+"""``RemoteBackend``: the ``ChatBackend`` for a model served by an OpenAI-compatible server (vLLM, SGLang).
+
+    backend = RemoteBackend.connect("http://gpu-box:8000", api_key=None, model="THUDM/chatglm3-6b")
+
+messages -> checked and fitted to the server's context exactly as ``LocalBackend`` does
+            (``max_model_len`` from ``GET /v1/models``)
+  ChatGLM3 -> the app's own injection-safe prompt ids -> ``POST /v1/completions`` (prompt = ids,
+              token ids back, stop ids and every sampling setting sent) -> the app's incremental
+              detokenizer and reply filter
+  others   -> the kept messages -> ``POST /v1/chat/completions`` (the server's chat template)
+         -> ``TextDelta``s and one ``Finished``; one log line per request.
+
+Failures of the server never raise out of ``stream_chat``: unreachable, connection closed, an
+HTTP error status or silence past the read timeout end the reply with ``Finished(reason="error",
+error=<one plain sentence naming the server>)``, which the page shows as "Generation failed: ...".
+Each request uses its own connection, so the next request works as soon as the server is back.
+Only ``InvalidRequest`` (bad input) and ``BackendBusy`` (the server answered 429) are raised,
+before anything is yielded. Closing the stream early closes the HTTP response, and the server
+aborts the generation. The server queues requests itself: no ``Queued`` events are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from contextlib import aclosing
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+import httpx
+
+from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, SamplingParams, TextDelta
+from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, check_messages
+from .chat_format import ChatGLM3Format, normalize_messages
+from .settings import StartupError
+from .streaming_text import StopStrings
+
+log = logging.getLogger("chatglm_web.requests")
+
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 300.0  # silence (no token) longer than this ends a reply with an error
+
+
+class RemoteBackendError(StartupError, ConnectionError):
+    """The generation server cannot be used (at start-up); the message is one line naming it."""
+
+
+class _Failure(Exception):
+    """A generation failure, already in plain words for ``Finished.error``."""
+
+
+def normalize_url(url: str) -> str:
+    """``http(s)://host[:port][/prefix]`` without a trailing ``/`` or ``/v1``; RemoteBackendError otherwise."""
+    text = (url or "").strip().rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RemoteBackendError(f"--backend must be an http:// or https:// URL such as http://127.0.0.1:8000, "
+                                 f"got {url!r}")
+    return text[:-3] if text.endswith("/v1") else text
+
+
+def _headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _server_message(response: httpx.Response) -> str:
+    """The error text of an OpenAI-style error body, or the start of whatever came."""
+    try:
+        body = json.loads(response.text)
+        error = body.get("error", body) if isinstance(body, dict) else body
+        message = error.get("message") or error.get("detail") if isinstance(error, dict) else error
+    except ValueError:
+        message = response.text
+    return " ".join(str(message or "").split())[:300]
+
+
+def _status_failure(url: str, response: httpx.Response) -> str:
+    text = f"the generation server at {url} answered {response.status_code} {response.reason_phrase}"
+    message = _server_message(response)
+    return f"{text}: {message}" if message else text
+
+
+def _transport_failure(url: str, error: httpx.TransportError, *, answering: bool) -> str:
+    if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return f"the generation server at {url} cannot be reached ({error or type(error).__name__})"
+    if isinstance(error, httpx.ReadTimeout):
+        return f"the generation server at {url} sent nothing for {READ_TIMEOUT:.0f} s"
+    if answering:
+        return f"the generation server at {url} closed the connection in the middle of the reply"
+    return f"the generation server at {url} closed the connection before answering"
+
+
+def list_models(url: str, api_key: str | None = None, timeout: float = CONNECT_TIMEOUT) -> list[dict]:
+    """``GET /v1/models``: the served models (``id``, and ``max_model_len`` from vLLM); RemoteBackendError if unusable."""
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=timeout)
+    except httpx.TransportError as error:
+        raise RemoteBackendError(_transport_failure(url, error, answering=False)) from None
+    if response.status_code in (401, 403):
+        raise RemoteBackendError(f"the generation server at {url} refused the API key ({response.status_code}); "
+                                 "check --backend-api-key")
+    if response.status_code != 200:
+        raise RemoteBackendError(_status_failure(url, response) + " (is it an OpenAI-compatible server?)")
+    try:
+        models = response.json()["data"]
+        assert isinstance(models, list) and all(isinstance(m, dict) and m.get("id") for m in models)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise RemoteBackendError(f"{url}/v1/models did not answer an OpenAI model list; is {url} a vLLM, SGLang "
+                                 "or other OpenAI-compatible server?") from None
+    if not models:
+        raise RemoteBackendError(f"the generation server at {url} serves no model")
+    return models
+
+
+def _choose_model(url: str, models: list[dict], wanted: str | None) -> dict:
+    for model in models:
+        if wanted in (model["id"], model.get("root")):
+            return model
+    if len(models) == 1:
+        return models[0]
+    raise RemoteBackendError(f"the generation server at {url} serves {', '.join(m['id'] for m in models)}; "
+                             "name one of them with --model")
+
+
+async def _server_events(response: httpx.Response, url: str) -> AsyncIterator[dict]:
+    """The JSON chunks of a server-sent event stream, up to ``[DONE]``; an error event raises ``_Failure``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise _Failure(f"the generation server at {url} sent an event that is not JSON: {data[:80]!r}") from None
+        if isinstance(chunk, dict) and chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise _Failure(f"the generation server at {url} reported an error: {message}")
+        if isinstance(chunk, dict):
+            yield chunk
+
+
+class _ReplyText:
+    """Streamed choices -> visible text: token ids through the app's detokenizer (``chat_format``) or the
+    server's text deltas (no format), then the request's stop strings."""
+
+    def __init__(self, chat_format, stop: tuple[str, ...]):
+        self._text = chat_format.text_stream() if chat_format is not None else None
+        self._stop_ids = set(chat_format.stop_token_ids) if chat_format is not None else set()
+        self._stops = StopStrings(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.hit
+
+    def add(self, choice: dict) -> tuple[str, int]:
+        """(new visible text, tokens it took): up to a stop string, nothing after one."""
+        if self._text is None:
+            content = (choice.get("delta") or {}).get("content") or ""
+            return self._stops.feed(content), 1 if content and not self.stopped else 0
+        pieces, tokens = [], 0
+        for token_id in choice.get("token_ids") or []:
+            if self.stopped:
+                break
+            if token_id in self._stop_ids:  # ends the reply; never text
+                continue
+            tokens += 1
+            pieces.append(self._stops.feed(self._text.push(token_id)))
+        return "".join(pieces), tokens
+
+    def finish(self) -> str:
+        """Text held back (an incomplete character, a possible stop string's start) when the reply ends."""
+        if self.stopped:
+            return ""
+        return self._stops.feed(self._text.finish() if self._text is not None else "") + self._stops.finish()
+
+
+class RemoteBackend:
+    """``ChatBackend`` on an OpenAI-compatible server. Sends no ``Queued`` events: the server queues."""
+
+    def __init__(self, url: str, served_model: str, chat_format, info: ModelInfo, *, api_key: str | None = None,
+                 max_input_tokens: int | None = None, max_new_tokens: int | None = None,
+                 max_input_chars: int | None = None, read_timeout: float = READ_TIMEOUT):
+        self.url = normalize_url(url)
+        self.served_model = served_model
+        self.format = chat_format  # ChatGLM3Format -> /v1/completions; TemplateFormat or None -> chat
+        self.info = info
+        self.api_key = api_key
+        self.max_input_tokens = max_input_tokens
+        self.max_new_tokens = max_new_tokens or info.context_length
+        self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
+        self.timeout = httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def connect(cls, url: str, api_key: str | None = None, *, model: str | None = None, **limits) -> "RemoteBackend":
+        """Ask the server what it serves and load that model's tokenizer (``model`` names it when the server's
+        id is not a local folder or Hub id). Raises ``RemoteBackendError`` (one line) for an unusable URL, and
+        ``ModelLoadError`` when ``model`` is given and its tokenizer cannot be loaded. ``limits``: the
+        ``max_input_tokens``, ``max_new_tokens``, ``max_input_chars`` and ``read_timeout`` of ``__init__``."""
+        from .remote_format import load_remote_format
+
+        url = normalize_url(url)
+        served = _choose_model(url, list_models(url, api_key), model)
+        notes = []
+        try:
+            remote = load_remote_format(model or served["id"])
+        except StartupError as error:
+            if model:
+                raise
+            remote = None
+            notes.append(f"No tokenizer for {served['id']} here ({error}); the server's chat template formats "
+                         "the prompts and long conversations are not shortened. Name the model with --model.")
+        context = int(served.get("max_model_len") or (remote.context_length if remote else 0) or 4096)
+        info = ModelInfo(name=model or served["id"], precision="set by the server", device=url,
+                         context_length=context, notes=notes)
+        backend = cls(url, served["id"], remote.chat_format if remote else None, info, api_key=api_key, **limits)
+        log.info("generation server %s serves %s (context %d tokens, %s)", url, served["id"], context,
+                 "prompt ids from the app" if backend.uses_token_ids else "the server's chat template")
+        return backend
+
+    @property
+    def uses_token_ids(self) -> bool:
+        return isinstance(self.format, ChatGLM3Format)
+
+    prepare = LocalBackend.prepare  # the same checks, context fitting and reply budget as the local model
+
+    def _request(self, messages: list[dict], params: SamplingParams) -> tuple[str, dict, list[int] | None, int, int]:
+        """(endpoint, JSON body, prompt ids or None, dropped messages, reply budget); raises InvalidRequest."""
+        if self.format is None:
+            params.validated(self.max_new_tokens)
+            check_messages(messages, self.max_input_chars)
+            ids, dropped, budget = None, 0, params.max_new_tokens
+        else:
+            ids, dropped, budget = self.prepare(messages, params)
+        body = {"model": self.served_model, "max_tokens": budget, "temperature": params.temperature,
+                "top_p": params.top_p, "top_k": params.top_k or -1, "repetition_penalty": params.repetition_penalty,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop and not self.uses_token_ids:  # token ids only: the server cannot see text, stops apply here
+            body["stop"] = list(params.stop)
+        if self.uses_token_ids:
+            body.update(prompt=ids, stop_token_ids=self.format.stop_token_ids, detokenize=False,
+                        return_token_ids=True)
+            return "/v1/completions", body, ids, dropped, budget
+        system = messages[:1] if messages[0].get("role") == "system" else []
+        kept = system + messages[len(system) + dropped:]
+        body["messages"] = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(kept)]
+        return "/v1/chat/completions", body, ids, dropped, budget
+
+    async def stream_chat(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[ChatEvent]:
+        request_id, started = next(self._ids), time.perf_counter()
+        outcome, counts = "rejected", {"prompt": 0, "reply": 0}
+        try:
+            endpoint, body, ids, dropped, budget = await asyncio.to_thread(self._request, messages, params)
+        except InvalidRequest as error:
+            log.info("request %d: invalid: %s", request_id, error)
+            raise
+        counts["prompt"] = len(ids) if ids is not None else 0
+        clamped = budget if budget < params.max_new_tokens else None
+        outcome = "cancelled (Stop or disconnect)"  # unless the stream ends here
+        try:
+            # aclosing: an early close reaches the HTTP response at once, so the server aborts the generation
+            async with aclosing(self._stream(endpoint, body, counts, started, request_id, params.stop)) as events:
+                async for event in events:
+                    if isinstance(event, Finished):
+                        event = dataclasses.replace(event, dropped_messages=dropped, max_new_tokens_clamped=clamped)
+                        outcome = event.reason if event.reason != "error" else f"error ({event.error})"
+                    yield event
+        except BackendBusy as error:
+            outcome = "busy"
+            log.info("request %d: busy: %s", request_id, error)
+            raise
+        finally:
+            log.info("request %d: %s, prompt %d tokens, reply %d tokens, %.2f s (%s)", request_id, outcome,
+                     counts["prompt"], counts["reply"], time.perf_counter() - started, self.url)
+
+    async def _stream(self, endpoint: str, body: dict, counts: dict, started: float, request_id: int,
+                      stop: tuple[str, ...]) -> AsyncIterator[ChatEvent]:
+        """POST and turn the server-sent events into TextDelta/Finished; server failures become Finished(error).
+
+        A stop string ends the reply here: the response is closed, so the server stops generating.
+        """
+        reply = _ReplyText(self.format if self.uses_token_ids else None, stop)
+        first = last = None
+        reason, usage, answering, failure = None, {}, False, None
+        headers = {**_headers(self.api_key), "X-Request-Id": f"chatglm-web-{request_id}"}
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, headers=headers) as client:
+                async with client.stream("POST", self.url + endpoint, json=body) as response:
+                    if response.status_code == 429:
+                        await response.aread()
+                        raise BackendBusy(f"The generation server is busy ({_server_message(response)}); "
+                                          "try again in a moment.")
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise _Failure(_status_failure(self.url, response))
+                    answering = True
+                    async for chunk in _server_events(response, self.url):
+                        usage = chunk.get("usage") or usage
+                        for choice in chunk.get("choices") or []:
+                            piece, tokens = reply.add(choice)
+                            if tokens:
+                                last = time.perf_counter()
+                                first = first or last
+                                counts["reply"] += tokens
+                            if piece:
+                                yield TextDelta(piece)
+                            reason = choice.get("finish_reason") or reason
+                        if reply.stopped:
+                            break
+        except httpx.TransportError as error:
+            failure = _transport_failure(self.url, error, answering=answering)
+        except _Failure as error:
+            failure = str(error)
+        if rest := reply.finish():
+            yield TextDelta(rest)
+        if reply.stopped:
+            reason = "stop"
+        elif failure is None and reason not in ("stop", "length"):
+            failure = f"the generation server at {self.url} ended the reply " + (
+                "without saying why" if reason is None else f"early ({reason})")
+        if not self.uses_token_ids:  # the server's own counts, when it sends them
+            counts["prompt"] = usage.get("prompt_tokens", counts["prompt"])
+            counts["reply"] = usage.get("completion_tokens", counts["reply"])
+        yield Finished(
+            reason="error" if failure and not reply.stopped else reason,
+            prompt_tokens=counts["prompt"],
+            completion_tokens=counts["reply"],
+            seconds=(last - first) if first else 0.0,
+            time_to_first_token=(first - started) if first else 0.0,
+            error=None if reply.stopped else failure,
+        )
+
+    async def health(self) -> tuple[bool, str]:
+        """(ready, account) for ``GET /healthz``: whether the server answers ``GET /v1/models`` now."""
+        try:
+            async with httpx.AsyncClient(timeout=5.0, headers=_headers(self.api_key)) as client:
+                response = await client.get(self.url + "/v1/models")
+        except httpx.TransportError as error:
+            return False, _transport_failure(self.url, error, answering=False)
+        if response.status_code != 200:
+            return False, _status_failure(self.url, response)
+        return True, f"the generation server at {self.url} answers (serving {self.served_model})"
+
+    def shutdown(self) -> None:
+        """Nothing to stop: each request's connection is closed when it ends (for symmetry with the engine)."""

