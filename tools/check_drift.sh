@@ -58,12 +58,17 @@ newest.pop("chatglm-web", None)
 names = sorted(set(locked) | set(newest))
 width = max(len(n) for n in names)
 print(f"\n  {'package':<{width}}  {'locked':<16}  newest")
+moved = unused = 0
 for name in names:
-    old, new = locked.get(name, "-"), newest.get(name, "-")
-    changed = "*" if old.split("+")[0] != new.split("+")[0] else " "
-    print(f"{changed} {name:<{width}}  {old:<16}  {new}")
-moved = sum(1 for n in names if locked.get(n, "-").split("+")[0] != newest.get(n, "-").split("+")[0])
-print(f"\n{moved} of {len(names)} packages differ from requirements.lock (marked *)\n")
+    old, new = locked.get(name, "-"), newest.get(name)
+    if new is None:  # e.g. the CUDA wheels of the lock, with a CPU torch
+        unused += 1
+        print(f"  {name:<{width}}  {old:<16}  - (not installed on this platform)")
+        continue
+    changed = old.split("+")[0] != new.split("+")[0]  # a local label (2.13.0+cpu) is the same release
+    moved += changed
+    print(f"{'*' if changed else ' '} {name:<{width}}  {old:<16}  {new}")
+print(f"\n{moved} of {len(names) - unused} installed packages differ from requirements.lock (marked *)\n")
 EOF
 
 if "$venv/bin/python" -m pytest -m "not slow and not browser" -q "$@"; then
