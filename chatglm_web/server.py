@@ -14,13 +14,15 @@ log = logging.getLogger("chatglm_web")
 def build_app(settings: Settings):
     """Load the model (once) and return (page, backend, launch kwargs) without starting the server."""
     from .branding import load_branding
-    from .engine import Engine
     from .loading import load_chat_model
     from .local_backend import LocalBackend
     from .metrics import MeteredBackend
     from .openai_api import api_routes
+    from .spaces_env import engine_type
     from .ui import build_page, launch_kwargs
 
+    # the batching Engine, or one @spaces.GPU call per reply in ZeroGPU mode (imports spaces before the load)
+    Engine = engine_type(settings.zero_gpu)
     loaded = load_chat_model(settings)
     engine = Engine(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                     context_length=loaded.info.context_length)

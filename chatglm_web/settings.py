@@ -2,7 +2,8 @@
 
 Precedence: a flag on the command line wins over its ``CHATGLM_WEB_*`` variable, which wins
 over Gradio's own ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` (host and port only; Hugging
-Face Spaces sets those), which win over the default.
+Face Spaces sets those), which win over the default. ``--zero-gpu`` defaults to what the
+``spaces`` package detects (``SPACES_ZERO_GPU``, set on ZeroGPU hardware).
 
 Every value is checked here, flag or variable alike: a bad one raises ``SettingsError`` whose
 one-line message names the flag or variable, what it must be and what it got. An empty value
@@ -55,6 +56,7 @@ class Settings:
     max_queue: int = 32
     assets_dir: str | None = None
     api_key: str | None = None
+    zero_gpu: bool = False  # each reply in a @spaces.GPU call (zero_gpu.py) instead of the batching engine
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
     @property
@@ -84,7 +86,10 @@ _HELP = {
     "max_queue": "requests allowed to wait for a slot; more get a 'busy, try again' message",
     "assets_dir": "folder with branding.json, logo and style.css (default: ./assets)",
     "api_key": "key the OpenAI-compatible API (/v1) and /metrics require as 'Authorization: Bearer KEY'",
+    "zero_gpu": "generate each reply in a @spaces.GPU call (Hugging Face ZeroGPU); "
+                "default: on when SPACES_ZERO_GPU says the Space runs on ZeroGPU",
 }
+_FLAGS = ("share", "zero_gpu")  # on/off flags: --name / --no-name
 #: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 
@@ -160,7 +165,7 @@ def _parser() -> _Parser:
     for name, help_text in _HELP.items():
         env = env_name(name) + (f", then {_GRADIO_ENV[name]}" if name in _GRADIO_ENV else "")
         help_text = f"{help_text} [env {env}]"
-        if name == "share":
+        if name in _FLAGS:
             parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             metavar = "{" + ",".join(PRECISIONS) + "}" if name == "precision" else name.upper()
@@ -188,6 +193,10 @@ def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -
             if raw is not None:
                 values[name] = convert(name, raw, source)
                 break
+    if "zero_gpu" not in values:
+        from .spaces_env import zero_gpu_detected
+
+        values["zero_gpu"] = zero_gpu_detected(environ)
     settings = Settings(**values)
     settings.model_explicit = args.model is not None or env_name("model") in environ
     return settings
