@@ -277,7 +277,7 @@ def _give_input_back(page: gr.Blocks, chat: gr.ChatInterface, chat_fn, stats: gr
 
     Gradio runs ChatInterface's ``.then`` steps (which re-enable the input box) after a success or a
     Stop but not after an error; these ``.failure`` steps do it. A Stop counts as a failure too, and
-    then Gradio's own steps keep the stopped reply: only the input box's buttons are reset here.
+    then Gradio's own steps keep the stopped reply: only the input box and the statistics line are reset.
     """
     showing, generating = _failed_turn_steps(page, chat, chat_fn)
     if not generating:
@@ -289,8 +289,8 @@ def _give_input_back(page: gr.Blocks, chat: gr.ChatInterface, chat_fn, stats: gr
 
     def after_generating(message, history, request: gr.Request):
         error = failures.pop(request)
-        if error is None:  # stopped
-            return gr.skip(), gr.Textbox(**idle), gr.skip()
+        if error is None:  # stopped: the stopped reply stays, a "waiting for a slot" line goes
+            return gr.skip(), gr.Textbox(**idle), ""
         return restore(message, history, error)
 
     def after_showing(message, history, request: gr.Request):
