@@ -258,30 +258,35 @@ def _download_button(label: str, elem_id: str, render_text, chatbot: gr.Chatbot,
     return button
 
 
-def _failed_turn_steps(page: gr.Blocks, chat: gr.ChatInterface, chat_fn) -> tuple[list[int], list[int]]:
-    """The ids of the ChatInterface steps that can fail: (showing the user's message, generating the reply)."""
-    showing, generating = [], []
-    page_fns = page.fns
-    for fn_id, block_fn in page_fns.items():
+def _chat_steps(page: gr.Blocks, chat: gr.ChatInterface, chat_fn) -> dict[str, list[int]]:
+    """Ids of ChatInterface's own event steps that the page adds steps after: "showing" the user's message,
+    "generating" the reply (one per way to start a turn) and "undo"."""
+    steps = {"showing": [], "generating": [], "undo": []}
+    chatbot_id = chat.chatbot._id
+    for fn_id, block_fn in page.fns.items():
         fn = block_fn.fn
-        if getattr(fn, "__self__", None) is chat and fn.__func__ is gr.ChatInterface._append_message_to_history:
-            showing.append(fn_id)
+        method = getattr(fn, "__func__", None) if getattr(fn, "__self__", None) is chat else None
+        if method is gr.ChatInterface._append_message_to_history:
+            steps["showing"].append(fn_id)
         elif getattr(fn, "__wrapped__", None) is chat_fn and getattr(fn, "__name__", "") == "_submit_fn":
-            generating.append(fn_id)
-    return showing, generating
+            steps["generating"].append(fn_id)
+        elif method is gr.ChatInterface._pop_last_user_message and (chatbot_id, "undo") in [
+                (getattr(block, "_id", block), event) for block, event, *_ in block_fn.targets]:
+            steps["undo"].append(fn_id)
+    missing = [name for name, ids in steps.items() if not ids]
+    if missing:
+        raise RuntimeError(f"gr.ChatInterface changed: its {', '.join(missing)} step was not found")
+    return steps
 
 
-def _give_input_back(page: gr.Blocks, chat: gr.ChatInterface, chat_fn, stats: gr.Markdown, failures: TurnFailures,
-                     placeholder: str) -> None:
+def _give_input_back(chat: gr.ChatInterface, steps: dict[str, list[int]], stats: gr.Markdown,
+                     failures: TurnFailures, placeholder: str) -> None:
     """After a failed turn: the chat as it was before it, its message back in the input box, the error shown.
 
     Gradio runs ChatInterface's ``.then`` steps (which re-enable the input box) after a success or a
     Stop but not after an error; these ``.failure`` steps do it. A Stop counts as a failure too, and
     then Gradio's own steps keep the stopped reply: only the input box and the statistics line are reset.
     """
-    showing, generating = _failed_turn_steps(page, chat, chat_fn)
-    if not generating:
-        raise RuntimeError("gr.ChatInterface changed: its reply step was not found")
     idle = {"interactive": True, "submit_btn": True, "stop_btn": False, "placeholder": placeholder}
 
     def restore(message, history, error):
@@ -297,10 +302,42 @@ def _give_input_back(page: gr.Blocks, chat: gr.ChatInterface, chat_fn, stats: gr
         return restore(message, history, failures.pop(request) or "The message could not be shown; try again.")
 
     inputs, outputs = [chat.saved_input, chat.chatbot_state], [chat.chatbot, chat.textbox, stats]
-    for step_ids, handler in ((showing, after_showing), (generating, after_generating)):
+    for step_ids, handler in ((steps["showing"], after_showing), (steps["generating"], after_generating)):
         for step_id in step_ids:
             Dependency(None, {}, step_id, None).failure(handler, inputs, outputs, queue=False, show_progress="hidden",
                                                         api_visibility="undocumented")
+
+
+def _keep_in_browser(page: gr.Blocks, chat: gr.ChatInterface, state_secret: str | None, undo_steps: list[int]):
+    """Keep the conversation in the browser's storage and restore it when the page loads.
+
+    Nothing ever overwrites a stored conversation with an empty one except Clear, and an Undo of the
+    only exchange: not a restore that found nothing readable (the default value None is never
+    written), and not the empty Chatbot's change event when the page loads.
+    """
+    chatbot = chat.chatbot
+    saved = gr.BrowserState(None, storage_key=STORAGE_KEY,
+                            secret=state_secret if state_secret is not None else browser_state_secret())
+
+    def store(history):
+        return history if history else gr.skip()
+
+    # ChatInterface updates its history State without the queue, which fires no State.change;
+    # the Chatbot's own change event does (always_last: once a burst of streamed chunks settles).
+    chatbot.change(store, [chatbot], [saved], queue=False, trigger_mode="always_last", show_progress="hidden",
+                   api_visibility="undocumented")
+    chatbot.clear(lambda: [], None, [saved], queue=False, api_visibility="undocumented")
+    for step_id in undo_steps:  # after Undo has removed the last exchange
+        Dependency(None, {}, step_id, None).success(lambda history: gr.skip() if history else [], [chatbot], [saved],
+                                                    queue=False, show_progress="hidden",
+                                                    api_visibility="undocumented")
+
+    def restore(history):
+        if not isinstance(history, list) or not history:  # nothing readable: show nothing, write nothing
+            return gr.skip(), gr.skip()
+        return history, history
+
+    page.load(restore, [saved], [chatbot, chat.chatbot_state], queue=False, api_visibility="undocumented")
 
 
 def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048,
@@ -342,29 +379,15 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             validator=validate_message,
         )
         stats.render()
-        _give_input_back(page, chat, chat_fn, stats, failures, branding.input_placeholder)
+        steps = _chat_steps(page, chat, chat_fn)
+        _give_input_back(chat, steps, stats, failures, branding.input_placeholder)
         with gr.Row():
             _download_button("Download Markdown", "download-md", to_markdown, chatbot, "conversation.md",
                              "text/markdown")
             _download_button("Download JSON", "download-json", to_json, chatbot, "conversation.json",
                              "application/json")
 
-        # None when nothing is stored or the stored copy cannot be decrypted: the page then writes nothing.
-        saved = gr.BrowserState(None, storage_key=STORAGE_KEY,
-                                secret=state_secret if state_secret is not None else browser_state_secret())
-
-        # ChatInterface updates its history State without the queue, which fires no State.change;
-        # the Chatbot's own change event does (always_last: once a burst of streamed chunks settles).
-        chatbot.change(lambda history: history, [chatbot], [saved], queue=False, trigger_mode="always_last",
-                       show_progress="hidden", api_visibility="undocumented")
-        chatbot.clear(lambda: [], None, [saved], queue=False, api_visibility="undocumented")
-
-        def restore(history):
-            if not isinstance(history, list) or not history:  # nothing to restore: keep what is stored
-                return gr.skip(), gr.skip()
-            return history, history
-
-        page.load(restore, [saved], [chatbot, chat.chatbot_state], queue=False, api_visibility="undocumented")
+        _keep_in_browser(page, chat, state_secret, steps["undo"])
     return page
 
 

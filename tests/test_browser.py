@@ -388,6 +388,22 @@ def test_conversation_is_restored_after_reload(session, server):
     session.assert_air_gapped()
 
 
+def test_undo_of_the_only_exchange_stays_undone_after_reload(session, server):
+    page = session.page
+    short_exchange(page, server, "Forget this", max_new_tokens=4)
+    wait_for_saved_conversation(page, previous="")
+    before_undo = saved_conversation(page)
+    page.locator(UNDO).click()
+    expect(page.locator(MESSAGES)).to_have_count(0)
+    expect(page.locator(TEXTAREA)).to_have_value("Forget this")
+    wait_for_saved_conversation(page, previous=before_undo)
+    page.reload()
+    expect(page.locator(TEXTAREA)).to_be_editable()
+    time.sleep(1.0)  # give the restore-on-load event time to bring something back, were it wrong
+    assert messages(page, "user") == [] and messages(page, "bot") == [], "the undone exchange came back"
+    session.assert_air_gapped()
+
+
 def test_one_settings_accordion(session):
     page = session.page
     assert page.locator("button.label-wrap", has_text="Settings").count() == 1
@@ -486,6 +502,20 @@ def test_the_conversation_survives_a_server_restart(browser, long_reply_checkpoi
             assert session.outside_requests() == []
     finally:
         session.context.close()
+
+
+def test_a_stored_conversation_that_cannot_be_read_is_left_alone(session):
+    """Stored under another key (say CHATGLM_WEB_STATE_SECRET was changed): the page starts empty and does not
+    overwrite it, so going back to the old key brings the conversation back."""
+    page = session.page
+    foreign = "AAAAAAAAAAAAAAAAAAAAAA==:" + "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="  # iv:ciphertext, other key
+    page.evaluate("([key, value]) => localStorage.setItem(key, value)", [STORAGE_KEY, foreign])
+    page.reload()
+    expect(page.locator(TEXTAREA)).to_be_editable()
+    time.sleep(1.0)  # give the page time to write over it, were it wrong
+    assert messages(page, "user") == [] and messages(page, "bot") == []
+    assert saved_conversation(page) == foreign, "the stored conversation was overwritten"
+    session.assert_air_gapped()
 
 
 @pytest.fixture
