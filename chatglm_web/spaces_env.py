@@ -29,7 +29,7 @@ def zero_gpu_detected(environ=None) -> bool:
     return value is not None and value.lower() in ("1", "t", "true")
 
 
-def use_persistent_storage(environ=None, storage: Path = PERSISTENT_STORAGE) -> Path | None:
+def use_persistent_storage(environ=None, storage: Path | None = None) -> Path | None:
     """On a Space with writable ``storage``, keep the Hub cache and the offline model there.
 
     Sets ``HF_HOME`` (unless already set) and ``CHATGLM_WEB_CACHE`` (unless set), so a restart
@@ -37,6 +37,7 @@ def use_persistent_storage(environ=None, storage: Path = PERSISTENT_STORAGE) -> 
     ``HF_HOME`` once). Returns the storage folder used, or None.
     """
     environ = os.environ if environ is None else environ
+    storage = PERSISTENT_STORAGE if storage is None else storage
     if not on_spaces(environ) or not storage.is_dir() or not os.access(storage, os.W_OK | os.X_OK):
         return None
     environ.setdefault("HF_HOME", str(storage / ".huggingface"))
@@ -49,7 +50,8 @@ def prepare_process(argv: list[str] | None = None) -> None:
 
     The Hub cache goes to persistent storage on a Space; in ZeroGPU mode ``spaces`` is imported
     first (it patches torch so that CUDA is only ever initialised inside ``@spaces.GPU`` calls).
-    Bad settings are left for ``server.main`` to report as its one-line error.
+    Bad settings, or a ``spaces`` that cannot be imported, are left for ``server.main`` to report
+    as its one-line error.
     """
     from .settings import SettingsError, parse_settings
 
@@ -59,7 +61,10 @@ def prepare_process(argv: list[str] | None = None) -> None:
     except SettingsError:
         return
     if zero_gpu:
-        import spaces  # noqa: F401
+        try:
+            import spaces  # noqa: F401
+        except Exception:  # imported again when the engine is chosen, and reported there
+            pass
 
 
 def hardware_label(device: str, zero_gpu: bool = False) -> str:

@@ -1,0 +1,335 @@
+"""ZeroGPU mode (``--zero-gpu``) on the CPU, with the real ``spaces`` package.
+
+Off ZeroGPU hardware ``spaces.GPU`` returns the function unchanged, so here the decorated
+``generate_on_gpu`` runs in this process: every reply must be generated inside it (one call per
+reply, with the duration computed from the request's max_new_tokens and arguments ZeroGPU can
+pickle), stream token by token, stop at the next token after Stop, and equal the batching
+engine's reply for a seed. The page keeps its queue positions and Stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import pickle
+import threading
+from dataclasses import dataclass, field
+
+import gradio as gr
+import httpx
+import pytest
+import spaces
+from gradio.context import LocalContext
+from gradio_client import Client
+
+from chatglm_web import zero_gpu
+from chatglm_web.engine import Engine, EngineBusy, Outcome, check_engine_capacity
+from chatglm_web.generation import Finished, SamplingParams, TextDelta
+from chatglm_web.loading import load_from_folder
+from chatglm_web.local_backend import LocalBackend
+from chatglm_web.settings import Settings
+from chatglm_web.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
+from server_harness import running_server
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def loaded(long_reply_checkpoint):
+    """The tiny model loaded as ZeroGPU mode loads it (here: on the CPU)."""
+    return load_from_folder(long_reply_checkpoint, Settings(precision="fp32", device="cpu", zero_gpu=True), "tiny")
+
+
+@pytest.fixture
+def backends(loaded):
+    """(ZeroGPU backend, batching-engine backend) on the same weights."""
+    zero = ZeroGPUEngine(loaded.model, max_batch_size=4, max_queue=4)
+    engine = Engine(loaded.model, max_batch_size=4, max_queue=4)
+    yield LocalBackend(zero, loaded.chat_format, loaded.info), LocalBackend(engine, loaded.chat_format, loaded.info)
+    zero.shutdown()
+    engine.shutdown()
+
+
+@dataclass
+class GpuCall:
+    """One call of the decorated function, as ZeroGPU would see it."""
+
+    args: tuple
+    duration: int  # what spaces computes: the duration callable applied to the call's arguments
+    thread: str
+    visitor_token: str | None  # the X-IP-Token of the Gradio request in the call's context (the visitor's quota)
+    tokens: list = field(default_factory=list)  # every id the GPU function yielded
+    ended: threading.Event = field(default_factory=threading.Event)  # the generator finished or was closed
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.args[2]
+
+
+@pytest.fixture
+def gpu_calls(monkeypatch):
+    """Spy on ``zero_gpu.generate_on_gpu``: record each call and run it as a ZeroGPU worker would.
+
+    The function gets its arguments pickled and unpickled, as the worker does; so, as there, its
+    stopping criterion never fires and only closing the call (Stop) can end it early.
+    """
+    calls: list[GpuCall] = []
+    decorated = zero_gpu.generate_on_gpu
+
+    def spy(*args, **kwargs):
+        # ZeroGPU pickles the arguments to the forked worker and each yielded item back
+        sent_args, sent_kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+        assert sent_args[:6] == args[:6] and not kwargs
+        assert isinstance(sent_args[6], StopOnCancel) and not sent_args[6](), "a worker gets a fresh criterion"
+        request = LocalContext.request.get(None)
+        call = GpuCall(args, gpu_seconds(*args, **kwargs), threading.current_thread().name,
+                       request.headers.get("x-ip-token") if request is not None else None)
+        calls.append(call)
+
+        def tokens():
+            inner = decorated(*sent_args, **sent_kwargs)
+            try:
+                for token in inner:
+                    assert type(token) is int
+                    call.tokens.append(token)
+                    yield token
+            finally:
+                inner.close()
+                call.ended.set()
+
+        return tokens()
+
+    monkeypatch.setattr(zero_gpu, "generate_on_gpu", spy)
+    return calls
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+async def collect(backend, messages, params):
+    text, done = "", None
+    async for event in backend.stream_chat(messages, params):
+        if isinstance(event, TextDelta):
+            text += event.text
+        elif isinstance(event, Finished):
+            done = event
+    return text, done
+
+
+def next_event(request):
+    """The request's next event (the queue its sync iterator reads), failing instead of hanging."""
+    return request._queue.get(timeout=TIMEOUT)
+
+
+def rest(request) -> list:
+    """The request's remaining events, up to and including ``done``."""
+    events = [next_event(request)]
+    while events[-1][0] != "done":
+        events.append(next_event(request))
+    return events
+
+
+def tokens_of(request) -> tuple[list[int], Outcome]:
+    events = rest(request)
+    return [value for kind, value in events if kind == "token"], events[-1][1]
+
+
+# -- the decorated function --------------------------------------------------------------------------------------
+
+def test_off_zerogpu_the_decorator_passes_the_generator_through():
+    assert not spaces.config.Config.zero_gpu
+    assert inspect.isgeneratorfunction(zero_gpu.generate_on_gpu), "spaces streams only a generator function"
+
+
+def test_the_duration_follows_max_new_tokens_and_is_capped():
+    def seconds(max_new_tokens, prompt=10, context=8192):
+        return gpu_seconds(1, list(range(prompt)), SamplingParams(max_new_tokens=max_new_tokens), (2,), context, 0,
+                           StopOnCancel())
+
+    assert seconds(1) == zero_gpu.GPU_START_SECONDS + 1
+    assert seconds(100) == 15 and seconds(1000) == 60
+    assert seconds(1000) > seconds(500) > seconds(100)
+    assert seconds(32768) == GPU_MAX_SECONDS
+    assert seconds(1000, prompt=8000) == 20  # the reply cannot be longer than the context leaves
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(seed=1, max_new_tokens=30),
+    SamplingParams(seed=2, max_new_tokens=25, temperature=1.3, top_p=1.0),
+    SamplingParams(seed=3, max_new_tokens=20, temperature=0.0),
+    SamplingParams(seed=4, max_new_tokens=40, top_k=20, top_p=0.5, repetition_penalty=1.3),
+], ids=["default", "hot", "greedy", "top-k-penalty"])
+def test_each_reply_is_one_gpu_call_and_equals_the_engines_for_a_seed(backends, gpu_calls, params):
+    zero, engine = backends
+    messages = user("Tell me something")
+    expected_text, expected = asyncio.run(collect(engine, messages, params))
+    text, done = asyncio.run(collect(zero, messages, params))
+    assert (text, done.completion_tokens, done.reason) == (expected_text, expected.completion_tokens, "length")
+    assert len(gpu_calls) == 1, "the reply was not generated inside the decorated function"
+    call = gpu_calls[0]
+    assert call.params == params and len(call.tokens) == params.max_new_tokens
+    assert call.duration == gpu_seconds(*call.args) == zero_gpu.GPU_START_SECONDS + -(-params.max_new_tokens // 20)
+    assert call.thread.startswith("chatglm-web-zerogpu-")
+
+
+def test_a_stop_token_ends_the_reply_unseen_as_in_the_engine(backends, gpu_calls):
+    zero, engine = backends
+    ids = zero.prepare(user("hi"), SamplingParams(max_new_tokens=30))[0]
+    params = SamplingParams(seed=5, max_new_tokens=30)
+    reply, _ = tokens_of(engine.engine.submit(ids, params))
+    stop = reply[6]  # a token the reply produces: as a stop id it ends the reply there
+    cut = reply.index(stop)
+    assert tokens_of(engine.engine.submit(ids, params, {stop})) == (reply[:cut], Outcome("stop"))
+    assert tokens_of(zero.engine.submit(ids, params, {stop})) == (reply[:cut], Outcome("stop"))
+    assert gpu_calls[-1].tokens == reply[:cut + 1], "the GPU call went on after the stop token"
+
+
+# -- Stop -------------------------------------------------------------------------------------------------------
+
+def test_the_stopping_criterion_ends_the_gpu_function_before_its_next_forward_pass(loaded):
+    """In-process (off ZeroGPU) the cancel event itself stops the decorated function."""
+    zero = ZeroGPUEngine(loaded.model)  # makes the model known to the GPU function
+    forward_passes = []
+    hook = loaded.model.register_forward_hook(lambda *_: forward_passes.append(1))
+    try:
+        cancel = threading.Event()
+        tokens = zero_gpu.generate_on_gpu(zero._key, [5, 6, 7], SamplingParams(max_new_tokens=100), (), 8192, 0,
+                                          StopOnCancel(cancel))
+        first = [next(tokens) for _ in range(3)]
+        cancel.set()
+        assert list(tokens) == [] and len(first) == len(forward_passes) == 3
+    finally:
+        hook.remove()
+        zero.shutdown()
+
+
+def test_stop_ends_the_gpu_call_at_the_next_token(backends, gpu_calls):
+    zero, _ = backends
+    params = SamplingParams(max_new_tokens=4000)
+    request = zero.engine.submit(zero.prepare(user("go on"), params)[0], params)
+    for _ in range(5):
+        assert next_event(request)[0] == "token"
+    produced = len(gpu_calls[0].tokens)
+    request.cancel()
+    assert gpu_calls[0].ended.wait(TIMEOUT)
+    assert len(gpu_calls[0].tokens) <= produced + 1, "the GPU function went on after Stop"
+    assert rest(request)[-1] == ("done", Outcome("cancelled"))
+    assert zero.engine.load == (0, 0) and zero.engine.finished["cancelled"] == 1
+
+
+def test_closing_the_stream_closes_the_gpu_call(backends, gpu_calls):
+    """What Gradio does on Stop or a disconnect: close the backend's stream."""
+    zero, _ = backends
+
+    async def read_a_little():
+        stream = zero.stream_chat(user("go on"), SamplingParams(max_new_tokens=4000))
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                break
+        await stream.aclose()
+
+    asyncio.run(read_a_little())
+    assert gpu_calls[0].ended.wait(TIMEOUT)
+    assert len(gpu_calls[0].tokens) < 4000
+
+
+# -- admission ----------------------------------------------------------------------------------------------------
+
+def test_queue_positions_busy_message_and_leaving_the_queue(loaded, gpu_calls):
+    zero = ZeroGPUEngine(loaded.model, max_batch_size=1, max_queue=2)
+    try:
+        params = SamplingParams(max_new_tokens=4000, seed=0)
+        ids = LocalBackend(zero, loaded.chat_format, loaded.info).prepare(user("hi"), params)[0]
+        running = zero.submit(ids, params)
+        assert next_event(running)[0] == "token"  # it holds the only GPU slot
+        waiting = [zero.submit(ids, params) for _ in range(2)]
+        assert [next_event(w) for w in waiting] == [("queued", 1), ("queued", 2)]
+        assert zero.load == (1, 2)
+        with pytest.raises(EngineBusy) as busy:
+            zero.submit(ids, params)
+        with pytest.raises(EngineBusy) as engine_busy:  # the batching engine's words for the same state
+            check_engine_capacity(1, 2, max_batch_size=1, max_queue=2)
+        assert str(busy.value) == str(engine_busy.value)
+        waiting[0].cancel()  # Stop while waiting: the place is freed at once, the one behind moves up
+        assert rest(waiting[0]) == [("done", Outcome("cancelled"))]
+        assert next_event(waiting[1]) == ("queued", 1)
+        assert zero.load == (1, 1)
+        running.cancel()
+        assert next_event(waiting[1])[0] == "token", "the freed slot went to the waiting request"
+        waiting[1].cancel()
+        assert rest(waiting[1])[-1] == ("done", Outcome("cancelled"))
+        assert len(gpu_calls) == 2, "a request that left the queue must not cost a GPU call"
+    finally:
+        zero.shutdown()
+
+
+def test_a_failed_gpu_call_ends_only_its_request_with_zerogpus_message(backends, monkeypatch):
+    zero, _ = backends
+    working = zero_gpu.generate_on_gpu
+
+    def refused(*args, **kwargs):  # what spaces raises when the visitor's quota is spent
+        raise gr.Error("You have exceeded your free GPU quota (60s requested vs. 12s left).")
+        yield
+
+    monkeypatch.setattr(zero_gpu, "generate_on_gpu", refused)
+    text, done = asyncio.run(collect(zero, user("hi"), SamplingParams(max_new_tokens=5)))
+    assert (text, done.reason) == ("", "error")
+    assert done.error == "You have exceeded your free GPU quota (60s requested vs. 12s left)."
+    monkeypatch.setattr(zero_gpu, "generate_on_gpu", working)
+    assert asyncio.run(collect(zero, user("hi"), SamplingParams(max_new_tokens=5)))[1].reason == "length"
+    assert zero.engine.alive and zero.engine.load == (0, 0)
+
+
+# -- the page ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def page(long_reply_checkpoint):
+    """The real app in ZeroGPU mode with one GPU slot, so that a second request waits for it."""
+    with running_server(model=str(long_reply_checkpoint), zero_gpu=True, max_batch_size=1,
+                        max_new_tokens=4096) as server:
+        yield server
+
+
+def chat_args(message, *, max_new_tokens=8, seed=-1):
+    return [message, "", 0.8, 0.8, max_new_tokens, 0, 1.0, seed]
+
+
+def wait_until(condition, what: str):
+    """Poll a gradio_client job's outputs (they offer no event to await)."""
+    done = threading.Event()
+    for _ in range(TIMEOUT * 50):
+        if condition():
+            return
+        done.wait(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_page_runs_each_reply_in_a_gpu_call_with_the_visitors_quota(page, gpu_calls, backends):
+    assert isinstance(page.engine, ZeroGPUEngine)
+    header = [c for c in httpx.get(page.url + "config", timeout=TIMEOUT).json()["components"]
+              if c["props"].get("elem_id") == "model-info"]
+    assert "**Device** cpu · " in header[0]["props"]["value"] and "ZeroGPU mode" in header[0]["props"]["value"]
+    client = Client(page.url, verbose=False, headers={"X-IP-Token": "visitor-token"})
+    reply, stats = client.predict(*chat_args("Hello", max_new_tokens=12, seed=9), api_name="/chat")
+    assert "reply 12 tokens" in stats
+    assert len(gpu_calls) == 1 and gpu_calls[0].params.max_new_tokens == 12
+    assert gpu_calls[0].duration == zero_gpu.GPU_START_SECONDS + 1
+    assert gpu_calls[0].visitor_token == "visitor-token", "spaces would not see the visitor (quota) in the call"
+    _, engine = backends
+    expected, _ = asyncio.run(collect(engine, user("Hello"), SamplingParams(max_new_tokens=12, seed=9)))
+    assert reply == expected
+
+
+def test_the_page_shows_queue_positions_and_stop_ends_the_gpu_call(page, gpu_calls):
+    busy = Client(page.url, verbose=False).submit(*chat_args("Keep the slot busy", max_new_tokens=4000),
+                                                  api_name="/chat")
+    wait_until(lambda: page.engine.load == (1, 0), "the first request to take the only GPU slot")
+    waiting = Client(page.url, verbose=False).submit(*chat_args("I will wait"), api_name="/chat")
+    wait_until(lambda: any("position 1 in the queue" in str(out) for out in waiting.outputs()), "the queue position")
+    assert len(gpu_calls) == 1, "a waiting request must not hold a GPU call"
+    busy.cancel()  # Stop
+    assert gpu_calls[0].ended.wait(TIMEOUT), "Stop did not end the GPU call"
+    assert len(gpu_calls[0].tokens) < 4000
+    reply, stats = waiting.result(timeout=TIMEOUT)
+    assert "reply 8 tokens" in stats and len(gpu_calls) == 2
