@@ -26,6 +26,7 @@ import gradio as gr
 from gradio.events import Dependency
 
 from .branding import Branding
+from .chat_format import normalize_messages
 from .browser_secret import browser_state_secret
 from .generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
                          option)
@@ -135,8 +136,7 @@ def conversation(system_prompt, history, message) -> list[dict]:
     for item in history or []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
-        content = item.get("content")
-        if item["role"] == "assistant" and isinstance(content, str) and _QUEUE_STATUS_RE.fullmatch(content.strip()):
+        if item["role"] == "assistant" and _QUEUE_STATUS_RE.fullmatch(normalize_messages([item])[0]["content"].strip()):
             continue  # left in conversations kept by earlier versions
         messages.append(item)
     messages.append({"role": "user", "content": message})

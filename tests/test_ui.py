@@ -92,10 +92,10 @@ def call_handler(http, fn_index: int, data: list, session_hash: str = "ui-test")
                      json={"data": data, "fn_index": fn_index, "session_hash": session_hash})
 
 
-def chat_raw(http, data: list) -> tuple[str, object]:
+def chat_raw(http, data: list, session_hash: str | None = None) -> tuple[str, object]:
     """One /chat call with the JSON written by hand (``json.dumps`` escapes a lone surrogate; gradio_client
     cannot send one): (last event name, its data)."""
-    body = json.dumps({"data": data}).encode("ascii")
+    body = json.dumps({"data": data, **({"session_hash": session_hash} if session_hash else {})}).encode("ascii")
     response = http.post("gradio_api/call/chat", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 200, response.text
     event, payload = None, None
@@ -189,6 +189,26 @@ def test_a_stop_while_waiting_for_a_slot_leaves_no_status_in_the_history(server,
     assert prompts[-1] == tokenizer.build_chat_input([
         {"role": "system", "content": SYSTEM}, {"role": "user", "content": "I will wait"},
         {"role": "user", "content": "next question"}])
+
+
+def test_a_waiting_line_kept_by_an_earlier_version_is_not_sent_as_history(server, http, monkeypatch):
+    """A conversation stored before this fix (restored into the page) may hold the line as a reply: it is left out."""
+    config = page_config(server)
+    types = {c["id"]: c["type"] for c in config["components"]}
+    chatbot = component(config, type="chatbot")["id"]
+    sync = [i for i, dep in enumerate(config["dependencies"]) if dep["inputs"] == [chatbot]
+            and len(dep["outputs"]) == 2 and all(types[o] == "state" for o in dep["outputs"])][0]
+    history = [text_message("user", "Earlier question"),
+               text_message("assistant", f"{WAITING} Waiting for a free slot… (position 3 in the queue)")]
+    assert call_handler(http, sync, [history], session_hash="legacy-conversation").status_code == 200
+    prompts = []
+    submit = server.engine.submit
+    monkeypatch.setattr(server.engine, "submit", lambda ids, *rest: prompts.append(ids) or submit(ids, *rest))
+    event, payload = chat_raw(http, chat_args("Next question", max_new_tokens=4), session_hash="legacy-conversation")
+    assert event == "complete", payload
+    assert prompts == [server.backend.format.tokenizer.build_chat_input([
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "Earlier question"},
+        {"role": "user", "content": "Next question"}])]
 
 
 # -- disk ---------------------------------------------------------------------------------------
