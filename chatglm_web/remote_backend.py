@@ -95,7 +95,7 @@ def _transport_failure(url: str, error: httpx.TransportError, *, answering: bool
 
 
 def list_models(url: str, api_key: str | None = None, timeout: float = CONNECT_TIMEOUT) -> list[dict]:
-    """``GET /v1/models``: the served models (``id``, and ``max_model_len`` from vLLM); RemoteBackendError if unusable."""
+    """``GET /v1/models``: the served models (``id``; vLLM adds ``max_model_len``). RemoteBackendError if unusable."""
     try:
         response = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=timeout)
     except httpx.TransportError as error:
@@ -352,3 +352,13 @@ class RemoteBackend:
 
     def shutdown(self) -> None:
         """Nothing to stop: each request's connection is closed when it ends (for symmetry with the engine)."""
+
+
+def build_remote_backend(settings) -> RemoteBackend:
+    """The backend for ``--backend URL``: ``settings.backend``, ``backend_api_key``, the model (when named, else
+    the one the server serves) and the request limits of ``Settings``. Raises a StartupError (one line)."""
+    return RemoteBackend.connect(
+        settings.backend, getattr(settings, "backend_api_key", None),
+        model=settings.model if getattr(settings, "model_explicit", True) else None,
+        max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_new_tokens,
+        max_input_chars=getattr(settings, "max_input_chars", None))

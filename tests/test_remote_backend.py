@@ -1,6 +1,8 @@
 """RemoteBackend against a real vLLM server (CPU build) serving a generated ChatGLM3 checkpoint.
 
-The server starts once per session (1-2 minutes); the crash test restarts it once, last.
+The server starts once per session (1-2 minutes), as ChatGLM3 is served: --skip-tokenizer-init, an
+API key. The crash test restarts it once, with a Hugging Face tokenizer and chat template added, so
+the chat-completions path (other model families) is tested on the same server afterwards.
 """
 
 from __future__ import annotations
@@ -8,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
+from types import SimpleNamespace
 
 import pytest
 
-from chatglm_web.chat_format import ChatGLM3Format
+from chatglm_web.chat_format import ChatGLM3Format, TemplateFormat
 from chatglm_web.engine import Engine
 from chatglm_web.generation import Finished, SamplingParams, TextDelta
 from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend
-from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError
+from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError, build_remote_backend
 from chatglm_web.remote_format import load_remote_format
 from chatglm_web.settings import Settings
-from vllm_server import TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_venv, free_port, write_test_checkpoint
+from vllm_server import (TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_venv, free_port, write_template_tokenizer,
+                         write_test_checkpoint)
 
-LONG = 1500  # tokens: several seconds of generation on two cores
+CONTEXT = 6144  # vLLM's --max-model-len: less than the checkpoint's 8192, so the server's own value shows
+LONG = 6000  # tokens: some 15 s of generation, far longer than any test waits before stopping one
+KEY = "test-key"
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +42,8 @@ def vllm(vllm_checkpoint, tmp_path_factory):
         python = ensure_vllm_venv()
     except VllmUnavailable as error:
         pytest.fail(str(error), pytrace=False)
-    server = VllmServer(python, vllm_checkpoint, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
+    server = VllmServer(python, vllm_checkpoint, tmp_path_factory.mktemp("vllm-log") / "vllm.log", api_key=KEY,
+                        max_model_len=CONTEXT)
     try:
         server.start()
     except VllmUnavailable as error:
@@ -47,7 +54,22 @@ def vllm(vllm_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def remote(vllm, vllm_checkpoint):
-    return RemoteBackend.connect(vllm.url, model=str(vllm_checkpoint))
+    """Built as the app builds it from its settings (--backend, --backend-api-key, --model)."""
+    settings = SimpleNamespace(backend=vllm.url, backend_api_key=KEY, model=str(vllm_checkpoint), model_explicit=True,
+                               max_input_tokens=None, max_new_tokens=CONTEXT, max_input_chars=None)
+    return build_remote_backend(settings)
+
+
+@pytest.fixture(scope="session")
+def template_tokenizer(tmp_path_factory, tokenizer_model):
+    return write_template_tokenizer(tmp_path_factory.mktemp("template-tokenizer"), tokenizer_model)
+
+
+def restart(server: VllmServer, tokenizer) -> None:
+    """Restart on the same port; with a tokenizer folder vLLM also serves /v1/chat/completions."""
+    server.stop()
+    server.tokenizer = tokenizer
+    server.start()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +130,7 @@ CONVERSATIONS = [
 @pytest.mark.vllm
 @pytest.mark.parametrize("settings", [{}, {"repetition_penalty": 1.5}], ids=["greedy", "repetition-penalty"])
 def test_greedy_replies_equal_the_local_engine_token_for_token(remote, local, settings):
-    assert remote.uses_token_ids and remote.info.context_length == 2048  # max_model_len from /v1/models
+    assert remote.uses_token_ids and remote.info.context_length == CONTEXT  # max_model_len from /v1/models
     assert asyncio.run(remote.health()) == (True, f"the generation server at {remote.url} answers (serving "
                                                   f"{remote.served_model})")
     for messages in CONVERSATIONS:
@@ -118,11 +140,9 @@ def test_greedy_replies_equal_the_local_engine_token_for_token(remote, local, se
         assert ids == local_ids and len(ids) == 24
         assert text == local_text and text
         assert (done.reason, done.prompt_tokens, done.completion_tokens) == \
-            (local_done.reason, local_done.prompt_tokens, local_done.completion_tokens) == ("length", done.prompt_tokens, 24)
+            (local_done.reason, local_done.prompt_tokens, local_done.completion_tokens)
+        assert (done.reason, done.completion_tokens) == ("length", 24)
         assert done.error is None and done.time_to_first_token > 0
-    penalized = run(remote, CONVERSATIONS[0], temperature=0.0, max_new_tokens=24, repetition_penalty=1.5)[2]
-    plain = run(remote, CONVERSATIONS[0], temperature=0.0, max_new_tokens=24)[2]
-    assert penalized != plain  # the penalty reached the server
 
 
 @pytest.mark.vllm
@@ -134,9 +154,10 @@ def test_the_same_seed_repeats_and_another_seed_differs(remote):
 
 
 @pytest.mark.vllm
-def test_top_k_top_p_and_temperature_reach_the_server(remote):
+def test_top_k_top_p_temperature_and_repetition_penalty_reach_the_server(remote):
     prompt = user("Tell me a story")
     greedy = run(remote, prompt, temperature=0.0, max_new_tokens=32)[2]
+    assert run(remote, prompt, temperature=0.0, max_new_tokens=32, repetition_penalty=1.5)[2] != greedy
     hot = dict(temperature=1.5, top_p=1.0, seed=1, max_new_tokens=32)
     assert run(remote, prompt, **{**hot, "top_k": 1})[2] == greedy
     assert run(remote, prompt, **{**hot, "top_p": 0.05})[2] == greedy
@@ -149,10 +170,11 @@ def test_top_k_top_p_and_temperature_reach_the_server(remote):
 def test_the_reply_budget_is_the_max_tokens_sent(remote):
     text, done, ids = run(remote, user("hi"), temperature=0.0, max_new_tokens=5)
     assert (done.reason, done.completion_tokens, len(ids), done.max_new_tokens_clamped) == ("length", 5, 5, None)
-    # a prompt of about 1000 tokens leaves less than the 2000 asked for: vLLM would refuse more than it leaves
-    text, done, ids = run(remote, user("word " * 330), temperature=0.0, max_new_tokens=2000)
-    assert done.error is None and done.reason in ("length", "stop") and done.prompt_tokens > 900
-    assert done.max_new_tokens_clamped == 2048 - done.prompt_tokens >= len(ids)
+    # the whole context asked for: lowered to what the prompt leaves, or vLLM would answer 400 (the stop string
+    # just keeps the reply short)
+    text, done, ids = run(remote, user("hi"), temperature=0.0, max_new_tokens=CONTEXT, stop=("e",))
+    assert (done.reason, done.error) == ("stop", None)
+    assert done.max_new_tokens_clamped == CONTEXT - done.prompt_tokens
 
 
 @pytest.mark.vllm
@@ -165,6 +187,23 @@ def test_a_stop_string_ends_the_reply_as_in_the_local_engine(remote, local):
     assert text == greedy[:at] == local_text
     assert (done.reason, done.completion_tokens) == (local_done.reason, local_done.completion_tokens)
     assert done.reason == "stop" and done.completion_tokens < 64
+
+
+def long_conversation() -> list[dict]:
+    history = []
+    for turn in range(40):  # some 9,000 tokens
+        history += [{"role": "user", "content": f"question {turn} " + "word " * 30},
+                    {"role": "assistant", "content": "answer " * 30}]
+    return [{"role": "system", "content": "Be brief."}, *history, *user("and now?")]
+
+
+@pytest.mark.vllm
+def test_a_long_conversation_is_shortened_to_the_servers_context(remote):
+    messages = long_conversation()
+    text, done, ids = run(remote, messages, temperature=0.0, max_new_tokens=100)
+    assert (done.reason, done.error) == ("length", None)  # vLLM answers 400 to a prompt over max_model_len
+    # whole exchanges (about 230 tokens) are dropped: what is kept fills the budget to within one
+    assert 0 < done.dropped_messages < len(messages) - 2 and CONTEXT - 100 - 230 < done.prompt_tokens <= CONTEXT - 100
 
 
 async def _wait_for(condition, seconds: float) -> bool:
@@ -192,9 +231,21 @@ def test_closing_the_stream_aborts_the_remote_generation(remote, vllm):
                     break  # the Stop button: aclosing closes the stream
         assert await _wait_for(lambda: vllm.running_requests() == 0, 5.0), "vLLM still generates after Stop"
 
+    async def disconnect_while_generating():
+        async def page():  # Gradio cancels the task of a page that went away
+            async for _ in remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG)):
+                pass
+        task = asyncio.create_task(page())
+        assert await _wait_for(lambda: vllm.running_requests() == 1, 5.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _wait_for(lambda: vllm.running_requests() == 0, 5.0), "vLLM still generates after disconnect"
+
     asyncio.run(stop_after_two_pieces())
-    assert vllm.metric("vllm:request_success_total") == finished_before  # it did not run to its end
-    assert vllm.metric("vllm:generation_tokens_total") - tokens_before < LONG / 2
+    asyncio.run(disconnect_while_generating())
+    assert vllm.metric("vllm:request_success_total") == finished_before  # neither ran to its end
+    assert vllm.metric("vllm:generation_tokens_total") - tokens_before < LONG
 
 
 @pytest.mark.vllm
@@ -208,17 +259,27 @@ def test_a_wrong_url_is_one_clear_error_at_connect(vllm):
         RemoteBackend.connect(vllm.url + "/no/such/prefix")
     with pytest.raises(RemoteBackendError, match="must be an http:// or https:// URL"):
         RemoteBackend.connect("127.0.0.1:8000")
+    with pytest.raises(RemoteBackendError, match=r"refused the API key \(401\); check --backend-api-key$"):
+        RemoteBackend.connect(vllm.url, api_key="wrong")
+
+
+@pytest.mark.vllm
+def test_a_request_without_the_api_key_ends_with_the_servers_refusal(remote, vllm):
+    keyless = RemoteBackend(vllm.url, remote.served_model, remote.format, remote.info)
+    text, done = asyncio.run(_text_and_done(keyless, user("hi")))
+    assert (text, done.reason) == ("", "error")
+    assert done.error == f"the generation server at {vllm.url} answered 401 Unauthorized: Unauthorized"
 
 
 @pytest.mark.vllm
 def test_an_error_status_ends_the_reply_with_the_servers_words(remote, vllm):
-    renamed = RemoteBackend(vllm.url, "another-model", remote.format, remote.info)  # as after a redeploy
+    renamed = RemoteBackend(vllm.url, "another-model", remote.format, remote.info, api_key=KEY)  # a redeploy
     text, done = asyncio.run(_text_and_done(renamed, user("hi")))
     assert text == "" and done.reason == "error"
     assert done.error.startswith(f"the generation server at {vllm.url} answered 404 Not Found: The model "
                                  "`another-model` does not exist")
     # no local tokenizer: the chat endpoint, which this server cannot serve (no tokenizer, no template)
-    templated = RemoteBackend(vllm.url, remote.served_model, None, remote.info)
+    templated = RemoteBackend(vllm.url, remote.served_model, None, remote.info, api_key=KEY)
     text, done = asyncio.run(_text_and_done(templated, user("hi")))
     assert (text, done.reason) == ("", "error")
     assert done.error == f"the generation server at {vllm.url} answered 500 Internal Server Error"
@@ -236,8 +297,9 @@ async def _text_and_done(backend, messages, params=SamplingParams(max_new_tokens
 
 
 @pytest.mark.vllm
-def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_after_restart(remote, vllm):
-    """Last in this file: it restarts the server (1-2 minutes)."""
+def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_after_restart(remote, vllm,
+                                                                                          template_tokenizer):
+    """Near the end of this file: it restarts the server (1-2 minutes), with the template tokenizer."""
 
     async def kill_mid_reply():
         text, done = "", None
@@ -260,10 +322,47 @@ def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_aft
     ready, detail = asyncio.run(remote.health())
     assert not ready and "cannot be reached" in detail
 
+    vllm.tokenizer = template_tokenizer  # for the chat-completions tests after this one; token ids work the same
     vllm.start()
     assert asyncio.run(remote.health())[0]
     text, done = asyncio.run(_text_and_done(remote, user("hello")))  # the same backend object, no reconnecting
     assert done.reason == "length" and done.completion_tokens == 8 and text
+
+
+@pytest.fixture
+def templated(vllm, template_tokenizer):
+    """A backend for a model family with a Hugging Face tokenizer: the server's chat template formats prompts."""
+    if vllm.tokenizer != template_tokenizer:  # run on its own: the crash test has not restarted it with one
+        restart(vllm, template_tokenizer)
+    return RemoteBackend.connect(vllm.url, KEY, model=str(template_tokenizer))
+
+
+@pytest.mark.vllm
+def test_other_families_stream_from_the_chat_endpoint_with_every_setting(templated):
+    assert not templated.uses_token_ids and isinstance(templated.format, TemplateFormat)
+    greedy, done = asyncio.run(_text_and_done(templated, user("hi"),
+                                              SamplingParams(temperature=0.0, max_new_tokens=24)))
+    assert greedy and (done.reason, done.completion_tokens, done.error) == ("length", 24, None)
+    assert done.prompt_tokens == len(templated.format.prompt_ids(user("hi")))  # the server's count, same template
+
+    def reply(**params):
+        return asyncio.run(_text_and_done(templated, user("hi"), SamplingParams(max_new_tokens=24, **params)))[0]
+
+    hot = dict(temperature=1.5, top_p=1.0, seed=3)
+    assert reply(**hot) == reply(**hot) != reply(**{**hot, "seed": 4})
+    assert reply(**hot, top_k=1) == greedy
+    at = next(k for k in range(len(greedy) // 2, len(greedy)) if greedy.find(greedy[k:k + 2]) == k)
+    text, done = asyncio.run(_text_and_done(templated, user("hi"), SamplingParams(
+        temperature=0.0, max_new_tokens=24, stop=(greedy[at:at + 2],))))
+    assert (text, done.reason) == (greedy[:at], "stop")
+
+
+@pytest.mark.vllm
+def test_other_families_shorten_a_long_conversation_to_the_servers_context(templated):
+    messages = long_conversation()
+    text, done = asyncio.run(_text_and_done(templated, messages, SamplingParams(temperature=0.0, max_new_tokens=100)))
+    assert (done.reason, done.error) == ("length", None)  # vLLM answers 400 to a prompt over max_model_len
+    assert 0 < done.dropped_messages < len(messages) - 2 and done.prompt_tokens <= CONTEXT - 100
 
 
 def test_without_a_package_index_the_vllm_venv_fails_with_a_clear_message(tmp_path, monkeypatch):

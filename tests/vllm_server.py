@@ -27,7 +27,7 @@ import httpx
 import torch
 
 from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
-from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
@@ -65,6 +65,25 @@ def write_test_checkpoint(folder: Path, tokenizer_model: bytes) -> Path:
                 tensor[:, 0] = 0
                 tensor[never, 0] = -1000
         torch.save(state, shard)
+    return folder
+
+
+CHAT_TEMPLATE = ("[gMASK]sop{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_template_tokenizer(folder: Path, tokenizer_model: bytes) -> Path:
+    """A Hugging Face tokenizer folder (no remote code) for the same vocabulary, with a ChatGLM3-like chat
+    template: what a model family other than ChatGLM3 ships, so vLLM can serve /v1/chat/completions."""
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(tokenizer_model)
+    tokenizer = LlamaTokenizer.from_pretrained(folder, legacy=False, add_bos_token=False)  # converted to tokenizer.json
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})  # ids follow the pieces
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    (folder / "tokenizer.model").unlink()
     return folder
 
 
@@ -124,16 +143,20 @@ class VllmServer:
     """One ``vllm.entrypoints.openai.api_server`` process on loopback serving ``checkpoint`` in fp32."""
 
     def __init__(self, python: Path, checkpoint: Path, log_path: Path, *, max_model_len: int = 2048,
-                 port: int | None = None):
+                 port: int | None = None, api_key: str | None = None, tokenizer: Path | None = None):
         self.python, self.checkpoint, self.log_path = python, checkpoint, log_path
         self.max_model_len = max_model_len
+        self.api_key = api_key
+        self.tokenizer = tokenizer  # None: --skip-tokenizer-init (prompts as token ids only), as for ChatGLM3
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
+        tokenizer = ["--tokenizer", str(self.tokenizer)] if self.tokenizer else ["--skip-tokenizer-init"]
+        api_key = ["--api-key", self.api_key] if self.api_key else []
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
-                "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", str(self.max_model_len),
+                *tokenizer, *api_key, "--dtype", "float32", "--max-model-len", str(self.max_model_len),
                 "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", "8", "--enforce-eager",
                 "--uvicorn-log-level", "warning"]
 
