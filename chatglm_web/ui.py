@@ -180,10 +180,16 @@ class TurnFailures:
 
 
 def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
+    """The ChatInterface function (also the ``/chat`` API): streams (reply, statistics line).
+
+    Every error is raised as a ``gr.Error`` with a message for the user, and recorded in ``failures``
+    for the page's failure step.
+    """
     failures = TurnFailures() if failures is None else failures
 
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                   repetition_penalty, seed, request=None):
+                   repetition_penalty, seed, request: gr.Request = None):
+        failed = None
         try:
             check_text(message, system_prompt, history)
             params = SamplingParams.from_form(
@@ -198,20 +204,19 @@ def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
                     elif isinstance(event, TextDelta):
                         reply += event.text
                         yield reply, ""
+                    elif isinstance(event, Finished) and event.reason == "error":
+                        failed = f"Generation failed: {event.error}"
                     elif isinstance(event, Finished):
-                        if event.reason == "error":
-                            raise InvalidRequest(f"Generation failed: {event.error}")
                         yield reply, stats_markdown(event)
-            return
         except (InvalidRequest, BackendBusy) as error:
-            text = str(error)
+            failed = str(error)
         except Exception:  # a bug must not leave the page stuck either
             log.exception("chat request failed")
-            text = "Something went wrong on the server; the error is in its log."
-        failures.record(request, text)
-        raise gr.Error(text, print_exception=False)
+            failed = "Something went wrong on the server; the error is in its log."
+        if failed is not None:
+            failures.record(request, failed)
+            raise gr.Error(failed, print_exception=False)
 
-    chat.__annotations__["request"] = gr.Request  # Gradio passes the request to a parameter of this type
     return chat
 
 
