@@ -104,6 +104,9 @@ class LocalBackend:
         self.max_new_tokens = max_new_tokens or info.context_length
         self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
 
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
     async def health(self) -> tuple[bool, str]:
         """(ready, what is the matter): the model is loaded here, so the engine is all that can fail."""
         if not self.engine.alive:

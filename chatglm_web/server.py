@@ -11,27 +11,38 @@ from .settings import Settings, error_line, parse_settings
 log = logging.getLogger("chatglm_web")
 
 
+def build_backend(settings: Settings):
+    """The one backend the page and the API share: a remote server (``--backend``) or a model loaded here."""
+    from .local_backend import LocalBackend
+    from .metrics import MeteredBackend
+
+    if settings.backend:
+        from .remote_backend import build_remote_backend
+
+        return MeteredBackend(build_remote_backend(settings))
+    from .loading import load_chat_model
+    from .spaces_env import engine_type
+
+    # the batching Engine, or one @spaces.GPU call per reply in ZeroGPU mode (imports spaces before the load)
+    engine_class = engine_type(settings.zero_gpu)
+    loaded = load_chat_model(settings)
+    engine = engine_class(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                          context_length=loaded.info.context_length)
+    return MeteredBackend(LocalBackend(engine, loaded.chat_format, loaded.info,
+                                       max_input_tokens=settings.max_input_tokens,
+                                       max_new_tokens=settings.max_new_tokens,
+                                       max_input_chars=settings.max_input_chars))
+
+
 def build_app(settings: Settings):
     """Load the model (once) and return (page, backend, launch kwargs) without starting the server."""
     from .branding import load_branding
-    from .loading import load_chat_model
-    from .local_backend import LocalBackend
-    from .metrics import MeteredBackend
     from .openai_api import api_routes
-    from .spaces_env import engine_type
     from .ui import build_page, launch_kwargs
 
-    # the batching Engine, or one @spaces.GPU call per reply in ZeroGPU mode (imports spaces before the load)
-    Engine = engine_type(settings.zero_gpu)
-    loaded = load_chat_model(settings)
-    engine = Engine(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                    context_length=loaded.info.context_length)
-    backend = LocalBackend(engine, loaded.chat_format, loaded.info, max_input_tokens=settings.max_input_tokens,
-                           max_new_tokens=settings.max_new_tokens,
-                           max_input_chars=settings.max_input_chars)
-    backend = MeteredBackend(backend)  # the page and the API share this one backend, queue and metrics
+    backend = build_backend(settings)
     branding = load_branding(settings.assets_dir)
-    page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, loaded.info.context_length))
+    page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, backend.info.context_length))
     # Admission is the engine's job: --max-batch-size running, --max-queue waiting, everyone else is told
     # at once that the server is busy. So Gradio passes every request straight through (no concurrency
     # limit of its own, under which requests would wait unseen and unbounded); its queue's max_size only
@@ -40,8 +51,7 @@ def build_app(settings: Settings):
     page.queue(default_concurrency_limit=None, max_size=4 * capacity)
     kwargs = launch_kwargs(branding)
     # The OpenAI-compatible API, /healthz and /metrics: FastAPI routes placed before Gradio's own.
-    routes = api_routes(backend, metrics=backend.metrics, api_key=settings.api_key,
-                        auth=settings.auth_pair)
+    routes = api_routes(backend, metrics=backend.metrics, api_key=settings.api_key, auth=settings.auth_pair)
     kwargs["app_kwargs"] = {**kwargs.get("app_kwargs", {}), "routes": routes}
     return page, backend, kwargs
 

@@ -56,6 +56,8 @@ class Settings:
     max_queue: int = 32
     assets_dir: str | None = None
     api_key: str | None = None
+    backend: str | None = None  # URL of an OpenAI-compatible server that generates instead of a local model
+    backend_api_key: str | None = None
     zero_gpu: bool = False  # each reply in a @spaces.GPU call (zero_gpu.py) instead of the batching engine
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
@@ -86,6 +88,9 @@ _HELP = {
     "max_queue": "requests allowed to wait for a slot; more get a 'busy, try again' message",
     "assets_dir": "folder with branding.json, logo and style.css (default: ./assets)",
     "api_key": "key the OpenAI-compatible API (/v1) and /metrics require as 'Authorization: Bearer KEY'",
+    "backend": "URL of an OpenAI-compatible server (vLLM, SGLang, another chatglm-web) that generates the replies; "
+               "no weights are loaded here, --model only names the tokenizer and config",
+    "backend_api_key": "bearer key for --backend",
     "zero_gpu": "generate each reply in a @spaces.GPU call (Hugging Face ZeroGPU); "
                 "default: on when SPACES_ZERO_GPU says the Space runs on ZeroGPU",
 }
