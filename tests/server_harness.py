@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from chatglm_web.server import build_app
 from chatglm_web.settings import Settings
@@ -39,3 +41,137 @@ def running_server(**settings):
     finally:
         page.close()
         backend.engine.shutdown()
+
+
+# -- Gradio's HTTP API, as any client (or attacker) reaches it -----------------------------------------------------
+
+
+def chat_args(message, *, system="", temperature=0.8, top_p=0.8, max_new_tokens=24, top_k=0,
+              repetition_penalty=1.0, seed=-1) -> list:
+    """The ``/chat`` endpoint's arguments, in its order."""
+    return [message, system, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed]
+
+
+WAITING_MARK = "\u23f3"  # the page's "waiting for a free slot" line starts with it
+
+
+@dataclass
+class ChatResult:
+    """What one ``/chat`` call over HTTP came back with."""
+
+    status: int = 0  # HTTP status of the submit (200: accepted into Gradio's queue)
+    event: str | None = None  # last server-sent event: "complete" | "error"; None if refused or left early
+    reply: str | None = None  # the reply text of the last update that had one
+    stats: str | None = None  # the statistics line of the last update
+    error: str | None = None  # the message of an error event, or the detail of an HTTP refusal
+    updates: list = field(default_factory=list)  # (reply text or None, statistics line) of every streamed update
+    disconnected: bool = False  # the client left mid-stream (``leave_when``)
+
+    @property
+    def replies(self) -> list[str]:
+        """The streamed reply texts (updates that only say "waiting for a slot" are left out)."""
+        return [r for r, _ in self.updates if r and not r.startswith(WAITING_MARK)]
+
+    @property
+    def waiting_lines(self) -> list[str]:
+        """The "waiting for a free slot" lines the client was shown (in the reply or the statistics line)."""
+        return [t for update in self.updates for t in update if isinstance(t, str) and t.startswith(WAITING_MARK)]
+
+    @property
+    def waited(self) -> bool:
+        return bool(self.waiting_lines)
+
+    @property
+    def message(self) -> str:
+        """The error or refusal message ('' when there was none)."""
+        return self.error or ""
+
+
+def post_json(http, path: str, body):
+    """POST ``body`` as JSON exactly as given: NaN stays NaN and a lone surrogate travels as its escape."""
+    return http.post(path, content=json.dumps(body).encode("ascii"), headers={"content-type": "application/json"})
+
+
+def chat_over_http(http, data: list, *, session_hash: str | None = None, leave_when=None,
+                   on_accepted=None) -> ChatResult:
+    """One ``/chat`` call through ``/gradio_api/call/chat`` with plain httpx, its stream read to the end.
+
+    ``leave_when(result)`` is asked after every streamed update; when it says True the connection is
+    closed there (a client that goes away mid-reply). ``on_accepted(result)`` is called once the
+    first update or the final event arrives (the request was answered, queued or started).
+    """
+    body = {"data": data}
+    if session_hash:
+        body["session_hash"] = session_hash
+    result = ChatResult()
+    response = post_json(http, "gradio_api/call/chat", body)
+    result.status = response.status_code
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = None
+        result.error = str(detail if detail is not None else response.text)
+        if on_accepted:
+            on_accepted(result)
+        return result
+    event_id = response.json()["event_id"]
+    event = None
+    with http.stream("GET", f"gradio_api/call/chat/{event_id}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line[len("event:"):].strip()
+                continue
+            if not line.startswith("data:") or event == "heartbeat":
+                continue
+            payload = json.loads(line[len("data:"):])
+            if event == "error":
+                result.event = "error"
+                result.error = _error_text(payload)
+            elif isinstance(payload, list) and payload:
+                reply = payload[0] if isinstance(payload[0], str) else None  # [] or None: no chat text
+                stats = payload[-1] if len(payload) > 1 and isinstance(payload[-1], str) else None
+                result.updates.append((reply, stats))
+                result.reply = reply if reply is not None else result.reply
+                result.stats = stats if stats is not None else result.stats
+                if event == "complete":
+                    result.event = "complete"
+            if on_accepted and (result.updates or result.event):
+                on_accepted(result)
+                on_accepted = None
+            if result.event:
+                break
+            if leave_when is not None and leave_when(result):
+                result.disconnected = True
+                break  # leaving the with-block closes the connection
+    return result
+
+
+def _error_text(payload) -> str | None:
+    if isinstance(payload, dict):
+        message = payload.get("error")
+        return None if message is None else str(message)
+    return None if payload is None else str(payload)
+
+
+def run_fn(http, fn_index: int, data: list, session_hash: str):
+    """Call one of the page's unqueued event handlers by index, as the browser does (``/gradio_api/run/predict``)."""
+    return post_json(http, "gradio_api/run/predict", {"data": data, "fn_index": fn_index, "session_hash": session_hash})
+
+
+def dir_bytes(path, contains: str | None = None) -> int:
+    """Bytes in the files under ``path`` (only files whose text contains ``contains``, when given)."""
+    total = 0
+    root = Path(path)
+    if not root.exists():
+        return 0
+    for file in root.rglob("*"):
+        try:
+            if not file.is_file():
+                continue
+            if contains is not None and contains.encode() not in file.read_bytes():
+                continue
+            total += file.stat().st_size
+        except OSError:  # removed meanwhile (another server's cache cleanup)
+            continue
+    return total
