@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import os
 import pickle
+import queue
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, urlparse
 
 import gradio as gr
 import httpx
@@ -29,7 +39,9 @@ from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.settings import Settings
 from chatglm_web.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
-from server_harness import running_server
+from server_harness import free_port, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TIMEOUT = 120
 
@@ -333,3 +345,130 @@ def test_the_page_shows_queue_positions_and_stop_ends_the_gpu_call(page, gpu_cal
     assert len(gpu_calls[0].tokens) < 4000
     reply, stats = waiting.result(timeout=TIMEOUT)
     assert "reply 8 tokens" in stats and len(gpu_calls) == 2
+
+
+# -- the real spaces ZeroGPU machinery, the CPU standing in for the GPU ------------------------------------------------
+
+#: Starts app.py with spaces in ZeroGPU mode (SPACES_ZERO_GPU=true) on a machine without CUDA. spaces' own scheduling
+#: client, forked worker, result queues, stop event and release all run for real; only what needs CUDA is stood in for:
+#: spaces reads three things of a CUDA build of torch, and the worker's CUDA start and weight move become no-ops (the
+#: model stays on the CPU, --device cpu, and the forked worker inherits it).
+ZERO_GPU_ON_CPU = """
+import runpy, sys, torch
+if torch.version.cuda is None:
+    torch.version.cuda = "13.0"
+    torch._C._cuda_init = lambda: None
+    def not_in_bad_fork():
+        return False
+    torch.cuda._is_in_bad_fork = not_in_bad_fork
+import spaces.zero.torch as zero_torch
+zero_torch.init = lambda nvidia_uuid: None
+zero_torch.move = lambda callback=None: None
+sys.argv = ["app.py", *sys.argv[1:]]
+runpy.run_path("app.py", run_name="__main__")
+"""
+
+
+class FakeDeviceAPI:
+    """ZeroGPU's device API as spaces calls it: every GPU asked for is granted; each call is recorded."""
+
+    def __init__(self):
+        self.calls: list[tuple[float, str, dict]] = []
+        self.released = threading.Condition()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                url = urlparse(self.path)
+                query = {key: values[0] for key, values in parse_qs(url.query).items()}
+                with api.released:
+                    api.calls.append((time.monotonic(), url.path, query))
+                    granted = sum(path == "/schedule" for _, path, _ in api.calls)
+                    api.released.notify_all()
+                body = b"{}"
+                if url.path == "/schedule":
+                    body = json.dumps({"idle": granted > 1, "nvidiaIndex": 0, "nvidiaUUID": "GPU-emulated",
+                                       "allowToken": f"allow-{granted}"}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def requests(self, path: str) -> list[dict]:
+        return [query for _, name, query in self.calls if name == path]
+
+    def wait_for_release(self, count: int, timeout: float) -> float | None:
+        """When the ``count``-th GPU was released (monotonic time), or None."""
+        with self.released:
+            self.released.wait_for(lambda: len(self.requests("/release")) >= count, timeout)
+            times = [at for at, name, _ in self.calls if name == "/release"]
+        return times[count - 1] if len(times) >= count else None
+
+
+@pytest.fixture(scope="module")
+def zero_gpu_space(long_reply_checkpoint, tmp_path_factory):
+    """app.py as a ZeroGPU Space starts it (SPACES_ZERO_GPU=true, the Space's host and port), against FakeDeviceAPI."""
+    api, home, port = FakeDeviceAPI(), tmp_path_factory.mktemp("zerogpu-home"), free_port()
+    (home / "cgroup").write_text("0::/emulated\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_WEB_", "GRADIO_SERVER_"))},
+           "SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": api.url, "SPACE_ID": "someone/chatglm3",
+           "ZEROGPU_PROC_SELF_CGROUP_PATH": str(home / "cgroup"), "HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    app = subprocess.Popen([sys.executable, "-c", ZERO_GPU_ON_CPU, "--model", str(long_reply_checkpoint),
+                            "--device", "cpu", "--max-new-tokens", "8000"], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: [lines.put(line) for line in app.stdout] + [lines.put(None)], daemon=True).start()
+    log = []
+    try:
+        while not any("Running on local URL" in line for line in log):
+            line = lines.get(timeout=240)
+            assert line is not None, "the app exited:\n" + "".join(log[-40:])
+            log.append(line)
+        yield SimpleNamespace(api=api, app=app, url=f"http://127.0.0.1:{port}/")
+    finally:
+        app.terminate()
+        try:
+            app.wait(30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait()
+
+
+def test_on_zerogpu_each_reply_runs_in_spaces_forked_worker_with_its_duration(zero_gpu_space, backends):
+    api = zero_gpu_space.api
+    assert api.requests("/startup-report"), "spaces did not report the decorated function at launch"
+    client = Client(zero_gpu_space.url, verbose=False, headers={"X-IP-Token": "visitor-token"})
+    reply, stats = client.predict(*chat_args("Hello", max_new_tokens=12, seed=9), api_name="/chat")
+    _, engine = backends
+    assert reply == asyncio.run(collect(engine, user("Hello"), SamplingParams(max_new_tokens=12, seed=9)))[0]
+    schedule, = api.requests("/schedule")
+    assert schedule["durationSeconds"] == str(zero_gpu.GPU_START_SECONDS + 1)  # 12 tokens
+    assert schedule["token"] == "visitor-token", "the GPU was not asked for with the visitor's quota"
+    allow, = api.requests("/allow")
+    assert int(allow["pid"]) != zero_gpu_space.app.pid, "the reply was not generated in a forked worker"
+    assert api.wait_for_release(1, TIMEOUT) and "reply 12 tokens" in stats
+
+
+def test_on_zerogpu_stop_ends_the_workers_call_at_once(zero_gpu_space):
+    api = zero_gpu_space.api
+    released = len(api.requests("/release"))
+    job = Client(zero_gpu_space.url, verbose=False).submit(*chat_args("Go on", max_new_tokens=8000), api_name="/chat")
+    wait_until(lambda: len(job.outputs()) >= 3, "the reply to stream")
+    assert len(api.requests("/schedule")) == released + 1
+    stopped = time.monotonic()
+    job.cancel()  # Stop
+    ended = api.wait_for_release(released + 1, TIMEOUT)
+    assert ended is not None, "the GPU was never released"
+    # 8000 tokens take this CPU over 30 s: a call that was not stopped would be released only then
+    assert ended - stopped < 10, f"the GPU was released {ended - stopped:.1f} s after Stop"
+    reply, stats = Client(zero_gpu_space.url, verbose=False).predict(*chat_args("Hello again"), api_name="/chat")
+    assert "reply 8 tokens" in stats, "the next reply after Stop failed"
