@@ -349,10 +349,11 @@ def test_the_page_shows_queue_positions_and_stop_ends_the_gpu_call(page, gpu_cal
 
 # -- the real spaces ZeroGPU machinery, the CPU standing in for the GPU ------------------------------------------------
 
-#: Starts app.py with spaces in ZeroGPU mode (SPACES_ZERO_GPU=true) on a machine without CUDA. spaces' own scheduling
-#: client, forked worker, result queues, stop event and release all run for real; only what needs CUDA is stood in for:
-#: spaces reads three things of a CUDA build of torch, and the worker's CUDA start and weight move become no-ops (the
-#: model stays on the CPU, --device cpu, and the forked worker inherits it).
+#: Starts app.py with spaces in ZeroGPU mode (SPACES_ZERO_GPU=true) on a machine without CUDA. spaces' torch patching
+#: (CUDA reported as an H200, ``.to("cuda")`` recorded instead of done), its scheduling client, forked worker, result
+#: queues, stop event and release all run for real. Only what needs CUDA is stood in for: spaces reads three things
+#: of a CUDA build of torch; at launch the weights are not packed to disk, and in the worker, instead of starting CUDA
+#: and copying them there, each tensor the app moved "to the GPU" gets its CPU data back.
 ZERO_GPU_ON_CPU = """
 import runpy, sys, torch
 if torch.version.cuda is None:
@@ -362,8 +363,13 @@ if torch.version.cuda is None:
         return False
     torch.cuda._is_in_bad_fork = not_in_bad_fork
 import spaces.zero.torch as zero_torch
-zero_torch.init = lambda nvidia_uuid: None
-zero_torch.move = lambda callback=None: None
+from spaces.zero.torch import patching
+
+def move(callback=None):
+    for fake, original in patching.cuda_aliases.items():
+        fake.data = original
+
+zero_torch.init, zero_torch.pack, zero_torch.move = (lambda nvidia_uuid: None), (lambda: 0), move
 sys.argv = ["app.py", *sys.argv[1:]]
 runpy.run_path("app.py", run_name="__main__")
 """
@@ -423,7 +429,7 @@ def zero_gpu_space(long_reply_checkpoint, tmp_path_factory):
            "ZEROGPU_PROC_SELF_CGROUP_PATH": str(home / "cgroup"), "HOME": str(home), "HF_HUB_OFFLINE": "1",
            "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     app = subprocess.Popen([sys.executable, "-c", ZERO_GPU_ON_CPU, "--model", str(long_reply_checkpoint),
-                            "--device", "cpu", "--max-new-tokens", "8000"], cwd=ROOT, env=env, text=True,
+                            "--max-new-tokens", "8000"], cwd=ROOT, env=env, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=lambda: [lines.put(line) for line in app.stdout] + [lines.put(None)], daemon=True).start()
@@ -443,13 +449,26 @@ def zero_gpu_space(long_reply_checkpoint, tmp_path_factory):
             app.wait()
 
 
-def test_on_zerogpu_each_reply_runs_in_spaces_forked_worker_with_its_duration(zero_gpu_space, backends):
+def test_on_zerogpu_the_model_loads_as_zerogpu_requires_and_the_header_shows_the_hardware(zero_gpu_space):
+    config = httpx.get(zero_gpu_space.url + "config", timeout=TIMEOUT).json()
+    header = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-info"][0]
+    # precision from the hardware spaces describes (an H200 slice), weights moved "to the GPU" at start-up
+    assert "**Precision** bf16" in header and "**Device** ZeroGPU · NVIDIA H200" in header
+    assert zero_gpu_space.api.requests("/startup-report"), "spaces did not report the decorated function at launch"
+
+
+def test_on_zerogpu_each_reply_runs_in_spaces_forked_worker_with_its_duration(zero_gpu_space, long_reply_checkpoint):
     api = zero_gpu_space.api
-    assert api.requests("/startup-report"), "spaces did not report the decorated function at launch"
     client = Client(zero_gpu_space.url, verbose=False, headers={"X-IP-Token": "visitor-token"})
     reply, stats = client.predict(*chat_args("Hello", max_new_tokens=12, seed=9), api_name="/chat")
-    _, engine = backends
-    assert reply == asyncio.run(collect(engine, user("Hello"), SamplingParams(max_new_tokens=12, seed=9)))[0]
+    bf16 = load_from_folder(long_reply_checkpoint, Settings(precision="bf16", device="cpu"), "tiny")
+    engine = Engine(bf16.model)
+    try:
+        expected, _ = asyncio.run(collect(LocalBackend(engine, bf16.chat_format, bf16.info), user("Hello"),
+                                          SamplingParams(max_new_tokens=12, seed=9)))
+    finally:
+        engine.shutdown()
+    assert reply == expected, "the worker's reply is not the engine's (same bf16 weights, same seed)"
     schedule, = api.requests("/schedule")
     assert schedule["durationSeconds"] == str(zero_gpu.GPU_START_SECONDS + 1)  # 12 tokens
     assert schedule["token"] == "visitor-token", "the GPU was not asked for with the visitor's quota"
