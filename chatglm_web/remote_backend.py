@@ -57,7 +57,11 @@ def normalize_url(url: str) -> str:
     """``http(s)://host[:port][/prefix]`` without a trailing ``/`` or ``/v1``; RemoteBackendError otherwise."""
     text = (url or "").strip().rstrip("/")
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and bool(httpx.URL(text).host)
+    except (httpx.InvalidURL, ValueError):
+        valid = False
+    if not valid:
         raise RemoteBackendError(f"--backend must be an http:// or https:// URL such as http://127.0.0.1:8000, "
                                  f"got {url!r}")
     return text[:-3] if text.endswith("/v1") else text
@@ -84,11 +88,15 @@ def _status_failure(url: str, response: httpx.Response) -> str:
     return f"{text}: {message}" if message else text
 
 
-def _transport_failure(url: str, error: httpx.TransportError, *, answering: bool) -> str:
+def _transport_failure(url: str, error: httpx.RequestError, *, answering: bool,
+                       read_timeout: float = READ_TIMEOUT) -> str:
+    """What went wrong on the way to or from the server, in plain words naming it."""
     if isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout)):
         return f"the generation server at {url} cannot be reached ({error or type(error).__name__})"
     if isinstance(error, httpx.ReadTimeout):
-        return f"the generation server at {url} sent nothing for {READ_TIMEOUT:.0f} s"
+        return f"the generation server at {url} sent nothing for {read_timeout:.0f} s"
+    if isinstance(error, httpx.DecodingError):
+        return f"the generation server at {url} sent a reply that cannot be decoded ({error})"
     if answering:
         return f"the generation server at {url} closed the connection in the middle of the reply"
     return f"the generation server at {url} closed the connection before answering"
@@ -98,7 +106,7 @@ def list_models(url: str, api_key: str | None = None, timeout: float = CONNECT_T
     """``GET /v1/models``: the served models (``id``; vLLM adds ``max_model_len``). RemoteBackendError if unusable."""
     try:
         response = httpx.get(f"{url}/v1/models", headers=_headers(api_key), timeout=timeout)
-    except httpx.TransportError as error:
+    except httpx.RequestError as error:
         raise RemoteBackendError(_transport_failure(url, error, answering=False)) from None
     if response.status_code in (401, 403):
         raise RemoteBackendError(f"the generation server at {url} refused the API key ({response.status_code}); "
@@ -268,7 +276,7 @@ class RemoteBackend:
         outcome = "cancelled (Stop or disconnect)"  # unless the stream ends here
         try:
             # aclosing: an early close reaches the HTTP response at once, so the server aborts the generation
-            async with aclosing(self._stream(endpoint, body, counts, started, request_id, params.stop)) as events:
+            async with aclosing(self._stream(endpoint, body, counts, params.stop)) as events:
                 async for event in events:
                     if isinstance(event, Finished):
                         event = dataclasses.replace(event, dropped_messages=dropped, max_new_tokens_clamped=clamped)
@@ -282,8 +290,7 @@ class RemoteBackend:
             log.info("request %d: %s, prompt %d tokens, reply %d tokens, %.2f s (%s)", request_id, outcome,
                      counts["prompt"], counts["reply"], time.perf_counter() - started, self.url)
 
-    async def _stream(self, endpoint: str, body: dict, counts: dict, started: float, request_id: int,
-                      stop: tuple[str, ...]) -> AsyncIterator[ChatEvent]:
+    async def _stream(self, endpoint: str, body: dict, counts: dict, stop: tuple[str, ...]) -> AsyncIterator[ChatEvent]:
         """POST and turn the server-sent events into TextDelta/Finished; server failures become Finished(error).
 
         A stop string ends the reply here: the response is closed, so the server stops generating.
@@ -291,9 +298,9 @@ class RemoteBackend:
         reply = _ReplyText(self.format if self.uses_token_ids else None, stop)
         first = last = None
         reason, usage, answering, failure = None, {}, False, None
-        headers = {**_headers(self.api_key), "X-Request-Id": f"chatglm-web-{request_id}"}
+        submitted = time.perf_counter()
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, headers=headers) as client:
+            async with httpx.AsyncClient(timeout=self.timeout, headers=_headers(self.api_key)) as client:
                 async with client.stream("POST", self.url + endpoint, json=body) as response:
                     if response.status_code == 429:
                         await response.aread()
@@ -316,8 +323,8 @@ class RemoteBackend:
                             reason = choice.get("finish_reason") or reason
                         if reply.stopped:
                             break
-        except httpx.TransportError as error:
-            failure = _transport_failure(self.url, error, answering=answering)
+        except httpx.RequestError as error:
+            failure = _transport_failure(self.url, error, answering=answering, read_timeout=self.timeout.read)
         except _Failure as error:
             failure = str(error)
         if rest := reply.finish():
@@ -335,7 +342,7 @@ class RemoteBackend:
             prompt_tokens=counts["prompt"],
             completion_tokens=counts["reply"],
             seconds=(last - first) if first else 0.0,
-            time_to_first_token=(first - started) if first else 0.0,
+            time_to_first_token=(first - submitted) if first else 0.0,
             error=None if reply.stopped else failure,
         )
 
@@ -344,7 +351,7 @@ class RemoteBackend:
         try:
             async with httpx.AsyncClient(timeout=5.0, headers=_headers(self.api_key)) as client:
                 response = await client.get(self.url + "/v1/models")
-        except httpx.TransportError as error:
+        except httpx.RequestError as error:
             return False, _transport_failure(self.url, error, answering=False)
         if response.status_code != 200:
             return False, _status_failure(self.url, response)

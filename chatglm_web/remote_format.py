@@ -5,8 +5,8 @@
     remote.context_length   # from config.json; the server's own max_model_len wins when it says
     remote.name
 
-ChatGLM3 checkpoints (``model_type`` chatglm or glm) get the app's injection-safe tokenizer from
-``tokenizer.model``; any other model its Hugging Face tokenizer and chat template.
+ChatGLM3 checkpoints (``model_type`` chatglm or glm, with a sentencepiece ``tokenizer.model``) get the
+app's injection-safe tokenizer; any other model its Hugging Face tokenizer and chat template.
 """
 
 from __future__ import annotations
@@ -77,14 +77,15 @@ def _eos_ids(folder: Path, config: dict) -> list[int]:
 def load_remote_format(model_id: str) -> RemoteFormat:
     """Chat format, context length (config fallback) and name of ``model_id`` without loading weights."""
     from .chat_format import ChatGLM3Format, TemplateFormat
+    from .chatglm3.tokenizer import ChatGLM3Tokenizer
 
     folder = tokenizer_folder(model_id)
+    if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise ModelLoadError(f"{model_id} has neither config.json nor tokenizer_config.json: not a model or tokenizer")
     config = _read_json(folder / "config.json")
     context = _context_length(config)
     try:
-        if config.get("model_type") in ("chatglm", "glm"):
-            from .chatglm3.tokenizer import ChatGLM3Tokenizer
-
+        if config.get("model_type") in ("chatglm", "glm") and (folder / "tokenizer.model").is_file():
             return RemoteFormat(ChatGLM3Format(ChatGLM3Tokenizer.from_pretrained(folder)), context, model_id)
         from transformers import AutoTokenizer
 

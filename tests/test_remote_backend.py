@@ -17,7 +17,7 @@ import pytest
 from chatglm_web.chat_format import ChatGLM3Format, TemplateFormat
 from chatglm_web.engine import Engine
 from chatglm_web.generation import Finished, SamplingParams, TextDelta
-from chatglm_web.loading import load_from_folder
+from chatglm_web.loading import ModelLoadError, load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError, build_remote_backend
 from chatglm_web.remote_format import load_remote_format
@@ -26,7 +26,9 @@ from vllm_server import (TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_ven
                          write_test_checkpoint)
 
 CONTEXT = 6144  # vLLM's --max-model-len: less than the checkpoint's 8192, so the server's own value shows
-LONG = 6000  # tokens: some 15 s of generation, far longer than any test waits before stopping one
+LONG = 6000  # tokens: about a minute of generation, far longer than any test waits before stopping one
+# Greedy with a penalty: no loop of whitespace (held back until other text follows), so text streams at once.
+LONG_REPLY = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_new_tokens=LONG)
 KEY = "test-key"
 
 
@@ -119,6 +121,17 @@ def test_load_remote_format_reads_tokenizer_and_config_only(vllm_checkpoint, tmp
     assert remote.context_length == TEST_SPEC.seq_length and remote.name == str(tmp_path)
 
 
+def test_load_remote_format_of_another_family_uses_its_chat_template(template_tokenizer, tmp_path):
+    remote = load_remote_format(str(template_tokenizer))
+    assert isinstance(remote.chat_format, TemplateFormat) and remote.context_length == 4096  # no config: default
+    prompt = remote.chat_format.tokenizer.decode(remote.chat_format.prompt_ids(user("hi")))
+    assert prompt.startswith("[gMASK]sop<|user|>") and prompt.endswith("<|assistant|>")
+    with pytest.raises(ModelLoadError, match="neither config.json nor tokenizer_config.json"):
+        load_remote_format(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="there is no folder"):
+        load_remote_format(str(tmp_path / "missing"))
+
+
 CONVERSATIONS = [
     user("Hello, how are you?"),
     user("What is the capital of France?"),
@@ -179,14 +192,15 @@ def test_the_reply_budget_is_the_max_tokens_sent(remote):
 
 @pytest.mark.vllm
 def test_a_stop_string_ends_the_reply_as_in_the_local_engine(remote, local):
-    greedy = run(remote, CONVERSATIONS[1], temperature=0.0, max_new_tokens=64)[0]
-    at = next(k for k in range(len(greedy) * 3 // 4, len(greedy)) if greedy.find(greedy[k:k + 3]) == k)
-    params = dict(temperature=0.0, max_new_tokens=64, stop=("zzz", greedy[at:at + 3]))
+    greedy = run(remote, CONVERSATIONS[1], temperature=0.0, max_new_tokens=160)[0]
+    # past the first 64 characters, which the reply filter holds back (they might be a metadata line)
+    at = next(k for k in range(max(70, len(greedy) * 3 // 4), len(greedy)) if greedy.find(greedy[k:k + 3]) == k)
+    params = dict(temperature=0.0, max_new_tokens=160, stop=("zzz", greedy[at:at + 3]))
     text, done, ids = run(remote, CONVERSATIONS[1], **params)
     local_text, local_done, local_ids = run(local, CONVERSATIONS[1], **params)
     assert text == greedy[:at] == local_text
     assert (done.reason, done.completion_tokens) == (local_done.reason, local_done.completion_tokens)
-    assert done.reason == "stop" and done.completion_tokens < 64
+    assert done.reason == "stop" and done.completion_tokens < 160  # ended at the stop string, not at the budget
 
 
 def long_conversation() -> list[dict]:
@@ -220,20 +234,17 @@ def test_closing_the_stream_aborts_the_remote_generation(remote, vllm):
     finished_before = vllm.metric("vllm:request_success_total")  # every finish reason except an abort
     tokens_before = vllm.metric("vllm:generation_tokens_total")
 
-    async def stop_after_two_pieces():
-        async with aclosing(remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG))) as s:
-            pieces = 0
-            async for event in s:
+    async def stop_at_the_first_piece():
+        async with aclosing(remote.stream_chat(user("Write a long essay"), LONG_REPLY)) as stream:
+            async for event in stream:
                 assert isinstance(event, TextDelta)
-                pieces += 1
-                if pieces == 2:
-                    assert await asyncio.to_thread(vllm.running_requests) == 1
-                    break  # the Stop button: aclosing closes the stream
+                assert await asyncio.to_thread(vllm.running_requests) == 1, "the reply ended before Stop"
+                break  # the Stop button: aclosing closes the stream
         assert await _wait_for(lambda: vllm.running_requests() == 0, 5.0), "vLLM still generates after Stop"
 
     async def disconnect_while_generating():
         async def page():  # Gradio cancels the task of a page that went away
-            async for _ in remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG)):
+            async for _ in remote.stream_chat(user("Write a long essay"), LONG_REPLY):
                 pass
         task = asyncio.create_task(page())
         assert await _wait_for(lambda: vllm.running_requests() == 1, 5.0)
@@ -242,7 +253,7 @@ def test_closing_the_stream_aborts_the_remote_generation(remote, vllm):
             await task
         assert await _wait_for(lambda: vllm.running_requests() == 0, 5.0), "vLLM still generates after disconnect"
 
-    asyncio.run(stop_after_two_pieces())
+    asyncio.run(stop_at_the_first_piece())
     asyncio.run(disconnect_while_generating())
     assert vllm.metric("vllm:request_success_total") == finished_before  # neither ran to its end
     assert vllm.metric("vllm:generation_tokens_total") - tokens_before < LONG
@@ -303,7 +314,7 @@ def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_aft
 
     async def kill_mid_reply():
         text, done = "", None
-        async with aclosing(remote.stream_chat(user("Write a long essay"), SamplingParams(max_new_tokens=LONG))) as s:
+        async with aclosing(remote.stream_chat(user("Write a long essay"), LONG_REPLY)) as s:
             async for event in s:
                 if isinstance(event, TextDelta):
                     text += event.text
