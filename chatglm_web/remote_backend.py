@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from .chat_format import ChatGLM3Format, normalize_messages
 from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, SamplingParams, TextDelta
 from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, check_messages
-from .chat_format import ChatGLM3Format, normalize_messages
 from .settings import StartupError
 from .streaming_text import StopStrings
 
@@ -115,10 +115,11 @@ def list_models(url: str, api_key: str | None = None, timeout: float = CONNECT_T
         raise RemoteBackendError(_status_failure(url, response) + " (is it an OpenAI-compatible server?)")
     try:
         models = response.json()["data"]
-        assert isinstance(models, list) and all(isinstance(m, dict) and m.get("id") for m in models)
-    except (ValueError, KeyError, TypeError, AssertionError):
+    except (ValueError, KeyError, TypeError):
+        models = None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and m.get("id") for m in models):
         raise RemoteBackendError(f"{url}/v1/models did not answer an OpenAI model list; is {url} a vLLM, SGLang "
-                                 "or other OpenAI-compatible server?") from None
+                                 "or other OpenAI-compatible server?")
     if not models:
         raise RemoteBackendError(f"the generation server at {url} serves no model")
     return models
@@ -310,19 +311,20 @@ class RemoteBackend:
                         await response.aread()
                         raise _Failure(_status_failure(self.url, response))
                     answering = True
-                    async for chunk in _server_events(response, self.url):
-                        usage = chunk.get("usage") or usage
-                        for choice in chunk.get("choices") or []:
-                            piece, tokens = reply.add(choice)
-                            if tokens:
-                                last = time.perf_counter()
-                                first = first or last
-                                counts["reply"] += tokens
-                            if piece:
-                                yield TextDelta(piece)
-                            reason = choice.get("finish_reason") or reason
-                        if reply.stopped:
-                            break
+                    async with aclosing(_server_events(response, self.url)) as chunks:
+                        async for chunk in chunks:
+                            usage = chunk.get("usage") or usage
+                            for choice in chunk.get("choices") or []:
+                                piece, tokens = reply.add(choice)
+                                if tokens:
+                                    last = time.perf_counter()
+                                    first = first or last
+                                    counts["reply"] += tokens
+                                if piece:
+                                    yield TextDelta(piece)
+                                reason = choice.get("finish_reason") or reason
+                            if reply.stopped:
+                                break
         except httpx.RequestError as error:
             failure = _transport_failure(self.url, error, answering=answering, read_timeout=self.timeout.read)
         except _Failure as error:
