@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from types import SimpleNamespace
 
 import pytest
 
@@ -21,7 +20,7 @@ from chatglm_web.loading import ModelLoadError, load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError, build_remote_backend
 from chatglm_web.remote_format import load_remote_format
-from chatglm_web.settings import Settings
+from chatglm_web.settings import Settings, parse_settings
 from vllm_server import (TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_venv, free_port, write_template_tokenizer,
                          write_test_checkpoint)
 
@@ -56,9 +55,9 @@ def vllm(vllm_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def remote(vllm, vllm_checkpoint):
-    """Built as the app builds it from its settings (--backend, --backend-api-key, --model)."""
-    settings = SimpleNamespace(backend=vllm.url, backend_api_key=KEY, model=str(vllm_checkpoint), model_explicit=True,
-                               max_input_tokens=None, max_new_tokens=CONTEXT, max_input_chars=None)
+    """Built as the app builds it from its flags."""
+    settings = parse_settings(["--backend", vllm.url, "--backend-api-key", KEY, "--model", str(vllm_checkpoint),
+                               "--max-new-tokens", str(CONTEXT)], environ={})
     return build_remote_backend(settings)
 
 
