@@ -73,6 +73,6 @@ def main(argv: list[str] | None = None) -> None:
         page.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                     auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
     except Exception as error:  # the port is taken, the host cannot be bound, no share link
-        backend.engine.shutdown()
+        backend.shutdown()
         log.error("cannot start: %s", error_line(error))
         sys.exit(2)
