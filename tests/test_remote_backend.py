@@ -383,3 +383,67 @@ def test_without_a_package_index_the_vllm_venv_fails_with_a_clear_message(tmp_pa
         ensure_vllm_venv(tmp_path / "venv")
     assert "ERROR:" in (tmp_path / "venv.install.log").read_text()  # pip's own account is in the log
     assert "\n" not in str(caught.value)
+
+
+# -- the app itself in front of vLLM (--backend): the page's /chat, its OpenAI-compatible API, /healthz, Stop ----------
+
+
+@pytest.fixture(scope="module")
+def app_on_vllm(vllm, vllm_checkpoint):
+    """The app started with --backend on the session's vLLM (token ids: the checkpoint folder is ChatGLM3)."""
+    from server_harness import running_server
+
+    with running_server(model=str(vllm_checkpoint), backend=vllm.url, backend_api_key=KEY,
+                        max_new_tokens=CONTEXT) as app:
+        # the harness ends a local engine on exit; a remote backend has none, its shutdown is the counterpart
+        app.backend.engine = type("NoEngine", (), {"shutdown": staticmethod(app.backend.shutdown)})()
+        yield app
+
+
+@pytest.mark.vllm
+def test_the_app_on_vllm_replies_as_the_local_engine_on_the_page_and_its_api(app_on_vllm, local, vllm):
+    import httpx
+    import openai
+    from server_harness import chat_args, chat_over_http
+
+    app = app_on_vllm
+    assert app.backend.uses_token_ids
+    with httpx.Client(base_url=app.url, timeout=60) as http:
+        assert http.get("healthz").status_code == 200  # vLLM is up
+        client = openai.OpenAI(base_url=app.url + "v1", api_key="none", max_retries=0)
+        for messages in CONVERSATIONS[:2]:
+            prompt = messages[-1]["content"]
+            local_text = run(local, messages, temperature=0.0, max_new_tokens=24)[0]
+            assert local_text
+            page = chat_over_http(http, chat_args(prompt, temperature=0.0, max_new_tokens=24))
+            assert (page.event, page.error) == ("complete", None)
+            assert page.reply == local_text
+            assert "reply 24 tokens" in page.stats and " tokens/s" in page.stats  # the stats line of a remote reply
+            speed = float(page.stats.split(" tokens/s")[0].rsplit(" ", 1)[-1])
+            assert speed > 0
+            api = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0.0)
+            assert api.choices[0].message.content == local_text
+            assert api.usage.completion_tokens == 24
+    assert vllm.running_requests() == 0
+
+
+@pytest.mark.vllm
+def test_leaving_the_pages_stream_frees_the_slot_on_vllm(app_on_vllm, vllm):
+    import httpx
+    from server_harness import chat_args, chat_over_http
+
+    seen_running = []
+
+    def leave_at_the_first_text(result):
+        if result.replies:
+            seen_running.append(vllm.running_requests())
+            return True
+        return False
+
+    with httpx.Client(base_url=app_on_vllm.url, timeout=60) as http:
+        started = time.monotonic()
+        result = chat_over_http(http, chat_args("Write a long essay", temperature=0.0, repetition_penalty=1.3,
+                                                max_new_tokens=LONG), leave_when=leave_at_the_first_text)
+    assert result.disconnected and seen_running == [1], "the reply was not generating on vLLM when left"
+    assert asyncio.run(_wait_for(lambda: vllm.running_requests() == 0, 10.0)), "vLLM still generates after Stop"
+    assert time.monotonic() - started < 30  # far less than the 6000-token reply would take
