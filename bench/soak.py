@@ -20,6 +20,7 @@ import argparse
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -231,6 +232,7 @@ def main() -> None:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        shutil.rmtree(folder, ignore_errors=True)  # the checkpoint; the server log stays for a look
     sys.exit(0 if ok else 1)
 
 

@@ -96,9 +96,9 @@ def chat_over_http(http, data: list, *, session_hash: str | None = None, leave_w
                    on_accepted=None) -> ChatResult:
     """One ``/chat`` call through ``/gradio_api/call/chat`` with plain httpx, its stream read to the end.
 
-    ``leave_when(result)`` is asked after every streamed update; when it says True the connection is
-    closed there (a client that goes away mid-reply). ``on_accepted(result)`` is called once the
-    first update or the final event arrives (the request was answered, queued or started).
+    ``leave_when(result)`` is asked after every streamed update and heartbeat; when it says True the
+    connection is closed there (a client that goes away mid-reply). ``on_accepted(result)`` is called
+    once the first update or the final event arrives (the request was answered, queued or started).
     """
     body = {"data": data}
     if session_hash:
@@ -122,10 +122,12 @@ def chat_over_http(http, data: list, *, session_hash: str | None = None, leave_w
             if line.startswith("event:"):
                 event = line[len("event:"):].strip()
                 continue
-            if not line.startswith("data:") or event == "heartbeat":
+            if not line.startswith("data:"):
                 continue
             payload = json.loads(line[len("data:"):])
-            if event == "error":
+            if event == "heartbeat":
+                pass
+            elif event == "error":
                 result.event = "error"
                 result.error = _error_text(payload)
             elif isinstance(payload, list) and payload:
