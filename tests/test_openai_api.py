@@ -12,6 +12,7 @@ import openai
 import pytest
 from gradio_client import Client
 
+from chatglm_web.generation import SamplingParams
 from server_harness import running_server
 
 KEY = "test-key-123"
@@ -165,8 +166,7 @@ def test_disconnect_mid_stream_cancels_the_generation(server):
 def test_busy_is_429(long_reply_checkpoint):
     with running_server(model=str(long_reply_checkpoint), max_batch_size=1, max_queue=0) as srv:
         c = openai.OpenAI(base_url=srv.url + "v1", api_key="unused", max_retries=0)
-        holder = srv.engine.submit([5, 6, 7], __import__("chatglm_web.generation").generation.SamplingParams(
-            max_new_tokens=3000), [])
+        holder = srv.engine.submit([5, 6, 7], SamplingParams(max_new_tokens=2000), [])
         try:
             with pytest.raises(openai.RateLimitError) as info:
                 c.chat.completions.create(model="m", messages=HELLO, max_tokens=5)
