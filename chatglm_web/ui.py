@@ -220,14 +220,22 @@ def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
     return chat
 
 
+def passed_as_sent(component: gr.components.Component) -> gr.components.Component:
+    """``component`` with its value reaching the chat function as sent. Gradio's own range check of a
+    slider or number box does not say which option is wrong (and a string fails without a message);
+    ``SamplingParams`` checks every value against the same declared range and names the option."""
+    component.preprocess = lambda payload: payload
+    return component
+
+
 def sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
     """The sampling inputs in ``make_chat_fn``'s order, each built from ``generation.option``."""
 
     def slider(name: str, elem_id: str, maximum=None):
         spec = option(name)
         maximum = spec.maximum if maximum is None else maximum
-        return gr.Slider(spec.minimum, maximum, value=min(spec.default, maximum), step=spec.step, label=spec.label,
-                         info=spec.description, render=False, elem_id=elem_id)
+        return passed_as_sent(gr.Slider(spec.minimum, maximum, value=min(spec.default, maximum), step=spec.step,
+                                        label=spec.label, info=spec.description, render=False, elem_id=elem_id))
 
     seed = option("seed")
     return [
@@ -237,8 +245,8 @@ def sampling_controls(max_new_tokens: int) -> list[gr.components.Component]:
         slider("top_k", "top-k"),
         slider("repetition_penalty", "repetition-penalty"),
         # no minimum/maximum here: SamplingParams checks the value and says what is allowed
-        gr.Number(-1, label=f"{seed.label} (-1 = random)", info=seed.description, precision=0, render=False,
-                  elem_id="seed"),
+        passed_as_sent(gr.Number(-1, label=f"{seed.label} (-1 = random)", info=seed.description, precision=0,
+                                 render=False, elem_id="seed")),
     ]
 
 
