@@ -40,7 +40,7 @@ def running_server(**settings):
         yield RunningServer(f"http://127.0.0.1:{settings.port}/", backend, page)
     finally:
         page.close()
-        backend.engine.shutdown()
+        backend.shutdown()  # the local engine, or nothing for a remote backend
 
 
 # -- Gradio's HTTP API, as any client (or attacker) reaches it -----------------------------------------------------

@@ -395,8 +395,6 @@ def app_on_vllm(vllm, vllm_checkpoint):
 
     with running_server(model=str(vllm_checkpoint), backend=vllm.url, backend_api_key=KEY,
                         max_new_tokens=CONTEXT) as app:
-        # the harness ends a local engine on exit; a remote backend has none, its shutdown is the counterpart
-        app.backend.engine = type("NoEngine", (), {"shutdown": staticmethod(app.backend.shutdown)})()
         yield app
 
 
