@@ -33,6 +33,7 @@ from .generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Que
 from .transcript import remove_legacy_downloads, to_json, to_markdown
 
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("chatglm_web.requests")  # one line per request, as the backend writes them
 
 LATEX = [
     {"left": "$$", "right": "$$", "display": True},
@@ -191,10 +192,14 @@ def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
                    repetition_penalty, seed, request: gr.Request = None):
         failed = None
         try:
-            check_text(message, system_prompt, history)
-            params = SamplingParams.from_form(
-                temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
-                repetition_penalty=repetition_penalty, seed=seed_value(seed))
+            try:
+                check_text(message, system_prompt, history)
+                params = SamplingParams.from_form(
+                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
+                    repetition_penalty=repetition_penalty, seed=seed_value(seed))
+            except InvalidRequest as error:  # refused before the backend, which logs every request it sees
+                request_log.info("request invalid: %s", error)
+                raise
             reply = ""
             # aclosing: however this generator ends (Stop, disconnect, error), the generation is cancelled
             async with aclosing(backend.stream_chat(conversation(system_prompt, history, message), params)) as stream:

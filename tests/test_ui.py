@@ -275,3 +275,12 @@ def test_the_statistics_line_says_when_the_reply_budget_was_lowered():
     clamped = Finished(reason="length", prompt_tokens=8000, completion_tokens=192, seconds=2.0,
                        max_new_tokens_clamped=192)
     assert "reply budget lowered to 192 tokens to fit the context" in stats_markdown(clamped)
+
+
+def test_a_request_refused_by_the_page_is_logged_in_one_line(server, caplog):
+    caplog.set_level(logging.INFO, logger="chatglm_web.requests")
+    with pytest.raises(Exception, match="temperature"):
+        Client(server.url, verbose=False).predict("hi", "", 9.0, 0.8, 8, 0, 1.0, -1, api_name="/chat")
+    lines = [r.getMessage() for r in caplog.records if r.name == "chatglm_web.requests"]
+    assert len(lines) == 1 and "invalid" in lines[0] and "temperature" in lines[0]
+    assert not any(r.exc_info for r in caplog.records)
