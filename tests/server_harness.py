@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import queue
 import socket
+import subprocess
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +44,33 @@ def running_server(**settings):
     finally:
         page.close()
         backend.shutdown()  # the local engine, or nothing for a remote backend
+
+
+
+@contextmanager
+def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local URL", timeout: float = 240):
+    """``python <args>`` as its own process (the app as users start it), yielded once it printed ``ready``;
+    terminated (killed if need be) afterwards. Its output lines so far are in ``proc.log``."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
+    proc.log = []
+    try:
+        while not any(ready in line for line in proc.log):
+            line = lines.get(timeout=timeout)
+            assert line is not None, "the app exited:\n" + "".join(proc.log[-40:])
+            proc.log.append(line)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- Gradio's HTTP API, as any client (or attacker) reaches it -----------------------------------------------------

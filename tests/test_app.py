@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 import torch
 from packaging.utils import canonicalize_name
-from server_harness import free_port
+from server_harness import app_process, free_port
 
 from chatglm_web.chatglm3 import ChatGLM3Tokenizer
 from chatglm_web.chatglm3.loader import load_glm_model
@@ -122,30 +121,12 @@ def test_offline_model_download_failure_is_one_line_and_exit_code_2(tmp_path):
 def test_gradio_server_port_is_honoured(chatglm3_checkpoint, tmp_path):
     """Hugging Face Spaces sets GRADIO_SERVER_PORT (and _NAME); the app must listen there."""
     port = free_port()
-    output = tmp_path / "app.log"
-    with open(output, "w") as out:
-        app = subprocess.Popen([sys.executable, "app.py", "--model", str(chatglm3_checkpoint), "--precision", "fp32",
-                                "--device", "cpu"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                               env=app_env({"GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}))
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert app.poll() is None, f"the app exited ({app.returncode}):\n{output.read_text()[-3000:]}"
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/config", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, f"nothing answers on port {port}:\n{output.read_text()[-3000:]}"
-                time.sleep(0.5)
+    args = ["app.py", "--model", str(chatglm3_checkpoint), "--precision", "fp32", "--device", "cpu"]
+    with app_process(args, cwd=REPO, env=app_env({"GRADIO_SERVER_PORT": str(port),
+                                                  "GRADIO_SERVER_NAME": "127.0.0.1"})) as app:
+        response = httpx.get(f"http://127.0.0.1:{port}/config", timeout=30)
         assert response.status_code == 200 and response.json()["mode"] == "blocks"
-        assert f"127.0.0.1:{port}" in output.read_text()
-    finally:
-        app.terminate()
-        try:
-            app.wait(30)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            app.wait()
+        assert f"127.0.0.1:{port}" in "".join(app.log)
 
 
 def test_count_params_of_a_folder_saved_by_transformers_5(tmp_path, chatglm3_checkpoint):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatglm_web.engine import Engine, EngineBusy, Outcome
-from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
+from chatglm_web.generation import BackendBusy, InvalidRequest, Queued, SamplingParams, TextDelta
 from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend, fit_to_context
 from chatglm_web.settings import Settings

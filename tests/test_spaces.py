@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +26,7 @@ import spaces
 import torch
 from gradio_client import Client
 from huggingface_hub import SpaceCard
-from server_harness import free_port
+from server_harness import app_process, free_port
 
 from chatglm_web import loading, spaces_env
 from chatglm_web.chatglm3 import loader
@@ -182,16 +180,7 @@ def test_the_app_started_as_a_zero_gpu_space_listens_where_spaces_route(long_rep
     space = {"SPACE_ID": "someone/chatglm3", "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port),
              "CHATGLM_WEB_MODEL": str(long_reply_checkpoint), "CHATGLM_WEB_DEVICE": "cpu",
              "CHATGLM_WEB_ZERO_GPU": "true"}  # ZeroGPU mode forced: off ZeroGPU hardware spaces.GPU passes through
-    app = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env={**app_env(), **space}, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=lambda: [lines.put(line) for line in app.stdout] + [lines.put(None)], daemon=True).start()
-    log = []
-    try:
-        while not any("Running on local URL" in line for line in log):
-            line = lines.get(timeout=240)
-            assert line is not None, "the app exited:\n" + "".join(log[-40:])
-            log.append(line)
+    with app_process(["app.py"], cwd=ROOT, env={**app_env(), **space}) as app:
         listening = {c.laddr for c in psutil.Process(app.pid).net_connections("tcp") if c.status == "LISTEN"}
         assert ("0.0.0.0", port) in listening, listening
         config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=30).json()
@@ -200,13 +189,6 @@ def test_the_app_started_as_a_zero_gpu_space_listens_where_spaces_route(long_rep
         reply, stats = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
             "Hello", "", 0.8, 0.8, 6, 0, 1.0, 1, api_name="/chat")
         assert reply and "reply 6 tokens" in stats
-    finally:
-        app.terminate()
-        try:
-            app.wait(30)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            app.wait()
 
 
 # -- requirements.txt on Spaces -----------------------------------------------------------------------------------

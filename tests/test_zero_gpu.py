@@ -14,9 +14,6 @@ import inspect
 import json
 import os
 import pickle
-import queue
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +36,7 @@ from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.settings import Settings
 from chatglm_web.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
-from server_harness import free_port, running_server
+from server_harness import app_process, free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -428,25 +425,9 @@ def zero_gpu_space(long_reply_checkpoint, tmp_path_factory):
            "SPACES_ZERO_GPU": "true", "SPACES_ZERO_DEVICE_API_URL": api.url, "SPACE_ID": "someone/chatglm3",
            "ZEROGPU_PROC_SELF_CGROUP_PATH": str(home / "cgroup"), "HOME": str(home), "HF_HUB_OFFLINE": "1",
            "GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    app = subprocess.Popen([sys.executable, "-c", ZERO_GPU_ON_CPU, "--model", str(long_reply_checkpoint),
-                            "--max-new-tokens", "8000"], cwd=ROOT, env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=lambda: [lines.put(line) for line in app.stdout] + [lines.put(None)], daemon=True).start()
-    log = []
-    try:
-        while not any("Running on local URL" in line for line in log):
-            line = lines.get(timeout=240)
-            assert line is not None, "the app exited:\n" + "".join(log[-40:])
-            log.append(line)
+    with app_process(["-c", ZERO_GPU_ON_CPU, "--model", str(long_reply_checkpoint), "--max-new-tokens", "8000"],
+                     cwd=ROOT, env=env) as app:
         yield SimpleNamespace(api=api, app=app, url=f"http://127.0.0.1:{port}/")
-    finally:
-        app.terminate()
-        try:
-            app.wait(30)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            app.wait()
 
 
 def test_on_zerogpu_the_model_loads_as_zerogpu_requires_and_the_header_shows_the_hardware(zero_gpu_space):
