@@ -14,9 +14,13 @@ Failures of the server never raise out of ``stream_chat``: unreachable, connecti
 HTTP error status or silence past the read timeout end the reply with ``Finished(reason="error",
 error=<one plain sentence naming the server>)``, which the page shows as "Generation failed: ...".
 Each request uses its own connection, so the next request works as soon as the server is back.
-Only ``InvalidRequest`` (bad input) and ``BackendBusy`` (the server answered 429) are raised,
-before anything is yielded. Closing the stream early closes the HTTP response, and the server
-aborts the generation. The server queues requests itself: no ``Queued`` events are sent.
+Only ``InvalidRequest`` (bad input) and ``BackendBusy`` (this page's line is full, or the server
+answered 429) are raised, before anything is yielded. Closing the stream early closes the HTTP
+response, and the server aborts the generation.
+
+Admission works as with the local engine (``admission.AdmissionLine``): at most ``max_batch_size``
+requests are sent to the server at once, ``max_queue`` more wait here with ``Queued`` positions,
+and the rest are told at once that the server is busy.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from .chat_format import ChatGLM3Format, normalize_messages
-from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, SamplingParams, TextDelta
+from .admission import AdmissionLine
+from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
+                         TextDelta)
 from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, check_messages
 from .settings import StartupError
 from .streaming_text import StopStrings
@@ -191,11 +197,12 @@ class _ReplyText:
 
 
 class RemoteBackend:
-    """``ChatBackend`` on an OpenAI-compatible server. Sends no ``Queued`` events: the server queues."""
+    """``ChatBackend`` on an OpenAI-compatible server, with the local engine's admission rules."""
 
     def __init__(self, url: str, served_model: str, chat_format, info: ModelInfo, *, api_key: str | None = None,
                  max_input_tokens: int | None = None, max_new_tokens: int | None = None,
-                 max_input_chars: int | None = None, read_timeout: float = READ_TIMEOUT):
+                 max_input_chars: int | None = None, read_timeout: float = READ_TIMEOUT,
+                 max_batch_size: int = 8, max_queue: int = 32):
         self.url = normalize_url(url)
         self.served_model = served_model
         self.format = chat_format  # ChatGLM3Format -> /v1/completions; TemplateFormat or None -> chat
@@ -206,6 +213,7 @@ class RemoteBackend:
         self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
         self.timeout = httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
         self._ids = itertools.count(1)
+        self.admission = AdmissionLine(max_batch_size, max_queue)
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, *, model: str | None = None, **limits) -> "RemoteBackend":
@@ -268,14 +276,21 @@ class RemoteBackend:
         request_id, started = next(self._ids), time.perf_counter()
         outcome, counts = "rejected", {"prompt": 0, "reply": 0}
         try:
+            self.admission.check()  # refuse a flood before spending any work on it
             endpoint, body, ids, dropped, budget = await asyncio.to_thread(self._request, messages, params)
+            place = self.admission.join()
         except InvalidRequest as error:
             log.info("request %d: invalid: %s", request_id, error)
+            raise
+        except BackendBusy as error:
+            log.info("request %d: busy: %s", request_id, error)
             raise
         counts["prompt"] = len(ids) if ids is not None else 0
         clamped = budget if budget < params.max_new_tokens else None
         outcome = "cancelled (Stop or disconnect)"  # unless the stream ends here
         try:
+            async for position in place.wait():
+                yield Queued(position)
             # aclosing: an early close reaches the HTTP response at once, so the server aborts the generation
             async with aclosing(self._stream(endpoint, body, counts, params.stop)) as events:
                 async for event in events:
@@ -288,6 +303,7 @@ class RemoteBackend:
             log.info("request %d: busy: %s", request_id, error)
             raise
         finally:
+            place.leave()
             log.info("request %d: %s, prompt %d tokens, reply %d tokens, %.2f s (%s)", request_id, outcome,
                      counts["prompt"], counts["reply"], time.perf_counter() - started, self.url)
 
@@ -370,4 +386,5 @@ def build_remote_backend(settings) -> RemoteBackend:
         settings.backend, getattr(settings, "backend_api_key", None),
         model=settings.model if getattr(settings, "model_explicit", True) else None,
         max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_new_tokens,
-        max_input_chars=getattr(settings, "max_input_chars", None))
+        max_input_chars=getattr(settings, "max_input_chars", None),
+        max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)

@@ -15,7 +15,7 @@ import pytest
 
 from chatglm_web.chat_format import ChatGLM3Format, TemplateFormat
 from chatglm_web.engine import Engine
-from chatglm_web.generation import Finished, SamplingParams, TextDelta
+from chatglm_web.generation import BackendBusy, Finished, Queued, SamplingParams, TextDelta
 from chatglm_web.loading import ModelLoadError, load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError, build_remote_backend
@@ -259,6 +259,30 @@ def test_closing_the_stream_aborts_the_remote_generation(remote, vllm):
 
 
 @pytest.mark.vllm
+def test_the_page_limits_hold_in_front_of_the_server_with_queue_positions(vllm, vllm_checkpoint):
+    """--max-batch-size 1 --max-queue 1: one request on vLLM, one waiting here at position 1, the next busy."""
+    settings = parse_settings(["--backend", vllm.url, "--backend-api-key", KEY, "--model", str(vllm_checkpoint),
+                               "--max-new-tokens", str(CONTEXT), "--max-batch-size", "1", "--max-queue", "1"],
+                              environ={})
+    backend = build_remote_backend(settings)
+
+    async def scenario():
+        first = backend.stream_chat(user("Write a long essay"), LONG_REPLY)
+        assert isinstance(await anext(first), TextDelta)  # generating on vLLM
+        second = backend.stream_chat(user("And another"), SamplingParams(max_new_tokens=4))
+        assert await anext(second) == Queued(1)
+        with pytest.raises(BackendBusy, match="1 replies are being written and 1 are waiting"):
+            await anext(backend.stream_chat(user("A third"), SamplingParams(max_new_tokens=4)))
+        assert await _wait_for(lambda: vllm.running_requests() == 1, 5.0), "only one request may reach vLLM"
+        await first.aclose()  # Stop: the waiting request takes the slot
+        events = [event async for event in second]
+        assert isinstance(events[-1], Finished) and events[-1].reason == "length"
+        assert (backend.admission.running, backend.admission.waiting) == (0, 0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.vllm
 def test_a_wrong_url_is_one_clear_error_at_connect(vllm):
     started = time.monotonic()
     with pytest.raises(RemoteBackendError, match=r"^the generation server at http://127\.0\.0\.1:\d+ cannot be "
@@ -308,8 +332,16 @@ async def _text_and_done(backend, messages, params=SamplingParams(max_new_tokens
 
 @pytest.mark.vllm
 def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_after_restart(remote, vllm,
-                                                                                          template_tokenizer):
-    """Near the end of this file: it restarts the server (1-2 minutes), with the template tokenizer."""
+                                                                                          template_tokenizer,
+                                                                                          app_on_vllm):
+    """Near the end of this file: it restarts the server (1-2 minutes), with the template tokenizer.
+    The page in front of it (``app_on_vllm``) says what happened, stays up, and works again after the restart."""
+    import httpx
+    from server_harness import chat_args, chat_over_http
+
+    def page_chat(message):
+        with httpx.Client(base_url=app_on_vllm.url, timeout=60) as http:
+            return chat_over_http(http, chat_args(message, temperature=0.0, max_new_tokens=8))
 
     async def kill_mid_reply():
         text, done = "", None
@@ -331,12 +363,18 @@ def test_a_killed_server_ends_the_reply_with_an_error_and_the_next_one_works_aft
     assert done.reason == "error" and done.error.startswith(f"the generation server at {vllm.url} cannot be reached")
     ready, detail = asyncio.run(remote.health())
     assert not ready and "cannot be reached" in detail
+    down = page_chat("hello while the server is down")
+    assert down.event == "error" and "cannot be reached" in down.error, down
+    assert httpx.get(app_on_vllm.url + "config", timeout=30).status_code == 200  # the page stays up
+    assert httpx.get(app_on_vllm.url + "healthz", timeout=30).status_code == 503
 
     vllm.tokenizer = template_tokenizer  # for the chat-completions tests after this one; token ids work the same
     vllm.start()
     assert asyncio.run(remote.health())[0]
     text, done = asyncio.run(_text_and_done(remote, user("hello")))  # the same backend object, no reconnecting
     assert done.reason == "length" and done.completion_tokens == 8 and text
+    back = page_chat("hello again")  # the page too, without a restart of its own
+    assert back.event == "complete" and back.reply and "reply 8 tokens" in back.stats, back
 
 
 @pytest.fixture
