@@ -83,8 +83,19 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def api_app_kwargs(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None) -> dict:
+    """FastAPI arguments that put the API's routes before Gradio's and answer ``APIError`` in OpenAI's shape
+    (``page.launch(app_kwargs=...)``)."""
+    return {"routes": api_routes(backend, metrics=metrics, api_key=api_key, auth=auth),
+            "exception_handlers": {APIError: _error_response}}
+
+
+async def _error_response(request: Request, error: APIError) -> JSONResponse:
+    return error.response()
+
+
 def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None) -> list:
-    """FastAPI routes to put in front of Gradio's (``page.launch(app_kwargs={"routes": ...})``)."""
+    """The FastAPI routes of the API; an ``APIError`` they raise needs ``api_app_kwargs``' handler."""
     router = APIRouter()
     model_id = backend.info.name
 
@@ -107,34 +118,28 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
 
     @router.get("/v1/models")
     async def list_models(request: Request):
-        try:
-            authorize(request)
-        except APIError as error:
-            return error.response()
+        authorize(request)
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": 0, "owned_by": "chatglm-web",
             "max_model_len": backend.info.context_length}]}
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        authorize(request)
+        body = await _read_json(request)
         try:
-            authorize(request)
-            body = await _read_json(request)
-            try:
-                chat = ChatCompletionRequest.model_validate(body)
-            except ValidationError as error:
-                raise APIError(400, _first_problem(error), param=_first_param(error)) from None
-            if chat.n != 1:
-                raise APIError(400, "only n=1 is supported", param="n")
-            try:
-                params = chat.sampling_params()
-            except InvalidRequest as error:
-                raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
-            messages = normalize_messages([m.model_dump() for m in chat.messages])
-            stream = backend.stream_chat(messages, params)
-            first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
-        except APIError as error:
-            return error.response()
+            chat = ChatCompletionRequest.model_validate(body)
+        except ValidationError as error:
+            raise APIError(400, _first_problem(error), param=_first_param(error)) from None
+        if chat.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        try:
+            params = chat.sampling_params()
+        except InvalidRequest as error:
+            raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
+        messages = normalize_messages([m.model_dump() for m in chat.messages])
+        stream = backend.stream_chat(messages, params)
+        first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -150,10 +155,7 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
 
     @router.get("/metrics")
     async def prometheus(request: Request):
-        try:
-            authorize(request)
-        except APIError as error:
-            return error.response()
+        authorize(request)
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
     return list(router.routes)

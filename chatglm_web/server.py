@@ -37,7 +37,7 @@ def build_backend(settings: Settings):
 def build_app(settings: Settings):
     """Load the model (once) and return (page, backend, launch kwargs) without starting the server."""
     from .branding import load_branding
-    from .openai_api import api_routes
+    from .openai_api import api_app_kwargs
     from .ui import build_page, launch_kwargs
 
     backend = build_backend(settings)
@@ -51,8 +51,9 @@ def build_app(settings: Settings):
     page.queue(default_concurrency_limit=None, max_size=4 * capacity)
     kwargs = launch_kwargs(branding)
     # The OpenAI-compatible API, /healthz and /metrics: FastAPI routes placed before Gradio's own.
-    routes = api_routes(backend, metrics=backend.metrics, api_key=settings.api_key, auth=settings.auth_pair)
-    kwargs["app_kwargs"] = {**kwargs.get("app_kwargs", {}), "routes": routes}
+    kwargs["app_kwargs"] = {**kwargs.get("app_kwargs", {}),
+                            **api_app_kwargs(backend, metrics=backend.metrics, api_key=settings.api_key,
+                                             auth=settings.auth_pair)}
     return page, backend, kwargs
 
 

@@ -10,10 +10,11 @@ import pytest
 
 from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
 from chatglm_web.engine import Engine
-from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
+from chatglm_web.generation import BackendBusy, InvalidRequest, SamplingParams, TextDelta
 from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.settings import Settings
+from chat_helpers import collect, user
 from conftest import NO_STOP
 
 
@@ -27,20 +28,6 @@ def backend(loaded):
     engine = Engine(loaded.model, max_batch_size=2, max_queue=1)
     yield LocalBackend(engine, loaded.chat_format, loaded.info, max_input_chars=1000)
     engine.shutdown()
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-async def collect(backend, messages, params):
-    text, done = "", None
-    async for event in backend.stream_chat(messages, params):
-        if isinstance(event, TextDelta):
-            text += event.text
-        elif isinstance(event, Finished):
-            done = event
-    return text, done
 
 
 def run(backend, messages, params=SamplingParams(max_new_tokens=5, seed=0)):

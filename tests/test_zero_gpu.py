@@ -31,11 +31,12 @@ from gradio_client import Client
 
 from chatglm_web import zero_gpu
 from chatglm_web.engine import Engine, EngineBusy, Outcome, check_engine_capacity
-from chatglm_web.generation import Finished, SamplingParams, TextDelta
+from chatglm_web.generation import SamplingParams, TextDelta
 from chatglm_web.loading import load_from_folder
 from chatglm_web.local_backend import LocalBackend
 from chatglm_web.settings import Settings
 from chatglm_web.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
+from chat_helpers import collect, user
 from server_harness import app_process, free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,20 +111,6 @@ def gpu_calls(monkeypatch):
 
     monkeypatch.setattr(zero_gpu, "generate_on_gpu", spy)
     return calls
-
-
-def user(text):
-    return [{"role": "user", "content": text}]
-
-
-async def collect(backend, messages, params):
-    text, done = "", None
-    async for event in backend.stream_chat(messages, params):
-        if isinstance(event, TextDelta):
-            text += event.text
-        elif isinstance(event, Finished):
-            done = event
-    return text, done
 
 
 def next_event(request):
