@@ -481,5 +481,7 @@ def test_leaving_the_pages_stream_frees_the_slot_on_vllm(app_on_vllm, vllm):
         result = chat_over_http(http, chat_args("Write a long essay", temperature=0.0, repetition_penalty=1.3,
                                                 max_new_tokens=LONG), leave_when=leave_at_the_first_text)
     assert result.disconnected and seen_running == [1], "the reply was not generating on vLLM when left"
-    assert asyncio.run(_wait_for(lambda: vllm.running_requests() == 0, 10.0)), "vLLM still generates after Stop"
-    assert time.monotonic() - started < 30  # far less than the 6000-token reply would take
+    # Gradio notices the closed stream at its next update, and vLLM's gauge follows its next step: on a busy
+    # 2-core machine that took over 10 s once (CI run of 2026-11-25), so allow 30 s
+    assert asyncio.run(_wait_for(lambda: vllm.running_requests() == 0, 30.0)), "vLLM still generates after Stop"
+    assert time.monotonic() - started < 45  # far less than the 6000-token reply would take
