@@ -3,6 +3,8 @@
 #
 #   tools/lock.sh                     re-resolve with the newest releases the ranges allow (then run ./test.sh
 #                                     and commit requirements.lock only when it passes)
+#   tools/lock.sh --keep              add what the ranges newly need, keeping every existing pin (uv takes the
+#                                     current lock as its preferences): for a new dependency, not an upgrade
 #   tools/lock.sh --check             exit 1 when requirements.lock is not what the ranges resolve to today
 #   tools/lock.sh --verify-installed  exit 1, naming each package, unless everything requirements-test.txt
 #                                     needs is installed at exactly its locked version (no network; test.sh
@@ -90,6 +92,8 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 grep -v '^-c requirements.lock' requirements.txt >"$work/requirements.txt"
 sed 's#^-r requirements.txt#-r '"$work"'/requirements.txt#' requirements-test.txt >"$work/requirements-test.txt"
 echo "$TORCH_PIN" >"$work/pins.txt"
+# --keep: uv prefers the versions already in its output file
+[ "${1:-}" = "--keep" ] && grep -v '^#' "$LOCK" >"$work/requirements.lock"
 "$PY" -m uv pip compile "$work/requirements-test.txt" -c "$work/pins.txt" --universal --python-version 3.11 \
   --no-header --no-annotate --quiet -o "$work/requirements.lock"
 {
