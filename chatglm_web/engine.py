@@ -14,7 +14,10 @@ prompt) ends with an error alone; the running replies go on.
 
 Continuous batching: a new request is prefilled on its own (batch 1, only the last position's
 logits), then its KV cache is joined to the running batch; every decode step advances all
-running requests by one token. Rows are left-padded to a common cache length, with the
+running requests by one token. Prefill is chunked: each turn of the loop prefills at most
+``prefill_chunk`` prompt tokens (of one or several new requests) and then runs one decode step,
+so a long prompt arriving while others stream delays their next token by one chunk at most,
+not by its whole prefill. Rows are left-padded to a common cache length, with the
 attention mask and explicit position ids hiding the padding; a finished or cancelled row is
 dropped from the batch at once, and padding columns no row needs any more are trimmed, so
 memory follows the live requests and nothing accumulates between turns. With one request the
@@ -204,9 +207,27 @@ def check_engine_capacity(running: int, waiting: int, max_batch_size: int, max_q
         )
 
 
+class _Prefill:
+    """A request whose prompt is being prefilled, chunk by chunk, into its own cache."""
+
+    def __init__(self, request: GenerationRequest, config):
+        self.request = request
+        self.cache = DynamicCache(config=config)
+        self.done = 0  # prompt tokens already in the cache
+
+    @property
+    def remaining(self) -> int:
+        return len(self.request.prompt_ids) - self.done
+
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
 class Engine:
-    def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None):
+    def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = max(1, prefill_chunk)
         self.device = next(model.parameters()).device
         self.max_batch_size = max(1, max_batch_size)
         self.max_queue = max(0, max_queue)
@@ -214,6 +235,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._rows: list[_Row] = []
         self._admitting: list[GenerationRequest] = []  # taken from the queue, prefill not yet done
+        self._prefills: dict[int, _Prefill] = {}  # request id -> its prefill in progress (worker thread only)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, cache length + 1] once padding exists, else None
         self._wake = threading.Condition()
@@ -272,7 +294,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self._rows:
+                while not self._stopping and not self._waiting and not self._admitting and not self._rows:
                     self._wake.wait()
                 if self._stopping:
                     break
@@ -284,24 +306,14 @@ class Engine:
                 for position, request in enumerate(self._waiting, start=1):
                     request._queued_at(position)
             with torch.inference_mode():
-                while self._admitting:
-                    request = self._admitting[0]
-                    try:
-                        self._admit(request)
-                    except Exception as error:  # this request alone fails; the batch goes on
-                        log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
-                                  len(request.prompt_ids), type(error).__name__, error)
-                        request._end("error", describe_failure(error))
-                        self._release_memory()
-                    finally:
-                        self._admitted(request)
+                self._prefill_some()
                 if self._rows:
                     try:
                         self._decode_step()
                     except Exception as error:  # the shared batch is unusable: fail its rows, keep serving
                         log.exception("decode step failed")
                         self._fail_running(error)
-        self._fail_running(RuntimeError("the engine stopped"), list(self._waiting))
+        self._fail_running(RuntimeError("the engine stopped"), self._admitting + list(self._waiting))
 
     def _fail_running(self, error: Exception, extra: list[GenerationRequest] = ()) -> None:
         for request in [row.request for row in self._rows] + list(extra):
@@ -313,17 +325,48 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _admit(self, request: GenerationRequest) -> None:
-        """Prefill one request alone and join its cache to the batch."""
-        if request.cancelled:
-            request._end("cancelled")
-            return
+    def _prefill_some(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens of the admitted requests, oldest first.
+
+        A request whose prompt is complete gets its first token and joins the batch; one whose
+        prefill fails ends with the error alone (the batch goes on).
+        """
+        budget = self.prefill_chunk
+        while budget > 0 and self._admitting:
+            request = self._admitting[0]
+            prefill = self._prefills.get(request.id)
+            if prefill is None:
+                prefill = self._prefills[request.id] = _Prefill(request, self.model.config)
+            try:
+                if request.cancelled:
+                    request._end("cancelled")
+                else:
+                    size = min(budget, prefill.remaining)
+                    budget -= size
+                    logits = self._prefill_chunk(prefill, size)
+                    if prefill.remaining:
+                        continue  # more chunks of this prompt in the next turns
+                    self._admit(request, prefill.cache, logits)
+            except Exception as error:  # this request alone fails; the batch goes on
+                log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
+                          len(request.prompt_ids), type(error).__name__, error)
+                request._end("error", describe_failure(error))
+                self._release_memory()
+            self._prefills.pop(request.id, None)
+            self._admitted(request)
+
+    def _prefill_chunk(self, prefill: _Prefill, size: int) -> torch.Tensor:
+        """Run the next ``size`` prompt tokens into the request's cache; the last position's logits."""
+        ids = torch.tensor([prefill.request.prompt_ids[prefill.done:prefill.done + size]], device=self.device)
+        out = self.model(input_ids=ids, cache=prefill.cache, use_cache=True, logits_to_keep=1)
+        prefill.done += size
+        return out.logits[:, -1]
+
+    def _admit(self, request: GenerationRequest, cache: DynamicCache, logits: torch.Tensor) -> None:
+        """Choose the first token of a prefilled request and join its cache to the batch."""
         generator = seeded_generator(request_seed(request.params))
-        ids = torch.tensor([request.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         seen = penalized_ids(request.params, request.prompt_ids, self.device)
-        token = choose_tokens(out.logits[:, -1].float(), [request.params], [generator], [seen])[0]
+        token = choose_tokens(logits.float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
         reason = self._finish_reason(row, token)
         if reason:

@@ -332,3 +332,64 @@ def test_a_failing_prefill_fails_only_its_own_request(loaded, monkeypatch):
     for f, r, expected in zip(first, rest, solo):
         assert [f[1]] + r == expected, "a running reply was disturbed by another request's failed prefill"
     assert engine.finished["error"] == 1 and engine.finished["length"] == 4
+
+
+def tokens_of(request) -> list[int]:
+    return [value for kind, value in request if kind == "token"]
+
+
+def test_chunked_prefill_gives_the_same_reply_as_one_prefill(loaded):
+    prompt = list(range(5, 90))
+    replies = {}
+    for chunk in (7, 10_000):
+        engine = Engine(loaded.model, prefill_chunk=chunk)
+        try:
+            replies[chunk] = [tokens_of(engine.submit(prompt, SamplingParams(temperature=t, seed=3, max_new_tokens=25),
+                                                      [])) for t in (0.0, 0.9)]
+        finally:
+            engine.shutdown()
+    assert replies[7] == replies[10_000]
+    assert all(len(reply) == 25 for reply in replies[7])
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps_of_running_replies(loaded):
+    """A 200-token prompt in chunks of 8 tokens: the running reply advances after every chunk."""
+    engine = Engine(loaded.model, prefill_chunk=8)
+    try:
+        running = engine.submit([5, 6, 7], SamplingParams(seed=1, max_new_tokens=2000), [])
+        events = iter(running)
+        next(events)
+        steps_before = engine.steps
+        long = engine.submit(list(range(5, 205)), SamplingParams(seed=2, max_new_tokens=5), [])
+        first = next(iter(long))
+        steps_during = engine.steps - steps_before
+        assert first[0] == "token"
+        assert steps_during >= 200 // 8 - 1, f"only {steps_during} decode steps ran during the 25-chunk prefill"
+        assert len(tokens_of(long)) == 4  # the rest of its 5 tokens
+        running.cancel()
+        assert list(events)[-1] == ("done", Outcome("cancelled"))
+    finally:
+        engine.shutdown()
+
+
+def test_cancel_during_a_chunked_prefill_frees_the_slot(loaded):
+    engine = Engine(loaded.model, max_batch_size=1, max_queue=0, prefill_chunk=4)
+    try:
+        request = engine.submit(list(range(5, 300)), SamplingParams(seed=0, max_new_tokens=5), [])
+        request.cancel()
+        assert list(request)[-1] == ("done", Outcome("cancelled"))
+        assert engine.load == (0, 0)
+        after = engine.submit([5, 6, 7], SamplingParams(seed=0, max_new_tokens=5), [])
+        assert len(tokens_of(after)) == 5
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_ends_a_request_in_the_middle_of_its_prefill(loaded):
+    engine = Engine(loaded.model, prefill_chunk=1)
+    request = engine.submit(list(range(5, 400)), SamplingParams(seed=0, max_new_tokens=5), [])
+    while not engine._prefills:
+        threading.Event().wait(0.001)
+    engine.shutdown()
+    last = list(request)[-1]
+    assert last[0] == "done" and last[1].reason == "error" and "stopped" in last[1].error
