@@ -34,6 +34,8 @@ class Branding:
     placeholder: str = ""
     input_placeholder: str = "Type a message…"
     examples: list[str] = field(default_factory=list)
+    tool_examples: list[str] = field(default_factory=list)  # for Tools mode
+    interpreter_examples: list[str] = field(default_factory=list)  # for Code interpreter mode
     css: str = ""
 
     def header_html(self) -> str:
@@ -46,16 +48,22 @@ class Branding:
                               neutral_hue=self.neutral_hue, font=SYSTEM_FONTS, font_mono=MONO_FONTS)
 
 
+def _examples(examples) -> list[str]:
+    """A list of example prompts, or {"en": [...], "zh": [...]} flattened in order."""
+    if isinstance(examples, dict):
+        examples = [e for group in examples.values() for e in group]
+    return [str(e) for e in examples]
+
+
 def load_branding(assets_dir: str | Path | None = None) -> Branding:
     folder = Path(assets_dir) if assets_dir else DEFAULT_ASSETS
     config_path = folder / "branding.json"
     data = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
     branding = Branding(**{k: v for k, v in data.items() if k in Branding.__dataclass_fields__
-                           and k not in ("logo_data_uri", "css", "examples")})
-    examples = data.get("examples", [])
-    if isinstance(examples, dict):  # {"en": [...], "zh": [...]}
-        examples = [e for group in examples.values() for e in group]
-    branding.examples = [str(e) for e in examples]
+                           and k not in ("logo_data_uri", "css", "examples", "tool_examples",
+                                         "interpreter_examples")})
+    for name in ("examples", "tool_examples", "interpreter_examples"):
+        setattr(branding, name, _examples(data.get(name, [])))
     logo = folder / data.get("logo", "logo.svg")
     if logo.is_file():
         mime = mimetypes.guess_type(logo.name)[0] or "image/png"

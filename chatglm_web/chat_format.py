@@ -5,7 +5,9 @@
 ``TemplateFormat``  any Hugging Face chat model: the tokenizer's own chat template.
 
 Both give: ``prompt_ids(messages)``, ``stop_token_ids``, ``text_stream()`` -> an object whose
-``push(token_id)`` returns the new visible text and ``finish()`` the rest, and, for fitting a long
+``push(token_id)`` returns the new visible text, ``finish()`` the rest and ``take_metadata()`` a
+ChatGLM3 message's metadata line once it is known (``ReplyEvents`` turns that into ``TextDelta`` /
+``ReplyMetadata`` events, through the request's stop strings), and, for fitting a long
 conversation into the context one message at a time, ``message_tokens(message)`` (what one message
 adds to the prompt: exact for ChatGLM3, an estimate for templates) and ``fixed_tokens`` (what every
 prompt has besides its messages).
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 from .chatglm3.reply import ReplyTextFilter
 from .chatglm3.tokenizer import ChatGLM3Tokenizer
-from .streaming_text import IncrementalDecoder
+from .generation import ReplyMetadata, TextDelta
+from .streaming_text import IncrementalDecoder, StopStrings
 
 
 class _TextStream:
@@ -34,6 +37,87 @@ class _TextStream:
         if self._filter is None:
             return text
         return (self._filter.feed(text) if text else "") + self._filter.finish()
+
+    def take_metadata(self) -> str | None:
+        """A message's metadata line to announce, once (None: nothing new). Template formats have none."""
+        return None
+
+
+class _ChatGLM3TextStream(_TextStream):
+    """ChatGLM3 reply ids -> visible text, message by message.
+
+    The first line of each assistant message is its metadata (hidden from the text). ``<|assistant|>``
+    inside a reply starts another message: the current one is flushed and a fresh decoder and filter
+    take the next (its own metadata line, its own dummy-prefix space).
+    """
+
+    def __init__(self, tokenizer: ChatGLM3Tokenizer):
+        super().__init__(tokenizer, ReplyTextFilter())
+        self._tokenizer = tokenizer
+        self._assistant_id = tokenizer.special_token_ids["<|assistant|>"]
+        self._later_message = False  # the current message is not the reply's first
+        self._announced = False
+
+    def push(self, token_id: int) -> str:
+        if token_id != self._assistant_id:
+            return super().push(token_id)
+        rest = self.finish()
+        self._decoder, self._filter = IncrementalDecoder(self._tokenizer), ReplyTextFilter()
+        self._later_message, self._announced = True, False
+        return rest
+
+    def take_metadata(self) -> str | None:
+        metadata = self._filter.metadata
+        if metadata is None or self._announced:
+            return None
+        self._announced = True
+        metadata = metadata.strip()
+        return metadata if metadata or self._later_message else None
+
+
+class ReplyEvents:
+    """Generated ids -> ``ReplyMetadata`` / ``TextDelta`` events in order, cut at the request's stop strings.
+
+    ``metadata`` is the last announced metadata line (the reply's last message's); ``stopped`` says
+    a stop string was met (nothing is returned after it).
+    """
+
+    def __init__(self, chat_format, stop=()):
+        self._text = chat_format.text_stream()
+        self._stops = StopStrings(stop)
+        self.metadata = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.hit
+
+    def push(self, token_id: int) -> list:
+        piece = self._stops.feed(self._text.push(token_id))
+        events = []
+        metadata = self._text.take_metadata()
+        if metadata is not None and not self.stopped:
+            self.metadata = metadata
+            events.append(ReplyMetadata(metadata))
+        if piece:
+            events.append(TextDelta(piece))
+        return events
+
+    def finish(self) -> list:
+        if self.stopped:
+            return []
+        piece = self._stops.feed(self._text.finish()) + self._stops.finish()
+        return [TextDelta(piece)] if piece else []
+
+
+def merge_text(events: list) -> list:
+    """``events`` with neighbouring ``TextDelta``s joined (one update per batch of tokens)."""
+    merged = []
+    for event in events:
+        if merged and isinstance(event, TextDelta) and isinstance(merged[-1], TextDelta):
+            merged[-1] = TextDelta(merged[-1].text + event.text)
+        else:
+            merged.append(event)
+    return merged
 
 
 def _plain_text(content) -> str:
@@ -85,7 +169,7 @@ class ChatGLM3Format:
         return len(self.tokenizer.build_chat_input(normalize_messages([message]), add_generation_prompt=False)) - 2
 
     def text_stream(self) -> _TextStream:
-        return _TextStream(self.tokenizer, ReplyTextFilter())
+        return _ChatGLM3TextStream(self.tokenizer)
 
 
 class TemplateFormat:

@@ -3,9 +3,18 @@
 A ``ChatBackend`` takes a conversation (messages in the OpenAI/Gradio "messages" shape:
 ``{"role": ..., "content": str}``) and ``SamplingParams`` and streams ``ChatEvent``s:
 
-    Queued(position)  while waiting for a slot (position 1 = next)
-    TextDelta(text)   a piece of the visible reply; the pieces concatenate to the whole reply
-    Finished(...)     once, last: why it ended and token counts / speed
+    Queued(position)      while waiting for a slot (position 1 = next)
+    ReplyMetadata(text)   ChatGLM3 only: the metadata line of the assistant message whose text follows
+                          (a tool name, "interpreter"), once that line is complete; see below
+    TextDelta(text)       a piece of the visible reply; the pieces concatenate to the whole reply
+    Finished(...)         once, last: why it ended and token counts / speed; ``metadata`` is the
+                          metadata line of the reply's last assistant message ("" for a plain answer)
+
+A ChatGLM3 reply may hold several assistant messages (the model writes ``<|assistant|>`` and starts
+another, e.g. a sentence and then a tool call). ``ReplyMetadata`` comes before the text of every
+message with a non-empty metadata line, and before every message after the first (then possibly
+with ""): the text that follows belongs to a new message. A consumer that only wants the answer's
+text (a plain chat) can ignore it.
 
 ``LocalBackend`` (``local_backend.py``) runs the model in this process; a remote
 OpenAI-compatible server (vLLM, SGLang) can implement the same protocol.
@@ -156,6 +165,11 @@ class Queued:
 
 
 @dataclass(frozen=True)
+class ReplyMetadata:
+    text: str  # the metadata line, stripped: a tool name, "interpreter", or "" (a new plain message)
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
 
@@ -170,13 +184,14 @@ class Finished:
     dropped_messages: int = 0  # oldest history messages left out to fit the context
     error: str | None = None
     max_new_tokens_clamped: int | None = None  # the reply budget, when lowered to what the context leaves
+    metadata: str = ""  # ChatGLM3: the metadata line of the last assistant message (a tool name, "interpreter")
 
     @property
     def tokens_per_second(self) -> float:
         return (self.completion_tokens - 1) / self.seconds if self.seconds > 0 and self.completion_tokens > 1 else 0.0
 
 
-ChatEvent = Queued | TextDelta | Finished
+ChatEvent = Queued | ReplyMetadata | TextDelta | Finished
 
 
 @dataclass

@@ -5,7 +5,7 @@ messages -> checked (roles, characters per message) before any tokenizing
             tokenized once (oldest turns dropped, system prompt kept; a reply budget larger
             than what the context leaves is lowered)
          -> prompt ids (the model family's ``ChatFormat``) -> the shared ``Engine``
-         -> generated ids -> visible text pieces -> ``ChatEvent``s
+         -> generated ids -> visible text pieces (and ChatGLM3 metadata lines) -> ``ChatEvent``s
 Every request ends with one log line: its outcome, token counts and duration.
 """
 
@@ -16,10 +16,9 @@ import logging
 import time
 from typing import AsyncIterator
 
+from .chat_format import ReplyEvents, merge_text
 from .engine import Engine
-from .streaming_text import StopStrings
-from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
-                         TextDelta)
+from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams
 
 log = logging.getLogger("chatglm_web.requests")
 
@@ -146,13 +145,12 @@ class LocalBackend:
             outcome = "busy" if isinstance(error, BackendBusy) else "invalid"
             log.info("request %s: %s", outcome, error)
             raise
-        text = self.format.text_stream()
-        stops = StopStrings(params.stop)
+        reply = ReplyEvents(self.format, params.stop)
         first = last = None
         outcome = "cancelled (Stop or disconnect)"  # unless the reply ends while this consumer listens
         try:
             async for events in request.batches():
-                pieces = []
+                out = []
                 for kind, value in events:
                     if kind == "queued":
                         yield Queued(value)
@@ -160,17 +158,17 @@ class LocalBackend:
                         last = time.perf_counter()
                         first = first or last
                         count += 1
-                        pieces.append(stops.feed(text.push(value)))
-                        if stops.hit:
+                        out += reply.push(value)
+                        if reply.stopped:
                             break
                     else:
-                        pieces.append(stops.feed(text.finish()) + stops.finish())
-                if "".join(pieces):
-                    yield TextDelta("".join(pieces))
+                        out += reply.finish()
+                for event in merge_text(out):
+                    yield event
                 kind, value = events[-1]
-                if stops.hit or kind == "done":
-                    reason = "stop" if stops.hit else value.reason
-                    error = None if stops.hit else value.error
+                if reply.stopped or kind == "done":
+                    reason = "stop" if reply.stopped else value.reason
+                    error = None if reply.stopped else value.error
                     outcome = reason if reason != "error" else f"error ({error})"
                     yield Finished(
                         reason=reason,
@@ -181,6 +179,7 @@ class LocalBackend:
                         dropped_messages=dropped,
                         error=error,
                         max_new_tokens_clamped=clamped,
+                        metadata=reply.metadata,
                     )
                     return
         finally:

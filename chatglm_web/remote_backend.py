@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .chat_format import ChatGLM3Format, normalize_messages
+from .chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_messages
 from .admission import AdmissionLine
 from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
                          TextDelta)
@@ -162,38 +162,46 @@ async def _server_events(response: httpx.Response, url: str) -> AsyncIterator[di
 
 
 class _ReplyText:
-    """Streamed choices -> visible text: token ids through the app's detokenizer (``chat_format``) or the
-    server's text deltas (no format), then the request's stop strings."""
+    """Streamed choices -> ``TextDelta`` / ``ReplyMetadata`` events: token ids through the app's detokenizer
+    (``chat_format``, ``ReplyEvents``) or the server's text deltas (no format), then the request's stop strings."""
 
     def __init__(self, chat_format, stop: tuple[str, ...]):
-        self._text = chat_format.text_stream() if chat_format is not None else None
+        self._events = ReplyEvents(chat_format, stop) if chat_format is not None else None
         self._stop_ids = set(chat_format.stop_token_ids) if chat_format is not None else set()
         self._stops = StopStrings(stop)
 
     @property
     def stopped(self) -> bool:
-        return self._stops.hit
+        return self._events.stopped if self._events is not None else self._stops.hit
 
-    def add(self, choice: dict) -> tuple[str, int]:
-        """(new visible text, tokens it took): up to a stop string, nothing after one."""
-        if self._text is None:
+    @property
+    def metadata(self) -> str:
+        return self._events.metadata if self._events is not None else ""
+
+    def add(self, choice: dict) -> tuple[list, int]:
+        """(new events, tokens it took): up to a stop string, nothing after one."""
+        if self._events is None:
             content = (choice.get("delta") or {}).get("content") or ""
-            return self._stops.feed(content), 1 if content and not self.stopped else 0
-        pieces, tokens = [], 0
+            text = self._stops.feed(content)
+            return ([TextDelta(text)] if text else []), 1 if content and not self.stopped else 0
+        events, tokens = [], 0
         for token_id in choice.get("token_ids") or []:
             if self.stopped:
                 break
             if token_id in self._stop_ids:  # ends the reply; never text
                 continue
             tokens += 1
-            pieces.append(self._stops.feed(self._text.push(token_id)))
-        return "".join(pieces), tokens
+            events += self._events.push(token_id)
+        return merge_text(events), tokens
 
-    def finish(self) -> str:
+    def finish(self) -> list:
         """Text held back (an incomplete character, a possible stop string's start) when the reply ends."""
+        if self._events is not None:
+            return self._events.finish()
         if self.stopped:
-            return ""
-        return self._stops.feed(self._text.finish() if self._text is not None else "") + self._stops.finish()
+            return []
+        rest = self._stops.finish()
+        return [TextDelta(rest)] if rest else []
 
 
 class RemoteBackend:
@@ -331,13 +339,13 @@ class RemoteBackend:
                         async for chunk in chunks:
                             usage = chunk.get("usage") or usage
                             for choice in chunk.get("choices") or []:
-                                piece, tokens = reply.add(choice)
+                                events, tokens = reply.add(choice)
                                 if tokens:
                                     last = time.perf_counter()
                                     first = first or last
                                     counts["reply"] += tokens
-                                if piece:
-                                    yield TextDelta(piece)
+                                for event in events:
+                                    yield event
                                 reason = choice.get("finish_reason") or reason
                             if reply.stopped:
                                 break
@@ -345,8 +353,8 @@ class RemoteBackend:
             failure = _transport_failure(self.url, error, answering=answering, read_timeout=self.timeout.read)
         except _Failure as error:
             failure = str(error)
-        if rest := reply.finish():
-            yield TextDelta(rest)
+        for event in reply.finish():
+            yield event
         if reply.stopped:
             reason = "stop"
         elif failure is None and reason not in ("stop", "length"):
@@ -362,6 +370,7 @@ class RemoteBackend:
             seconds=(last - first) if first else 0.0,
             time_to_first_token=(first - submitted) if first else 0.0,
             error=None if reply.stopped else failure,
+            metadata=reply.metadata,
         )
 
     async def health(self) -> tuple[bool, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -35,14 +36,26 @@ def build_backend(settings: Settings):
 
 
 def build_app(settings: Settings):
-    """Load the model (once) and return (page, backend, launch kwargs) without starting the server."""
+    """Load the model (once) and return (page, backend, launch kwargs) without starting the server.
+
+    ``page.toolbox`` holds the tools and the code interpreter's kernels; ``page.toolbox.close()`` ends them
+    (also done at exit)."""
     from .branding import load_branding
     from .openai_api import api_app_kwargs
+    from .toolbox import Toolbox
     from .ui import build_page, launch_kwargs
 
-    backend = build_backend(settings)
+    toolbox = Toolbox.start(code_interpreter=settings.code_interpreter)  # an unsupported sandbox fails first
+    atexit.register(toolbox.close)
+    try:
+        backend = build_backend(settings)
+    except BaseException:
+        toolbox.close()
+        raise
     branding = load_branding(settings.assets_dir)
-    page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, backend.info.context_length))
+    page = build_page(backend, branding, max_new_tokens=min(settings.max_new_tokens, backend.info.context_length),
+                      toolbox=toolbox)
+    page.toolbox = toolbox
     # Admission is the engine's job: --max-batch-size running, --max-queue waiting, everyone else is told
     # at once that the server is busy. So Gradio passes every request straight through (no concurrency
     # limit of its own, under which requests would wait unseen and unbounded); its queue's max_size only
@@ -75,5 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                     auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
     except Exception as error:  # the port is taken, the host cannot be bound, no share link
         backend.shutdown()
+        page.toolbox.close()
         log.error("cannot start: %s", error_line(error))
         sys.exit(2)
+    page.toolbox.close()

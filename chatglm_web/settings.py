@@ -59,6 +59,7 @@ class Settings:
     backend: str | None = None  # URL of an OpenAI-compatible server that generates instead of a local model
     backend_api_key: str | None = None
     zero_gpu: bool = False  # each reply in a @spaces.GPU call (zero_gpu.py) instead of the batching engine
+    code_interpreter: bool = False  # offer the Code interpreter mode (model-written code runs in a sandbox)
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
     @property
@@ -93,8 +94,10 @@ _HELP = {
     "backend_api_key": "bearer key for --backend",
     "zero_gpu": "generate each reply in a @spaces.GPU call (Hugging Face ZeroGPU); "
                 "default: on when SPACES_ZERO_GPU says the Space runs on ZeroGPU",
+    "code_interpreter": "offer the Code interpreter mode: code the model writes runs in a sandboxed Jupyter kernel "
+                        "per browser session (start-up fails if the sandbox is not supported here)",
 }
-_FLAGS = ("share", "zero_gpu")  # on/off flags: --name / --no-name
+_FLAGS = ("share", "zero_gpu", "code_interpreter")  # on/off flags: --name / --no-name
 #: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 

@@ -17,6 +17,7 @@ What the page guarantees beyond Gradio's defaults:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import OrderedDict
@@ -24,12 +25,17 @@ from contextlib import aclosing
 
 import gradio as gr
 from gradio.events import Dependency
+from gradio.processing_utils import save_bytes_to_cache
+from gradio.utils import get_upload_folder
 
 from .branding import Branding
 from .chat_format import normalize_messages
 from .browser_secret import browser_state_secret
+from .agent import StepFinished, run_agent
 from .generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
                          option)
+from .steps import TurnView, step_messages
+from .toolbox import CHAT, INTERPRETER, TOOLS
 from .transcript import remove_legacy_downloads, to_json, to_markdown
 
 log = logging.getLogger(__name__)
@@ -129,16 +135,24 @@ def validate_message(message):
     return gr.validate(True, "")
 
 
-def conversation(system_prompt, history, message) -> list[dict]:
-    """The messages for the model: system prompt, user/assistant history (never a queue status), new message."""
+def conversation(system_prompt, history, message, system_message: dict | None = None) -> list[dict]:
+    """The messages for the model: system prompt (or the mode's ``system_message``), the history (never a
+    queue status; each tool step as the exact ChatGLM3 messages it stands for, see ``steps.py``), new message."""
     messages = []
-    if system_prompt and system_prompt.strip():
+    if system_message is not None:
+        messages.append(system_message)
+    elif system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": system_prompt})
     for item in history or []:
         if not isinstance(item, dict) or item.get("role") not in ("user", "assistant"):
             continue
-        if item["role"] == "assistant" and _QUEUE_STATUS_RE.fullmatch(normalize_messages([item])[0]["content"].strip()):
-            continue  # left in conversations kept by earlier versions
+        if item["role"] == "assistant":
+            kept = step_messages(item)
+            if kept is not None:  # a tool step: the call and the observation; a note or an image: nothing
+                messages += kept
+                continue
+            if _QUEUE_STATUS_RE.fullmatch(normalize_messages([item])[0]["content"].strip()):
+                continue  # left in conversations kept by earlier versions
         messages.append(item)
     messages.append({"role": "user", "content": message})
     return messages
@@ -180,16 +194,17 @@ class TurnFailures:
         return len(self._errors)
 
 
-def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
+def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None, toolbox=None):
     """The ChatInterface function (also the ``/chat`` API): streams (reply, statistics line).
 
-    Every error is raised as a ``gr.Error`` with a message for the user, and recorded in ``failures``
-    for the page's failure step.
+    In Chat mode the reply is its text; in Tools and Code interpreter mode (``toolbox``) it is the turn's
+    messages: text, a collapsible step per call (``steps.py``), images. Every error is raised as a
+    ``gr.Error`` with a message for the user, and recorded in ``failures`` for the page's failure step.
     """
     failures = TurnFailures() if failures is None else failures
 
     async def chat(message, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                   repetition_penalty, seed, request: gr.Request = None):
+                   repetition_penalty, seed, mode=CHAT, request: gr.Request = None):
         failed = None
         try:
             try:
@@ -197,22 +212,22 @@ def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
                 params = SamplingParams.from_form(
                     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
                     repetition_penalty=repetition_penalty, seed=seed_value(seed))
+                runner = await _runner(toolbox, mode, request)
             except InvalidRequest as error:  # refused before the backend, which logs every request it sees
                 request_log.info("request invalid: %s", error)
                 raise
-            reply = ""
+            if runner is None:
+                turn = _chat_turn(backend, conversation(system_prompt, history, message), params)
+            else:
+                messages = conversation(system_prompt, history, message, runner.system_message())
+                turn = _agent_turn(backend, messages, params, runner)
             # aclosing: however this generator ends (Stop, disconnect, error), the generation is cancelled
-            async with aclosing(backend.stream_chat(conversation(system_prompt, history, message), params)) as stream:
-                async for event in stream:
-                    if isinstance(event, Queued):
-                        yield [], queue_status(event.position)  # [] adds no chat message
-                    elif isinstance(event, TextDelta):
-                        reply += event.text
-                        yield reply, ""
-                    elif isinstance(event, Finished) and event.reason == "error":
-                        failed = f"Generation failed: {event.error}"
-                    elif isinstance(event, Finished):
-                        yield reply, stats_markdown(event)
+            async with aclosing(turn) as updates:
+                async for update in updates:
+                    if isinstance(update, Finished):
+                        failed = f"Generation failed: {update.error}"
+                    else:
+                        yield update
         except (InvalidRequest, BackendBusy) as error:
             failed = str(error)
         except Exception:  # a bug must not leave the page stuck either
@@ -223,6 +238,60 @@ def make_chat_fn(backend: ChatBackend, failures: TurnFailures | None = None):
             raise gr.Error(failed, print_exception=False)
 
     return chat
+
+
+async def _runner(toolbox, mode, request):
+    """The mode's runner (None: plain chat); ``InvalidRequest`` for a mode this app does not offer."""
+    if mode in (None, "", CHAT):
+        return None
+    if toolbox is None:
+        raise InvalidRequest(f"this app does not offer the mode {mode!r}")
+    try:
+        return await asyncio.to_thread(toolbox.runner, mode, getattr(request, "session_hash", None))
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+
+
+async def _chat_turn(backend: ChatBackend, messages: list[dict], params: SamplingParams):
+    """Chat mode: (reply text, statistics line) updates; a failed generation's ``Finished`` last."""
+    reply = ""
+    async with aclosing(backend.stream_chat(messages, params)) as stream:
+        async for event in stream:
+            if isinstance(event, Queued):
+                yield [], queue_status(event.position)  # [] adds no chat message
+            elif isinstance(event, TextDelta):
+                reply += event.text
+                yield reply, ""
+            elif isinstance(event, Finished) and event.reason == "error":
+                yield event
+            elif isinstance(event, Finished):
+                yield reply, stats_markdown(event)
+
+
+async def _agent_turn(backend: ChatBackend, messages: list[dict], params: SamplingParams, runner):
+    """Tools / Code interpreter mode: (the turn's messages, statistics line) updates, through the tool loop."""
+    turn = TurnView()
+    stats = ""
+    async with aclosing(run_agent(backend, messages, params, runner)) as events:
+        async for event in events:
+            if isinstance(event, Queued):
+                yield turn.messages, queue_status(event.position)
+                continue
+            if isinstance(event, Finished):
+                if event.reason == "error":
+                    yield event
+                    return
+                stats = stats_markdown(event)
+            elif isinstance(event, StepFinished):
+                turn.apply(event, images=[_image_file(png) for png in event.step.images])
+            else:
+                turn.apply(event)
+            yield [dict(m) for m in turn.messages], stats
+
+
+def _image_file(png: bytes) -> str:
+    """A code interpreter image as a file in Gradio's cache (cleaned with it), for the chat to show."""
+    return save_bytes_to_cache(png, "image.png", get_upload_folder())
 
 
 def passed_as_sent(component: gr.components.Component) -> gr.components.Component:
@@ -359,20 +428,24 @@ def _keep_in_browser(page: gr.Blocks, chat: gr.ChatInterface, state_secret: str 
 
 
 def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048,
-               state_secret: str | None = None) -> gr.Blocks:
+               state_secret: str | None = None, toolbox=None) -> gr.Blocks:
     """The chat page. ``state_secret`` encrypts the conversation kept in the browser; by default
-    ``browser_secret.browser_state_secret()`` ($CHATGLM_WEB_STATE_SECRET or a key file made once)."""
+    ``browser_secret.browser_state_secret()`` ($CHATGLM_WEB_STATE_SECRET or a key file made once).
+    ``toolbox`` (``toolbox.Toolbox``) adds the Tools and, when it has a sandbox, Code interpreter modes."""
     remove_legacy_downloads()
     failures = TurnFailures()
-    chat_fn = make_chat_fn(backend, failures)
+    chat_fn = make_chat_fn(backend, failures, toolbox)
+    modes = toolbox.modes if toolbox is not None else (CHAT,)
     with gr.Blocks(title=branding.title, analytics_enabled=False, fill_height=True,
                    delete_cache=DELETE_CACHE) as page:
         gr.HTML(branding.header_html(), elem_id="brand-header")
         gr.Markdown(header_markdown(backend), elem_id="model-info")
+        mode = gr.Radio(list(modes), value=CHAT, label="Mode", elem_id="mode", visible=len(modes) > 1,
+                        info=mode_info(modes))
         stats = gr.Markdown("", elem_id="reply-stats", render=False)
         # A small offline demo model answers better with its own default system prompt.
         default_system = "" if backend.info.offline_demo else branding.system_prompt
-        system_prompt = gr.Textbox(default_system, label="System prompt", lines=2, render=False,
+        system_prompt = gr.Textbox(default_system, label="System prompt (Chat mode)", lines=2, render=False,
                                    elem_id="system-prompt")
         chatbot = gr.Chatbot(
             label=branding.title, elem_id="chatbot", height="55vh", latex_delimiters=LATEX,
@@ -384,7 +457,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             chatbot=chatbot,
             textbox=gr.Textbox(placeholder=branding.input_placeholder, elem_id="chat-input", show_label=False,
                                submit_btn=True, stop_btn=True),
-            additional_inputs=[system_prompt, *sampling_controls(max_new_tokens)],
+            additional_inputs=[system_prompt, *sampling_controls(max_new_tokens), mode],
             additional_outputs=[stats],
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             examples=[[e] for e in branding.examples] or None,
@@ -399,6 +472,12 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         stats.render()
         steps = _chat_steps(page, chat, chat_fn)
         _give_input_back(chat, steps, stats, failures, branding.input_placeholder)
+        mode_examples = [[text, name] for name, texts in (
+            (TOOLS, branding.tool_examples), (INTERPRETER, branding.interpreter_examples)) if name in modes
+            for text in texts]
+        if mode_examples:
+            gr.Examples(mode_examples, [chat.textbox, mode], label="Examples for Tools and Code interpreter "
+                        "(sets the mode; press Enter to send)", elem_id="mode-examples")
         with gr.Row():
             _download_button("Download Markdown", "download-md", to_markdown, chatbot, "conversation.md",
                              "text/markdown")
@@ -406,7 +485,21 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                              "application/json")
 
         _keep_in_browser(page, chat, state_secret, steps["undo"])
+        if toolbox is not None:
+            def end_session(request: gr.Request):  # the tab was closed or reloaded: its kernel goes
+                toolbox.end_session(request.session_hash)
+
+            page.unload(end_session)
     return page
+
+
+def mode_info(modes) -> str:
+    """What each mode does, under the selector."""
+    text = "Chat: plain conversation. Tools: the model may call the built-in tools (calculator, time, units, …)."
+    if INTERPRETER in modes:
+        text += (" Code interpreter: the model writes Python that is run, in a sandbox on this server, "
+                 "and sees the output (⚠️ model-written code runs here).")
+    return text
 
 
 def launch_kwargs(branding: Branding) -> dict:

@@ -77,9 +77,9 @@ def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local UR
 
 
 def chat_args(message, *, system="", temperature=0.8, top_p=0.8, max_new_tokens=24, top_k=0,
-              repetition_penalty=1.0, seed=-1) -> list:
+              repetition_penalty=1.0, seed=-1, mode="Chat") -> list:
     """The ``/chat`` endpoint's arguments, in its order."""
-    return [message, system, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed]
+    return [message, system, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed, mode]
 
 
 WAITING_MARK = "\u23f3"  # the page's "waiting for a free slot" line starts with it

@@ -33,10 +33,10 @@ WAITING = "⏳"
 TIMEOUT = 120
 
 
-def chat_args(message, *, system=SYSTEM, max_new_tokens=8, seed=-1):
+def chat_args(message, *, system=SYSTEM, max_new_tokens=8, seed=-1, mode="Chat"):
     """The /chat endpoint's inputs: message, system prompt, temperature, top-p, max new tokens, top-k,
-    repetition penalty, seed."""
-    return [message, system, 0.8, 0.8, max_new_tokens, 0, 1.0, seed]
+    repetition penalty, seed, mode."""
+    return [message, system, 0.8, 0.8, max_new_tokens, 0, 1.0, seed, mode]
 
 
 # -- fixtures -----------------------------------------------------------------------------------

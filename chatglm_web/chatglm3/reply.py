@@ -5,6 +5,7 @@ with tools in the system prompt: the rest is a tool call, a fenced code block ho
 ``tool_call(arg=value, ...)``, and the metadata line is the tool name.
 
     parse_reply(text, tools_available) -> ParsedReply(content, metadata, tool_call)
+    strip_code_fence(content) -> the code of a ```python ... ``` block (a tool call, interpreter code)
     ReplyTextFilter().feed(delta) -> visible text; .metadata; .finish() -> rest
 
 Decisions:
@@ -65,7 +66,8 @@ def split_metadata(text: str) -> tuple[str, str]:
     return metadata, rest
 
 
-def _strip_code_fence(content: str) -> str:
+def strip_code_fence(content: str) -> str:
+    """The code inside a fenced block (```` ```python ... ``` ````), or the stripped text when it has no fence."""
     code = content.strip()
     if code.startswith("```"):
         code = code.split("\n", 1)[1] if "\n" in code else ""
@@ -103,7 +105,7 @@ def parse_reply(text: str, tools_available: bool) -> ParsedReply:
     metadata, content = split_metadata(text)
     if metadata.strip() and tools_available:
         try:
-            arguments = parse_tool_call(_strip_code_fence(content))
+            arguments = parse_tool_call(strip_code_fence(content))
         except ValueError as error:
             raise ToolCallError(f"invalid tool call for {metadata.strip()!r}: {error}", metadata, content) from None
         return ParsedReply(content=content, metadata=metadata, tool_call=ToolCall(metadata.strip(), arguments))
