@@ -7,7 +7,8 @@ Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p``.
 full-vocabulary sort (the costliest part of sampling on a 65k vocabulary) whenever the nucleus
 lies within the top 64 tokens, as it does for a trained model's usual peaked distributions; only
 flat ones are sorted whole. The draw itself is one uniform number mapped through the cumulative
-distribution (cheaper than ``torch.multinomial`` over the whole vocabulary).
+distribution (cheaper than ``torch.multinomial`` over the whole vocabulary). A batch of rows is
+sampled with one pass of each operation and one transfer of the chosen ids to the host.
 """
 
 from __future__ import annotations
@@ -51,47 +52,49 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
                   seen_ids: list[torch.Tensor | None]) -> list[int]:
     """Next ids for a [B, V] float32 batch of logits rows, each with its own settings and generator.
 
-    Rows are processed together (one softmax, one top-p pass, one cumulative sum), and each row
-    gets exactly what it would get alone.
+    The rows are processed together (one top-k mask, one softmax, one top-p pass, one cumulative sum,
+    one search), each row gets exactly what it would get alone, and the ids reach the host in one
+    transfer at the end: no per-row synchronization with the device.
     """
-    chosen: list[int | None] = [None] * len(params)
-    batch = []
     for i, p in enumerate(params):
-        row = logits[i]
         if seen_ids[i] is not None:
-            row = logits[i] = apply_repetition_penalty(row, seen_ids[i], p.repetition_penalty)
-        if p.temperature <= 0 or p.top_k == 1:
-            chosen[i] = int(torch.argmax(row))
-        elif 0 < p.top_k < row.numel():  # top-k rows: on their own (few candidates, cheap)
-            values, indices = torch.topk(row, p.top_k)
-            probs = torch.softmax(values / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                probs = top_p_probs(probs, p.top_p)
-            chosen[i] = int(indices[draw(probs, generators[i])])
-        else:
-            batch.append(i)
-    if batch:
-        index = torch.tensor(batch, device=logits.device)
-        temperature = torch.tensor([params[i].temperature for i in batch], dtype=logits.dtype,
-                                   device=logits.device).unsqueeze(1)
-        probs = torch.softmax(logits[index] / temperature, dim=-1)
-        nucleus = [j for j, i in enumerate(batch) if params[i].top_p < 1.0]
-        if nucleus:
-            probs[nucleus] = top_p_probs(probs[nucleus], [params[batch[j]].top_p for j in nucleus])
-        cdf = torch.cumsum(probs, dim=-1)
-        for j, i in enumerate(batch):
-            chosen[i] = _from_cdf(cdf[j], generators[i])
-    return chosen
+            logits[i] = apply_repetition_penalty(logits[i], seen_ids[i], p.repetition_penalty)
+    chosen = torch.argmax(logits, dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_k != 1]
+    if sampled:
+        rows = [params[i] for i in sampled]
+        index = torch.tensor(sampled, device=logits.device)
+        chosen[index] = _sample(logits[index], rows, [generators[i] for i in sampled])
+    return chosen.tolist()
 
 
-def _from_cdf(cdf: torch.Tensor, generator: torch.Generator) -> int:
-    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=generator.device) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    """One id per row: top-k, temperature, top-p, then one uniform draw from each row's own generator."""
+    device, vocab = logits.device, logits.shape[1]
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):  # outside each row's top k: -inf (rows without a top-k keep everything)
+        kth = torch.topk(logits, max(ks), dim=-1).values
+        position = torch.tensor([max(k, 1) - 1 for k in ks], device=device).unsqueeze(1)
+        threshold = torch.where(torch.tensor(ks, device=device).unsqueeze(1) > 0, kth.gather(1, position),
+                                torch.full_like(position, float("-inf"), dtype=logits.dtype))
+        logits = torch.where(logits >= threshold, logits, torch.full_like(logits, float("-inf")))
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device).unsqueeze(1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    nucleus = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        probs[nucleus] = top_p_probs(probs[nucleus], [params[j].top_p for j in nucleus])
+    cdf = torch.cumsum(probs, dim=-1)
+    # each row's uniform number from its own generator (on the CPU: a seed draws the same on any device)
+    uniform = torch.stack([torch.rand((), generator=g, dtype=cdf.dtype, device=g.device) for g in generators])
+    target = uniform.to(device, non_blocking=True).unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=vocab - 1)
 
 
 def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
     """Index drawn with probability proportional to ``weights`` (non-negative)."""
-    return _from_cdf(torch.cumsum(weights, 0), generator)
+    cdf = torch.cumsum(weights, 0)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=generator.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
 
 
 def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,

