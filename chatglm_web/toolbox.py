@@ -27,6 +27,8 @@ class Toolbox:
     """``registry``: a ToolRegistry, or a function that loads one (called once, on the first use of Tools
     mode, so that an app nobody uses tools on starts no tool workers)."""
 
+    tool_timeout = 10.0  # seconds one tool call may run
+
     def __init__(self, registry=None, sandboxes=None):
         self._registry = registry
         self.sandboxes = sandboxes
@@ -68,7 +70,7 @@ class Toolbox:
         if mode in (None, "", CHAT):
             return None
         if mode == TOOLS and self._registry is not None:
-            return ToolRunner(self.registry)
+            return ToolRunner(self.registry, timeout=self.tool_timeout)
         if mode == INTERPRETER and self.sandboxes is not None:
             if not session_id:
                 raise ValueError("the code interpreter needs a browser session")

@@ -1,0 +1,66 @@
+"""An engine with the real ``Engine.submit(prompt_ids, params, stop_ids)`` surface whose replies are scripted.
+
+Each reply is a list of ChatGLM3 assistant messages ``(metadata, content)``, turned into the token ids the
+model would generate (``<|assistant|>`` between messages, each message's metadata line and content encoded
+as the prompt encodes them), and streamed one token per event. The prompt ids of every request are kept
+in ``prompts``, so a test can check what the model was shown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from chatglm_web.engine import Outcome
+
+
+def reply_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    ids = []
+    for index, (metadata, content) in enumerate(messages):
+        if index:
+            ids.append(tokenizer.special_token_ids["<|assistant|>"])
+        ids += tokenizer.encode(metadata + "\n") + tokenizer.encode(content)
+    return ids
+
+
+class ScriptedRequest:
+    _ids = itertools.count(1)
+
+    def __init__(self, ids: list[int]):
+        self.id = next(self._ids)
+        self.ids = ids
+        self.submitted_at = time.perf_counter()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def batches(self):
+        for token in self.ids:
+            yield [("token", token)]
+        yield [("done", Outcome("stop"))]
+
+
+class ScriptedEngine:
+    alive = True
+    load = (0, 0)
+
+    def __init__(self, tokenizer, replies: list[list[tuple[str, str]]]):
+        self.tokenizer = tokenizer
+        self.replies = list(replies)
+        self.prompts: list[list[int]] = []
+
+    def check_capacity(self) -> None:
+        pass
+
+    def submit(self, prompt_ids, params, stop_ids=()) -> ScriptedRequest:
+        self.prompts.append(list(prompt_ids))
+        messages = self.replies.pop(0) if self.replies else [("", "The script has ended.")]
+        return ScriptedRequest(reply_ids(self.tokenizer, messages))
+
+    def prompt_text(self, index: int) -> str:
+        """A recorded prompt as text, special tokens shown."""
+        return self.tokenizer.decode(self.prompts[index], skip_special_tokens=False)
+
+    def shutdown(self) -> None:
+        pass
