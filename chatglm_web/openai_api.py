@@ -2,7 +2,8 @@
 
     GET  /v1/models             the one model
     POST /v1/chat/completions   streamed (SSE) or not; temperature, top_p, max_tokens, seed, stop,
-                                plus top_k and repetition_penalty; ``usage`` in the reply
+                                plus top_k and repetition_penalty; ``usage`` in the reply; ``tools``
+                                and ``tool_choice`` ("auto" / "none"): see ``api_tools.py``
     GET  /healthz               200 when the model is loaded (or the backend reachable) and the engine alive
     GET  /metrics               Prometheus text format
 
@@ -26,7 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .chat_format import normalize_messages
+from .api_tools import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
 from .generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -35,8 +36,10 @@ API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams option -> the API
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class StreamOptions(BaseModel):
@@ -60,6 +63,8 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | dict | None = None
 
     def sampling_params(self) -> SamplingParams:
         values = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
@@ -137,15 +142,19 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
             params = chat.sampling_params()
         except InvalidRequest as error:
             raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
-        messages = normalize_messages([m.model_dump() for m in chat.messages])
+        try:
+            tools = check_tool_choice(chat.tools, chat.tool_choice)
+            messages = chatglm3_messages([m.model_dump() for m in chat.messages], tools)
+        except InvalidRequest as error:
+            raise APIError(400, str(error), param=error.param) from None
         stream = backend.stream_chat(messages, params)
         first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_sse(stream, first, completion_id, model_id, include_usage),
+            return StreamingResponse(_sse(stream, first, completion_id, model_id, include_usage, bool(tools)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(stream, first, completion_id, model_id)
+        return await _complete(stream, first, completion_id, model_id, bool(tools))
 
     @router.get("/healthz")
     async def healthz():
@@ -211,26 +220,33 @@ async def _events(stream, first):
             yield event
 
 
-async def _complete(stream, first, completion_id: str, model_id: str) -> JSONResponse:
-    text, done = [], None
+async def _complete(stream, first, completion_id: str, model_id: str, tools: bool) -> JSONResponse:
+    reply, done = ReplyParts(), None
     async for event in _events(stream, first):
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-        elif isinstance(event, Finished):
+        reply.add(event)
+        if isinstance(event, Finished):
             done = event
     if done is None or done.reason == "error":
         error = done.error if done else "the reply ended early"
         return APIError(500, f"Generation failed: {error}", kind="server_error").response()
+    message = {"role": "assistant", "content": reply.text}
+    finish_reason = FINISH_REASONS.get(done.reason, "stop")
+    calls = tool_calls_out(reply) if tools and done.reason == "stop" else None
+    if calls:
+        message = {"role": "assistant", "content": reply.answer_text or None, "tool_calls": calls}
+        finish_reason = "tool_calls"
     return JSONResponse({
         "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                     "finish_reason": FINISH_REASONS.get(done.reason, "stop")}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
         "usage": _usage(done),
     })
 
 
-async def _sse(stream, first, completion_id: str, model_id: str, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation."""
+async def _sse(stream, first, completion_id: str, model_id: str, include_usage: bool, tools: bool = False):
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation.
+
+    With ``tools``, the text of a ChatGLM3 message that is a call (a metadata line came first) is held
+    back and sent at the end as one ``tool_calls`` delta (finish reason ``tool_calls``)."""
     created = int(time.time())
 
     def chunk(delta: dict, finish_reason: str | None = None, **extra) -> str:
@@ -239,15 +255,24 @@ async def _sse(stream, first, completion_id: str, model_id: str, include_usage: 
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    reply = ReplyParts()
     async for event in _events(stream, first):
-        if isinstance(event, TextDelta):
+        reply.add(event)
+        if isinstance(event, TextDelta) and not (tools and reply.in_call):
             yield chunk({"content": event.text})
         elif isinstance(event, Finished):
             if event.reason == "error":
                 error = APIError(500, f"Generation failed: {event.error}", kind="server_error")
                 yield f"data: {json.dumps(error.body())}\n\n"
                 break
-            yield chunk({}, FINISH_REASONS.get(event.reason, "stop"))
+            calls = tool_calls_out(reply) if tools and event.reason == "stop" else None
+            if calls:
+                yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                yield chunk({}, "tool_calls")
+            else:
+                if tools and reply.in_call:  # a call that cannot be parsed (or was cut off): shown as text
+                    yield chunk({"content": reply.parts[-1]["content"]})
+                yield chunk({}, FINISH_REASONS.get(event.reason, "stop"))
             if include_usage:
                 body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                         "model": model_id, "choices": [], "usage": _usage(event)}
