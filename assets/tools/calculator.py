@@ -211,6 +211,8 @@ def evaluate(node: ast.AST):
 
 
 def _call(node: ast.Call):
+    if isinstance(node.func, ast.Attribute):
+        raise CalculatorError("attribute access (.) is not allowed")
     if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
         name = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
         raise CalculatorError(f"unknown function {name!r}; functions: {', '.join(FUNCTIONS)}")

@@ -215,6 +215,7 @@ def _json_copy(arguments) -> object:
 def describe_schema_error(error: jsonschema.ValidationError) -> str:
     """One sentence for a failed check: which argument, what was expected."""
     path = list(error.absolute_path)
+    _shorten_instance(error)
     if error.validator == "required" and isinstance(error.instance, dict):
         match = re.match(r"'(.*)' is a required property", error.message)
         what = f"missing required argument {match.group(1)!r}" if match else error.message
@@ -226,6 +227,15 @@ def describe_schema_error(error: jsonschema.ValidationError) -> str:
     if not path:
         return f"arguments: {error.message}"
     return f"argument {_argument_name(path)!r}: {error.message}"
+
+
+def _shorten_instance(error: jsonschema.ValidationError, most: int = 60) -> None:
+    """jsonschema's messages start with the value's repr: keep that short for a long value."""
+    text = repr(error.instance)
+    if len(text) > most and error.message.startswith(text):
+        size = f" ({len(error.instance)} {'characters' if isinstance(error.instance, str) else 'items'})" \
+            if isinstance(error.instance, (str, list, dict)) else ""
+        error.message = f"{text[:most - 15]}…{text[-10:]}{size}" + error.message[len(text):]
 
 
 def _argument_name(path: list) -> str:
@@ -645,8 +655,9 @@ class ToolRegistry:
         try:
             arguments = _json_copy(arguments)
         except (TypeError, ValueError) as e:
-            return _failure(f"arguments are not JSON: {e}", f"The arguments for {name!r} are not JSON values: {e}.")
-        problem = argument_problem(self._validator(tool), arguments)
+            problem = f"arguments are not JSON: {e}"
+        else:
+            problem = argument_problem(self._validator(tool), arguments)
         if problem:
             return _failure(problem, f"Invalid arguments for the tool {name!r}: {problem}.")
         request = {"op": "run", "path": str(tool.module_path), "arguments": arguments, "limit": self.result_limit}
