@@ -163,3 +163,56 @@ def test_chat_mode_is_unchanged_and_an_unknown_mode_is_refused(server, script):
     assert reply == "Hello there." and "Answer the following" not in engine.prompt_text(0)
     with pytest.raises(Exception, match="not in the list of choices"):
         ask(Client(server.url, verbose=False), "hi", mode="Code interpreter")  # not started with the flag
+
+
+# -- Code interpreter ---------------------------------------------------------------------------------------
+
+PLOT = ("interpreter", "```python\nimport matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "import math\nprint(sum(i * i for i in range(10)))\nplt.plot([math.sin(x / 10) for x in range(63)])\n"
+        "plt.show()\n```")
+
+
+@pytest.fixture(scope="module")
+def interpreter_server(long_reply_checkpoint):
+    from chatglm_web.tools.sandbox import SandboxUnavailable, check_sandbox_support
+
+    try:
+        check_sandbox_support()
+    except SandboxUnavailable as error:
+        pytest.skip(f"the sandbox is not supported on this machine: {error}")
+    with running_server(model=str(long_reply_checkpoint), code_interpreter=True) as srv:
+        srv.backend.backend.engine.shutdown()
+        try:
+            yield srv
+        finally:
+            srv.page.toolbox.close()
+
+
+def test_code_runs_in_the_sandbox_and_its_output_and_image_reach_the_page_and_the_model(interpreter_server,
+                                                                                          long_reply_checkpoint):
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(long_reply_checkpoint)
+    engine = ScriptedEngine(tokenizer, [[PLOT], [("", "The sum is 285; the plot is above.")]])
+    interpreter_server.backend.backend.engine = engine
+    messages, _ = ask(Client(interpreter_server.url, verbose=False), "Plot sin(x)", mode="Code interpreter")
+    assert "你是一位智能AI助手" in engine.prompt_text(0)  # the official code interpreter system prompt
+    [step] = steps_of(messages)
+    assert step["metadata"]["status"] == "done" and "Code interpreter" in step["metadata"]["title"]
+    assert "print(sum(" in step["content"] and "285" in step["content"]
+    images = [m for m in messages if isinstance(m["content"], dict) and m["content"].get("mime_type") == "image/png"
+              or isinstance(m["content"], dict) and str(m["content"].get("path", "")).endswith(".png")]
+    assert len(images) == 1
+    observation = engine.prompt_text(1).split("<|observation|>")[1]
+    assert "```result" in observation and "285" in observation and "【image】" in observation
+    assert messages[-1]["content"] == "The sum is 285; the plot is above."
+
+
+def test_the_page_offers_the_interpreter_only_with_the_flag_and_says_it_runs_code(server, interpreter_server):
+    def mode_radio(srv):
+        config = Client(srv.url, verbose=False).config
+        [radio] = [c for c in config["components"] if c["props"].get("elem_id") == "mode"]
+        return radio["props"]
+
+    assert [c[0] for c in mode_radio(server)["choices"]] == ["Chat", "Tools"]
+    props = mode_radio(interpreter_server)
+    assert [c[0] for c in props["choices"]] == ["Chat", "Tools", "Code interpreter"]
+    assert props["value"] == "Chat" and "sandbox" in props["info"]
