@@ -278,6 +278,7 @@ def serve_worker() -> None:
         replies.write(json.dumps(message).encode("ascii") + b"\n")
         replies.flush()
 
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     reply({"ready": True, "pid": os.getpid()})
     for line in requests:
         request = json.loads(line)
@@ -288,6 +289,14 @@ def serve_worker() -> None:
         else:
             answer = _run_tool(request["path"], request["arguments"], request["limit"], modules)
         reply({"id": request["id"], **answer})
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """End the worker when the server is gone, even while a tool hangs (an idle worker also ends
+    on its closed stdin)."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _import_module(path: str, modules: dict) -> object:
