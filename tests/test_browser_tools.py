@@ -1,0 +1,57 @@
+"""Tools mode in headless Chromium: a tool step shows collapsed once done, and opens on a click to show the
+call and its result. The model's replies are scripted at the engine boundary; the calculator is the real one."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from chatglm_web.chatglm3 import ChatGLM3Tokenizer
+from scripted_engine import ScriptedEngine
+from server_harness import running_server
+from test_browser import CHROMIUM, CHROMIUM_ARGS, SUBMIT, TEXTAREA, UI_TIMEOUT_MS
+
+pytestmark = pytest.mark.browser
+
+EXPRESSION = "1234 * 23.5 / 100"
+
+
+@pytest.fixture(scope="module")
+def server(long_reply_checkpoint, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CHATGLM_WEB_CACHE", str(tmp_path_factory.mktemp("app-cache")))
+        with running_server(model=str(long_reply_checkpoint)) as srv:
+            srv.backend.backend.engine.shutdown()
+            tokenizer = ChatGLM3Tokenizer.from_pretrained(long_reply_checkpoint)
+            srv.backend.backend.engine = ScriptedEngine(tokenizer, [
+                [("calculator", f'```python\ntool_call(expression="{EXPRESSION}")\n```')],
+                [("", "That is the percentage you asked for.")]])
+            yield srv
+
+
+def test_a_tool_step_is_collapsed_when_done_and_opens_on_click(server):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+            page.goto(server.url)
+            page.locator("#mode").get_by_text("Tools", exact=True).click()
+            page.locator(TEXTAREA).fill("What is 23.5% of 1,234?")
+            page.locator(SUBMIT).click()
+            chatbot = page.locator("#chatbot")
+            expect(chatbot.get_by_text("That is the percentage you asked for.")).to_be_visible()
+            title = chatbot.get_by_text("Tool: calculator")
+            expect(title).to_be_visible()
+            call = chatbot.get_by_text(EXPRESSION)
+            result = chatbot.get_by_text("289.99")
+            expect(call).to_be_hidden()  # done: collapsed
+            expect(result).to_be_hidden()
+            assert "tool_call(" not in chatbot.inner_text()
+            title.click()
+            expect(call.first).to_be_visible()
+            expect(result.first).to_be_visible()
+            assert len(server.backend.backend.engine.prompts) == 2
+        finally:
+            browser.close()
