@@ -199,3 +199,16 @@ def test_offline_default_model_answers_paris(monkeypatch):
         assert "Paris" in asyncio.run(ask())
     finally:
         backend.engine.shutdown()
+
+
+def test_code_interpreter_without_sandbox_support_fails_in_one_line(chatglm3_checkpoint):
+    from chatglm_web.tools.sandbox import SandboxUnavailable, check_sandbox_support
+
+    try:
+        check_sandbox_support()
+    except SandboxUnavailable:
+        pass
+    else:
+        pytest.skip("the sandbox works on this machine, so the app starts")
+    result = run_app("--model", str(chatglm3_checkpoint), "--device", "cpu", "--code-interpreter", "--port", "0")
+    assert_fails_in_one_line(result, "--code-interpreter", "sandbox")

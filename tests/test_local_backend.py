@@ -150,3 +150,26 @@ def test_each_request_logs_one_outcome_line_without_traceback(backend, caplog):
     assert "cancelled" in lines[1]
     assert "invalid" in lines[2] and "too long" in lines[2]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_chatglm3_metadata_lines_are_events_before_their_text(loaded):
+    """A reply of a sentence, then ``<|assistant|>`` and a call: text, ReplyMetadata(name), the call's text;
+    ``Finished.metadata`` names the last message's tool; a plain reply has no ReplyMetadata at all."""
+    from chatglm_web.generation import Finished, ReplyMetadata
+    from scripted_engine import ScriptedEngine
+
+    tokenizer = loaded.chat_format.tokenizer
+    call = "```python\ntool_call(x=1)\n```"
+    engine = ScriptedEngine(tokenizer, [[("", "Let me see."), ("lookup", call)], [("", "Plain.")]])
+    backend = LocalBackend(engine, loaded.chat_format, loaded.info)
+
+    async def events():
+        return [e async for e in backend.stream_chat(user("hi"), SamplingParams())]
+
+    first = [e for e in asyncio.run(events()) if not isinstance(e, Finished)] + [asyncio.run(events())]
+    kinds = [(type(e).__name__, getattr(e, "text", None)) for e in first[:-1]]
+    text_before = "".join(t for k, t in kinds[:kinds.index(("ReplyMetadata", "lookup"))] if k == "TextDelta")
+    text_after = "".join(t for k, t in kinds[kinds.index(("ReplyMetadata", "lookup")) + 1:] if k == "TextDelta")
+    assert text_before == "Let me see." and text_after == call
+    assert [e for e in first[-1] if isinstance(e, ReplyMetadata)] == []
+    assert first[-1][-1].metadata == "" and "".join(e.text for e in first[-1] if isinstance(e, TextDelta)) == "Plain."

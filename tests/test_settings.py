@@ -92,3 +92,12 @@ def test_help_lists_every_variable_and_exits_0(capsys):
     for name in ("CHATGLM_WEB_MODEL", "CHATGLM_WEB_SHARE", "CHATGLM_WEB_HOST, then GRADIO_SERVER_NAME",
                  "CHATGLM_WEB_PORT, then GRADIO_SERVER_PORT"):
         assert name in text
+
+
+def test_code_interpreter_is_an_off_by_default_strict_boolean():
+    assert parse_settings([], environ={}).code_interpreter is False
+    assert parse_settings(["--code-interpreter"], environ={}).code_interpreter is True
+    assert parse_settings([], environ={"CHATGLM_WEB_CODE_INTERPRETER": "yes"}).code_interpreter is True
+    assert parse_settings(["--no-code-interpreter"], environ={"CHATGLM_WEB_CODE_INTERPRETER": "1"}).code_interpreter is False
+    with pytest.raises(SettingsError, match="CHATGLM_WEB_CODE_INTERPRETER='maybe' is not a boolean"):
+        parse_settings([], environ={"CHATGLM_WEB_CODE_INTERPRETER": "maybe"})
