@@ -190,7 +190,8 @@ def evaluate(node: ast.AST):
         operation = BINARY.get(type(node.op))
         if operation is None:
             hint = " (use ** for powers)" if isinstance(node.op, ast.BitXor) else ""
-            raise CalculatorError(f"the operator {SYMBOLS.get(type(node.op), type(node.op).__name__)} is not allowed{hint}")
+            symbol = SYMBOLS.get(type(node.op), type(node.op).__name__)
+            raise CalculatorError(f"the operator {symbol} is not allowed{hint}")
         left, right = evaluate(node.left), evaluate(node.right)
         return _checked(_apply(operation, left, right))
     if isinstance(node, ast.UnaryOp):
