@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -162,12 +164,17 @@ def test_writes_confined_to_scratch_and_app_secrets_hidden(make_sandbox, monkeyp
         except OSError as e:
             print("app environ", type(e).__name__)
     """)
-    result = box.execute(probe)
-    assert result.error is None, result.error
-    lines = result.text.splitlines()
-    assert lines[:len(targets)] == [f"{path} PermissionError" for path in targets]
-    assert lines[len(targets):] == ["no secret", "app environ PermissionError"]
-    assert not any(os.path.exists(path) for path in targets)
+    try:
+        result = box.execute(probe)
+        assert result.error is None, result.error
+        lines = result.text.splitlines()
+        assert lines[:len(targets)] == [f"{path} PermissionError" for path in targets]
+        assert lines[len(targets):] == ["no secret", "app environ PermissionError"]
+        assert not any(os.path.exists(path) for path in targets)
+    finally:   # should the sandbox ever leak, leave nothing behind
+        for path in targets:
+            if os.path.isfile(path):
+                os.remove(path)
     assert (box.scratch_dir / "inside.txt").read_text() == "inside"
     assert (box.scratch_dir / "sub" / "deeper.txt").read_text() == "deeper"
 
@@ -237,7 +244,26 @@ def test_close_kills_the_process_group_and_removes_scratch(make_sandbox):
     box.close()   # idempotent
 
 
-APP = textwrap.dedent("""
+def test_close_during_an_execution_stops_it(make_sandbox):
+    box = make_sandbox(SandboxLimits(wall_seconds=60))
+    box.execute("import time")
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(box.execute("time.sleep(60)"))
+        except SandboxClosed as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run)
+    start = time.monotonic()
+    worker.start()
+    box.close()   # before or during the execution: either way it ends at once
+    worker.join(15)
+    assert time.monotonic() - start < 15 and isinstance(outcome[0], SandboxClosed)
+
+
+APP = textwrap.dedent(r"""
     import os, signal, sys, threading
     from chatglm_web.tools.sandbox import CodeSandbox, SandboxLimits
     box = CodeSandbox(SandboxLimits(wall_seconds=20))
@@ -245,6 +271,12 @@ APP = textwrap.dedent("""
     worker.start()
     worker.join()
     print(box.execute("import os; print(os.getpid() + x - 1)").text.strip(), flush=True)
+    print(box.execute("import ctypes, signal\n"
+                      "libc = ctypes.CDLL(None, use_errno=True)\n"
+                      "sig = ctypes.c_int()\n"
+                      "libc.prctl(2, ctypes.byref(sig))\n"        # PR_GET_PDEATHSIG
+                      "print(signal.Signals(sig.value).name, libc.prctl(1, 0), ctypes.get_errno())"
+                      ).text.strip(), flush=True)                # PR_SET_PDEATHSIG 0: refused
     sys.stdin.readline()
     os.kill(os.getpid(), signal.SIGKILL)
 """)
@@ -255,6 +287,7 @@ def test_kernel_dies_with_the_app():
                            stdout=subprocess.PIPE, text=True)
     try:
         kernel_pid = int(app.stdout.readline())   # the kernel outlived the thread that started it
+        assert app.stdout.readline().split() == ["SIGKILL", "-1", str(errno.EPERM)]
         pidfd = os.pidfd_open(kernel_pid)
         app.stdin.write("die\n")
         app.stdin.flush()

@@ -251,7 +251,6 @@ def _install_landlock(libc, config: dict) -> list[str]:
         allow(path, _LL_READ | _LL_MAKE_SOCK)
     for path in config["write"]:
         allow(path, fs)
-    _check("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
     _check("landlock_restrict_self", libc.syscall(
         ctypes.c_long(_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)))
     os.close(ruleset)
@@ -303,6 +302,8 @@ def _enter_sandbox(config: dict) -> list[str]:
                                    (hard == resource.RLIM_INFINITY or hard > value) else value))
     layers = ["rlimits"] + _new_network_namespace(libc)
     _drop_capabilities(libc)
+    # no exec may grant privileges again (set-uid, file capabilities); both filters need it
+    _check("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
     layers += ["no capabilities"] + _install_landlock(libc, config)
     _install_seccomp(libc, arch)
     return layers + ["seccomp"]
