@@ -283,6 +283,13 @@ def _drop_capabilities(libc) -> None:
         raise _Unavailable("could not drop all capabilities")
 
 
+def _set_limit(limit: int, soft: int, extra: int = 0) -> None:
+    """soft, and soft + extra as the hard limit, neither above the hard limit already in force."""
+    cap = resource.getrlimit(limit)[1]
+    hard = soft + extra if cap == resource.RLIM_INFINITY else min(soft + extra, cap)
+    resource.setrlimit(limit, (min(soft, hard), hard))
+
+
 def _enter_sandbox(config: dict) -> list[str]:
     """Every layer, in an order where each step still has the rights it needs."""
     libc = _libc()
@@ -292,14 +299,10 @@ def _enter_sandbox(config: dict) -> list[str]:
     arch = _ARCHES.get(os.uname().machine)
     if arch is None:
         raise _Unavailable(f"no seccomp filter for the {os.uname().machine} architecture")
-    for limit, value in ((resource.RLIMIT_AS, config["memory_bytes"]),
-                         (resource.RLIMIT_CPU, config["cpu_seconds"]),
-                         (resource.RLIMIT_FSIZE, config["file_bytes"]), (resource.RLIMIT_CORE, 0)):
-        hard = resource.getrlimit(limit)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        # CPU: SIGXCPU (fatal) at the soft limit, SIGKILL a second later should it be caught
-        resource.setrlimit(limit, (value, value + 1 if limit == resource.RLIMIT_CPU and
-                                   (hard == resource.RLIM_INFINITY or hard > value) else value))
+    _set_limit(resource.RLIMIT_AS, config["memory_bytes"])
+    _set_limit(resource.RLIMIT_CPU, config["cpu_seconds"], extra=1)   # SIGXCPU, then SIGKILL
+    _set_limit(resource.RLIMIT_FSIZE, config["file_bytes"])
+    _set_limit(resource.RLIMIT_CORE, 0)
     layers = ["rlimits"] + _new_network_namespace(libc)
     _drop_capabilities(libc)
     # no exec may grant privileges again (set-uid, file capabilities); both filters need it
@@ -500,7 +503,8 @@ class CodeSandbox:
 
     @property
     def kernel_pid(self) -> int | None:
-        return self._pgid   # the kernel leads its own process group
+        """The running kernel's pid (it leads its own process group), None before it starts."""
+        return self._pgid
 
     def execute(self, code: str) -> ExecutionResult:
         with self._lock:
@@ -579,6 +583,9 @@ class CodeSandbox:
         deadline = time.monotonic() + limits.wall_seconds
         interrupted = False
         while True:
+            if self._closed:
+                self._discard()
+                raise SandboxClosed("the code interpreter session was closed")
             now = time.monotonic()
             if now >= deadline and not interrupted:   # SIGINT to the group; KeyboardInterrupt
                 km.interrupt_kernel()
@@ -591,9 +598,6 @@ class CodeSandbox:
             try:
                 msg = client.get_iopub_msg(timeout=min(1.0, max(deadline - now, 0.01)))
             except Empty:
-                if self._closed:
-                    self._discard()
-                    raise SandboxClosed("the code interpreter session was closed") from None
                 if not km.is_alive():
                     returncode = km.provisioner.process.poll() if km.provisioner.process else None
                     self._discard()
