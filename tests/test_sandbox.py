@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -203,6 +205,20 @@ def test_sessions_are_isolated_and_pool_is_bounded():
     assert len(pool) == 0 and bob.kernel_pid is None
 
 
+def test_pool_removes_directories_left_by_dead_apps():
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    stale = Path(tempfile.mkdtemp(prefix=f"chatglm-sandbox-{int(finished.stdout)}-"))
+    live = Path(tempfile.mkdtemp(prefix=f"chatglm-sandbox-{os.getppid()}-"))
+    try:
+        (stale / "scratch").mkdir()
+        SandboxPool(FAST).close_all()
+        assert not stale.exists() and live.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
+
+
 def test_matplotlib_png(make_sandbox):
     box = make_sandbox(SandboxLimits(wall_seconds=60))
     result = box.execute("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
@@ -297,6 +313,8 @@ def test_kernel_dies_with_the_app():
     finally:
         app.kill()
         app.wait()
+        for left in Path(tempfile.gettempdir()).glob(f"chatglm-sandbox-{app.pid}-*"):
+            shutil.rmtree(left)   # what the next SandboxPool would delete
 
 
 def test_fails_closed_when_a_layer_is_missing(make_sandbox, monkeypatch):

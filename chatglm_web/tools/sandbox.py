@@ -43,6 +43,8 @@ What this does not do, honestly:
   container.
 * Reading is allowed under /usr, /etc, /proc, /sys and the Python installation: world-readable
   files there (and root-owned ones, if the app runs as root) can be read.
+* After the app itself is killed (SIGKILL, a crash) its kernels die but their directories stay
+  until the next SandboxPool is made, which deletes those of dead apps.
 * Limits are per process, not per session: a kernel that starts children multiplies its memory
   and CPU allowance (there is no cgroup), and the scratch directory is limited per file, not in
   total. Processes of the kernel are all killed with it, though (layer 1).
@@ -484,12 +486,34 @@ def _death_account(returncode: int | None, limits: SandboxLimits) -> str:
     return f"the kernel exited (status {returncode}) and was restarted"
 
 
+_DIR_PREFIX = "chatglm-sandbox-"   # + the app's pid + "-" + random
+
+
+def _remove_stale_dirs() -> None:
+    """Delete the directories of sandboxes whose app died without cleaning up (SIGKILL, a crash)."""
+    with _live_lock:
+        ours = {sandbox._root for sandbox in _live}
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name[len(_DIR_PREFIX):].split("-")[0]
+        if not pid.isdigit() or path in ours or path.stat().st_uid != os.getuid():
+            continue
+        try:
+            if int(pid) != os.getpid():
+                os.kill(int(pid), 0)
+                continue   # its app is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class CodeSandbox:
     """One sandboxed kernel. execute() starts it lazily; one execution at a time."""
 
     def __init__(self, limits: SandboxLimits | None = None):
         self.limits = limits or SandboxLimits()
-        self._root = Path(tempfile.mkdtemp(prefix="chatglm-sandbox-"))
+        self._root = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.scratch_dir = self._root / "scratch"   # the kernel's cwd, its only writable place
         self._run_dir = self._root / "run"          # connection file, sockets, kernel log
         self.scratch_dir.mkdir()
@@ -598,12 +622,13 @@ class CodeSandbox:
             try:
                 msg = client.get_iopub_msg(timeout=min(1.0, max(deadline - now, 0.01)))
             except Empty:
-                if not km.is_alive():
-                    returncode = km.provisioner.process.poll() if km.provisioner.process else None
-                    self._discard()
-                    out.error = _death_account(returncode, limits)
-                    return out.result(restarted=True)
-                continue
+                # close() sets _closed before it kills: a death it caused is seen as a close
+                if km.is_alive() or self._closed:
+                    continue
+                returncode = km.provisioner.process.poll() if km.provisioner.process else None
+                self._discard()
+                out.error = _death_account(returncode, limits)
+                return out.result(restarted=True)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             kind, content = msg["msg_type"], msg["content"]
@@ -635,6 +660,7 @@ class SandboxPool:
     """One CodeSandbox per browser session id, at most max_sessions of them."""
 
     def __init__(self, limits: SandboxLimits | None = None, max_sessions: int = 8):
+        _remove_stale_dirs()
         self.limits = limits or SandboxLimits()
         self.max_sessions = max_sessions
         self._sandboxes: dict[str, CodeSandbox] = {}
