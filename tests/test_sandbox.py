@@ -21,7 +21,7 @@ from chatglm_web.tools.sandbox import (CodeSandbox, SandboxBusy, SandboxClosed, 
                                        SandboxUnavailable, check_sandbox_support)
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = SandboxLimits(wall_seconds=3, interrupt_grace_seconds=2, startup_seconds=60)
+FAST = SandboxLimits(wall_seconds=3, interrupt_grace_seconds=5, startup_seconds=60)  # a busy machine
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_infinite_loop_is_interrupted_then_killed_when_deaf(make_sandbox):
 
     start = time.monotonic()
     deaf = box.execute("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass")
-    assert time.monotonic() - start < FAST.wall_seconds + FAST.interrupt_grace_seconds + 2
+    assert time.monotonic() - start < FAST.wall_seconds + FAST.interrupt_grace_seconds + 5
     assert deaf.timed_out and deaf.restarted and "restarted" in deaf.error
     assert "NameError" in box.execute("kept").error   # a fresh kernel
     assert box.execute("print(6 * 7)").text == "42\n"
@@ -85,7 +85,7 @@ def test_memory_limit(make_sandbox):
 
 
 def test_kernel_death_and_cpu_limit_restart(make_sandbox):
-    box = make_sandbox(SandboxLimits(wall_seconds=30, cpu_seconds=4))
+    box = make_sandbox(SandboxLimits(wall_seconds=90, cpu_seconds=4))
     died = box.execute("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
     assert died.restarted and "killed" in died.error
     assert box.execute("print('back')").text == "back\n"
@@ -248,7 +248,7 @@ def test_close_kills_the_process_group_and_removes_scratch(make_sandbox):
     kernel_pid, child_pid = map(int, started.text.split())
     assert kernel_pid == box.kernel_pid
     escape = box.execute("subprocess.run([sys.executable, '-c', 'import os; os.setsid()'], check=True)")
-    assert "PermissionError" in escape.error or "CalledProcessError" in escape.error
+    assert "CalledProcessError" in (escape.error or "")   # the child's setsid() was refused
     scratch = box.scratch_dir
     box.close()
     with pytest.raises(ProcessLookupError):
