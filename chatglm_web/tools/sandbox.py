@@ -5,7 +5,7 @@ in an ipykernel driven through jupyter_client, one kernel per browser session
 (:class:`SandboxPool`), and feeds :meth:`ExecutionResult.observation` back to the model.
 
 Isolation layers. All but the last are put in place by this very file, run as a tiny launcher
-(``python -I -S sandbox.py --bootstrap CONFIG -- python -m ipykernel_launcher ...``) between the
+(``python -I -S sandbox.py --bootstrap CONFIG -- python -c <ipykernel_launcher> ...``) between the
 fork and the exec of the kernel, so not one line of the model's code runs before they hold. If
 a required layer cannot be set up the launcher exits and :class:`SandboxUnavailable` names what
 is missing: the code is never run unsandboxed.
@@ -50,6 +50,9 @@ What this does not do, honestly:
   total. Processes of the kernel are all killed with it, though (layer 1).
 * Without Landlock ABI 6 (Linux < 6.12) the kernel may send signals to other processes of the
   same user, the app included.
+* /dev/shm is not writable (it is shared by all sessions), so multiprocessing's locks and pools
+  fail with PermissionError; output printed by forked children is not shown (see _KERNEL_MAIN).
+  /proc/PID/cmdline of every process stays readable, as it is for any unprivileged process.
 
 This file is also the launcher, so it imports only the standard library at module level.
 """
@@ -586,7 +589,8 @@ class CodeSandbox:
             self._discard()
             text = _log_tail(log_path)
             if returncode == _EXIT_UNAVAILABLE:
-                raise SandboxUnavailable(f"code interpreter sandbox: {_unavailable_reason(text)}") from None
+                reason = _unavailable_reason(text)
+                raise SandboxUnavailable(f"code interpreter sandbox: {reason}") from None
             raise RuntimeError(f"the code interpreter's kernel did not start ({exc}): {text}") from None
         log.debug("code interpreter kernel %s started: %s", self._pgid, _log_tail(log_path, 300))
 
