@@ -70,7 +70,8 @@ class GenerationRequest:
 
     _ids = itertools.count(1)
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], max_length: int):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], max_length: int,
+                 on_event=None):
         self.id = next(self._ids)
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -86,6 +87,7 @@ class GenerationRequest:
             self._loop, self._async_queue = None, None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._on_done = None
+        self._on_event = on_event  # (kind, value) -> None: events go there instead of to an iterator
         self._position: int | None = None  # last queue position sent
 
     # -- consumer side -------------------------------------------------------------------
@@ -143,6 +145,9 @@ class GenerationRequest:
         self._finished = kind == _DONE
         if self._finished and self._on_done:
             self._on_done(value)
+        if self._on_event is not None:
+            self._on_event(kind, value)
+            return
         if self._async_queue is None:
             self._queue.put((kind, value))
             return
@@ -246,10 +251,12 @@ class Engine:
         self.finished = collections.Counter()  # reason -> count
 
     # -- public ----------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=()) -> GenerationRequest:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=(), on_event=None) -> GenerationRequest:
+        """Queue a generation. ``on_event(kind, value)``, when given, receives the events (called from the
+        engine's thread) instead of the returned request's iterators."""
         if not prompt_ids:
             raise ValueError("empty prompt")
-        request = GenerationRequest(prompt_ids, params, set(stop_ids), self.context_length)
+        request = GenerationRequest(prompt_ids, params, set(stop_ids), self.context_length, on_event)
         request._on_done = lambda outcome: self.finished.update([outcome.reason])
         with self._wake:
             self._check_capacity()
