@@ -65,7 +65,7 @@ def direct_one(http: httpx.Client, model: str, prompt_ids: list[int], tokens: in
 
 def page_one(http: httpx.Client, tokens: int, seed: int) -> int:
     """(b) one /chat call through Gradio's HTTP API, read to its end; returns the reply tokens of its stats line."""
-    data = [PROMPT, "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed]
+    data = [PROMPT, "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed, "Chat"]
     event_id = http.post("/gradio_api/call/chat", json={"data": data}).json()["event_id"]
     stats, event = "", None
     with http.stream("GET", f"/gradio_api/call/chat/{event_id}") as response:

@@ -48,7 +48,7 @@ NO_STOP = {2: -30.0, "<|user|>": -30.0, "<|observation|>": -30.0}
 
 
 def chat_args(tokens: int, seed: int):
-    return (PROMPT, "", 0.8, 0.8, tokens, 0, 1.0, seed)
+    return (PROMPT, "", 0.8, 0.8, tokens, 0, 1.0, seed, "Chat")
 
 
 def stream_one(http: httpx.Client, tokens: int, seed: int) -> tuple[float, float]:

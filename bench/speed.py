@@ -130,7 +130,7 @@ class PageClient:
         self.url = url
 
     def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
-        data = [messages[-1]["content"], "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed]
+        data = [messages[-1]["content"], "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed, "Chat"]
         stream = Stream(time.perf_counter())
         event_id = http.post(self.url + "/gradio_api/call/chat", json={"data": data}).json()["event_id"]
         event = None

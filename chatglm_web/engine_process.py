@@ -41,13 +41,14 @@ import threading
 
 from .engine import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure
 from .generation import SamplingParams
+from .settings import StartupError
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 3600.0  # a first start may download the model
 
 
-class EngineStartError(RuntimeError):
+class EngineStartError(StartupError, RuntimeError):
     """The engine process could not load the model; the message is one line for the user."""
 
 

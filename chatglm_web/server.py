@@ -24,12 +24,20 @@ def build_backend(settings: Settings):
     from .loading import load_chat_model
     from .spaces_env import engine_type
 
-    # the batching Engine, or one @spaces.GPU call per reply in ZeroGPU mode (imports spaces before the load)
-    engine_class = engine_type(settings.zero_gpu)
-    loaded = load_chat_model(settings)
-    engine = engine_class(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                          context_length=loaded.info.context_length)
-    return MeteredBackend(LocalBackend(engine, loaded.chat_format, loaded.info,
+    if settings.engine_process and not settings.zero_gpu:
+        from .engine_process import EngineProcess
+
+        # the model is loaded in the engine's own process; this one gets its chat format and info
+        engine, chat_format, info = EngineProcess.start(settings, max_batch_size=settings.max_batch_size,
+                                                        max_queue=settings.max_queue)
+    else:
+        # the batching Engine here, or one @spaces.GPU call per reply in ZeroGPU mode (imports spaces first)
+        engine_class = engine_type(settings.zero_gpu)
+        loaded = load_chat_model(settings)
+        engine = engine_class(loaded.model, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                              context_length=loaded.info.context_length)
+        chat_format, info = loaded.chat_format, loaded.info
+    return MeteredBackend(LocalBackend(engine, chat_format, info,
                                        max_input_tokens=settings.max_input_tokens,
                                        max_new_tokens=settings.max_new_tokens,
                                        max_input_chars=settings.max_input_chars))

@@ -59,6 +59,7 @@ class Settings:
     backend: str | None = None  # URL of an OpenAI-compatible server that generates instead of a local model
     backend_api_key: str | None = None
     zero_gpu: bool = False  # each reply in a @spaces.GPU call (zero_gpu.py) instead of the batching engine
+    engine_process: bool = True  # the batching engine and the model in a process of their own (engine_process.py)
     code_interpreter: bool = False  # offer the Code interpreter mode (model-written code runs in a sandbox)
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
@@ -92,12 +93,14 @@ _HELP = {
     "backend": "URL of an OpenAI-compatible server (vLLM, SGLang, another chatglm-web) that generates the replies; "
                "no weights are loaded here, --model only names the tokenizer and config",
     "backend_api_key": "bearer key for --backend",
+    "engine_process": "run the model and its batching engine in a process of their own, so the web server's work "
+                      "never delays generation (--no-engine-process: one process; ZeroGPU always uses one)",
     "zero_gpu": "generate each reply in a @spaces.GPU call (Hugging Face ZeroGPU); "
                 "default: on when SPACES_ZERO_GPU says the Space runs on ZeroGPU",
     "code_interpreter": "offer the Code interpreter mode: code the model writes runs in a sandboxed Jupyter kernel "
                         "per browser session (start-up fails if the sandbox is not supported here)",
 }
-_FLAGS = ("share", "zero_gpu", "code_interpreter")  # on/off flags: --name / --no-name
+_FLAGS = ("share", "zero_gpu", "code_interpreter", "engine_process")  # on/off flags: --name / --no-name
 #: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 

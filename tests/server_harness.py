@@ -34,7 +34,10 @@ class RunningServer:
 
 @contextmanager
 def running_server(**settings):
-    settings = Settings(**{"precision": "fp32", "device": "cpu", "port": free_port(), **settings})
+    # the engine in this process (tests look at its counters and patch it); app_process() and
+    # tests/test_engine_process.py run the engine in its own process, as app.py does by default
+    settings = Settings(**{"precision": "fp32", "device": "cpu", "port": free_port(), "engine_process": False,
+                           **settings})
     settings.model_explicit = True
     page, backend, launch_kwargs = build_app(settings)
     page.launch(server_name="127.0.0.1", server_port=settings.port, prevent_thread_lock=True, quiet=True,

@@ -160,7 +160,7 @@ def test_a_disconnected_client_has_its_request_cancelled(server):
 
     cancelled_before = server.engine.finished["cancelled"]
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        event_id = http.post("gradio_api/call/chat", json={"data": list(chat_args("Write forever", max_new_tokens=4000))}).json()["event_id"]
+        event_id = http.post("gradio_api/call/chat", json={"data": [*chat_args("Write forever", max_new_tokens=4000), "Chat"]}).json()["event_id"]
         with http.stream("GET", f"gradio_api/call/chat/{event_id}") as response:
             lines = 0
             for line in response.iter_lines():
