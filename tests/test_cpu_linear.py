@@ -1,0 +1,46 @@
+"""fp32 CPU models get oneDNN-prepacked linear layers (torch.utils.mkldnn.MkldnnLinear) at load time: same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.mkldnn import MkldnnLinear
+
+from chatglm_web.chatglm3.loader import load_glm_model
+from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.cpu_linear import prepack_linear_layers
+from chatglm_web.loading import load_from_folder
+from chatglm_web.settings import Settings
+
+
+def test_a_cpu_fp32_load_prepacks_every_linear_layer_and_keeps_the_logits(chatglm3_checkpoint):
+    loaded = load_from_folder(chatglm3_checkpoint, Settings(precision="fp32", device="cpu"), "tiny")
+    dense = load_glm_model(chatglm3_checkpoint, ChatGLM3Tokenizer.from_pretrained(chatglm3_checkpoint),
+                           dtype=torch.float32).eval()
+    linears = [m for m in loaded.model.modules() if isinstance(m, (nn.Linear, MkldnnLinear))]
+    assert linears and all(type(m) is MkldnnLinear for m in linears)
+    assert not any(type(m) is MkldnnLinear for m in dense.modules())
+    ids = torch.tensor([loaded.chat_format.prompt_ids([{"role": "user", "content": "你好, prepacked weights"}])])
+    with torch.inference_mode():
+        got, expected = loaded.model(input_ids=ids).logits, dense(input_ids=ids).logits
+        generated = loaded.model.generate(ids, max_new_tokens=8, do_sample=False)
+        reference = dense.generate(ids, max_new_tokens=8, do_sample=False)
+    assert expected.std() > 0.01
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert generated.tolist() == reference.tolist()
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_16_bit_weights_stay_plain(chatglm3_checkpoint, precision):
+    loaded = load_from_folder(chatglm3_checkpoint, Settings(precision=precision, device="cpu"), "tiny")
+    assert not any(type(m) is MkldnnLinear for m in loaded.model.modules())
+
+
+def test_only_plain_linear_layers_are_replaced():
+    class Subclass(nn.Linear):  # e.g. bitsandbytes' Linear4bit
+        pass
+
+    model = nn.Sequential(nn.Linear(8, 8), Subclass(8, 8), nn.Sequential(nn.Linear(8, 4)))
+    assert prepack_linear_layers(model) == 2
+    assert [type(m).__name__ for m in model.modules()][1:] == ["MkldnnLinear", "Subclass", "Sequential", "MkldnnLinear"]
