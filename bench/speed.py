@@ -53,7 +53,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
-from chatglm_web.loading import load_from_folder  # noqa: E402
+from chatglm_web.loading import count_params, load_from_folder  # noqa: E402
 from chatglm_web.settings import Settings  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
 
@@ -335,7 +335,7 @@ def measure_server(clients, users: list[int], tokens: int, long_text: str) -> di
 def bench_shape(name: str, spec: TinyChatGLM3, args, work: Path) -> dict:
     folder = write_test_checkpoint(work / f"glm-{name}", train_tokenizer_model(), spec, newline_first=True)
     loaded = load_from_folder(folder, Settings(precision="fp32", device="cpu"), name)
-    params = sum(p.numel() for p in loaded.model.parameters())
+    params = count_params(folder)[0]  # the model's parameters() miss the prepacked CPU linear weights
     prompt_ids = loaded.chat_format.prompt_ids(user_messages())
     long_text = long_prompt_text(loaded.chat_format, LONG_PROMPT_TOKENS)
     raw_rate, prefill = raw_generate(loaded.model, prompt_ids, args.tokens)

@@ -7,10 +7,13 @@ more rows a step has: on this project's 87 M-parameter bench model, the linear l
 took 32 ms instead of 53 ms at 8 rows and 21 ms instead of 27 ms at 1 row (see BENCHMARKS.md).
 The same weights give the same logits up to float rounding (summation order).
 
-Applied once, at load time, to fp32 models on the CPU, so the engine, a plain ``generate`` and
-everything else use the same model. Not for GPUs, quantized layers (bitsandbytes' are subclasses
-of ``nn.Linear`` and are left alone) or 16-bit weights. The weights become buffers in oneDNN's
-layout: such a model is for inference only (no ``state_dict`` round trip, no ``.to(device)``).
+Applied by the engine process (``engine_process.py``) to its CPU model, whose decode loop runs in
+that process's main thread: measured here, oneDNN's kernels lose most of their gain when called
+from a thread started later (the in-process engine's worker thread), so the in-process engine keeps
+plain weights. Only plain fp32 ``nn.Linear`` layers are packed: not GPU weights, not 16-bit ones,
+not quantized layers (bitsandbytes' are subclasses of ``nn.Linear`` and are left alone). The
+weights become buffers in oneDNN's layout: such a model is for inference only (no ``state_dict``
+round trip, no ``.to(device)``).
 """
 
 from __future__ import annotations

@@ -230,8 +230,11 @@ DEFAULT_PREFILL_CHUNK = 512
 
 class Engine:
     def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, own_thread: bool = True):
+        """``own_thread=False``: the loop runs where ``run()`` is called (the main thread of the engine
+        process: oneDNN's CPU kernels run markedly faster there than in a thread started later)."""
         self.model = model
+        self._own_thread = own_thread
         self.prefill_chunk = max(1, prefill_chunk)
         self.device = next(model.parameters()).device
         self.max_batch_size = max(1, max_batch_size)
@@ -293,7 +296,13 @@ class Engine:
             self._thread.join(timeout=10)
 
     # -- worker ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the decode loop in the calling thread until ``shutdown()`` (with ``own_thread=False``)."""
+        self._run()
+
     def _ensure_thread(self) -> None:
+        if not self._own_thread:
+            return
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="chatglm-web-engine", daemon=True)
             self._thread.start()

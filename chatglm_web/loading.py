@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from .cpu_linear import prepack_linear_layers
 from .generation import ModelInfo
 from .settings import DEFAULT_MODEL, Settings, StartupError
 from .spaces_env import hardware_label, on_spaces
@@ -232,8 +231,6 @@ def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel
     if load_device != device:
         model.to(device)
     model.eval()
-    if device == "cpu" and precision == "fp32":
-        prepack_linear_layers(model)  # oneDNN's own weight layout: faster decode steps on the CPU
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     info = ModelInfo(name=name, precision=precision, device=hardware_label(device, settings.zero_gpu),
                      context_length=context)
