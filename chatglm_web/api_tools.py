@@ -22,9 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .chat_format import normalize_messages
 from .chatglm3.reply import ToolCallError, parse_reply
 from .generation import InvalidRequest, ReplyMetadata, TextDelta
-
-TOOLS_SYSTEM_PROMPT = ("Answer the following questions as best as you can. "
-                       "You have access to the following tools:")
+from .tools.registry import TOOLS_SYSTEM_PROMPT
 
 
 class FunctionSpec(BaseModel):

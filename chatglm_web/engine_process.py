@@ -37,6 +37,7 @@ import itertools
 import logging
 import multiprocessing
 import queue
+import signal
 import threading
 
 from .engine import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure
@@ -209,6 +210,8 @@ class EngineProcess:
 def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> None:
     """The engine process: load the model, then generate in this main thread while a side thread takes
     the web process's submits and cancels."""
+    # Ctrl-C reaches the whole process group: the web process shuts down, and this one ends with its pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .cpu_linear import prepack_linear_layers
     from .loading import load_chat_model
