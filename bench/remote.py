@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ import torch  # noqa: E402
 
 from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
 from chatglm_web.remote_format import load_remote_format  # noqa: E402
+from app_server import start_app, stop_app  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
 
 PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
@@ -117,37 +116,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_app(folder: Path, backend: str, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "app.py", "--model", str(folder), "--backend", backend,
-                                "--port", str(port), "--max-new-tokens", "1024"],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the app did not start; see {log_path}")
-
-
-def stop_app(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per reply")
@@ -169,7 +137,8 @@ def main() -> None:
         vllm.start()
         vllm_ready = time.perf_counter() - started
         app_port = free_port()
-        app = start_app(folder, vllm.url, app_port, work / "app.log")
+        app = start_app(["--model", str(folder), "--backend", vllm.url, "--max-new-tokens", "1024"], app_port,
+                        work / "app.log")
         app_url = f"http://127.0.0.1:{app_port}"
         model = httpx.get(vllm.url + "/v1/models", timeout=10).json()["data"][0]["id"]
         params = sum(t.numel() for shard in folder.glob("pytorch_model-*.bin") for t in torch.load(shard).values())

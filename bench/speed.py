@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,6 +58,7 @@ from chatglm_web.cpu_linear import prepack_linear_layers  # noqa: E402
 from chatglm_web.engine import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from chatglm_web.loading import count_params, load_from_folder  # noqa: E402
 from chatglm_web.settings import Settings  # noqa: E402
+from app_server import start_app, stop_app  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
 
 SHAPES = {
@@ -274,38 +273,6 @@ def long_prompt_text(chat_format, target: int) -> str:
     return text
 
 
-def start_app(folder: Path, port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--model", str(folder), "--precision", "fp32", "--device", "cpu",
-         "--port", str(port), "--max-batch-size", str(MAX_BATCH), "--max-new-tokens", "1024"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the app did not start; see {log_path}")
-
-
-def stop_app(process: subprocess.Popen | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 def raw_generate(model, ids: list[int], tokens: int, repeats: int = 3) -> tuple[float, float]:
     """(raw ``model.generate`` tokens/s, raw prefill seconds) in this process's main thread."""
     input_ids = torch.tensor([ids])
@@ -365,7 +332,9 @@ def bench_shape(name: str, spec: TinyChatGLM3, args, work: Path) -> dict:
            "chunk": chunk}
 
     port = free_port()
-    app = start_app(folder, port, work / f"app-{name}.log")
+    flags = ["--model", str(folder), "--precision", "fp32", "--device", "cpu", "--max-batch-size", str(MAX_BATCH),
+             "--max-new-tokens", "1024"]
+    app = start_app(flags, port, work / f"app-{name}.log")
     try:
         url = f"http://127.0.0.1:{port}"
         out["app"] = measure_server([AppClient(url), PageClient(url)], args.users, args.tokens, long_text)

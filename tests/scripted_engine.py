@@ -64,3 +64,18 @@ class ScriptedEngine:
 
     def shutdown(self) -> None:
         pass
+
+
+def scripted_installer(server, checkpoint):
+    """``install(reply, reply, ...)``: put a ScriptedEngine with these replies into the running app's backend
+    (its tokenizer from ``checkpoint``) and return it."""
+    from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
+
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(checkpoint)
+
+    def install(*replies):
+        engine = ScriptedEngine(tokenizer, list(replies))
+        server.backend.backend.engine = engine
+        return engine
+
+    return install

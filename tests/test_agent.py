@@ -15,7 +15,7 @@ from chatglm_web.chatglm3 import ChatGLM3Tokenizer
 from chatglm_web.steps import step_messages
 from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
 from chatglm_web.ui import conversation
-from scripted_engine import ScriptedEngine
+from scripted_engine import ScriptedEngine, scripted_installer
 from server_harness import chat_args, running_server
 
 CALL = "```python\ntool_call({})\n```"
@@ -54,14 +54,7 @@ def server(long_reply_checkpoint, tools_folder):
 @pytest.fixture
 def script(server, long_reply_checkpoint):
     """Put a scripted engine in the running app: ``script(reply, reply, ...)`` -> the engine."""
-    tokenizer = ChatGLM3Tokenizer.from_pretrained(long_reply_checkpoint)
-
-    def install(*replies):
-        engine = ScriptedEngine(tokenizer, list(replies))
-        server.backend.backend.engine = engine
-        return engine
-
-    return install
+    return scripted_installer(server, long_reply_checkpoint)
 
 
 def ask(client, message, mode="Tools"):

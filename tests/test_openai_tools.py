@@ -8,8 +8,7 @@ import json
 import openai
 import pytest
 
-from chatglm_web.chatglm3 import ChatGLM3Tokenizer
-from scripted_engine import ScriptedEngine
+from scripted_engine import scripted_installer
 from server_harness import running_server
 
 WEATHER = {"type": "function", "function": {
@@ -34,14 +33,7 @@ def client(server):
 
 @pytest.fixture
 def script(server, long_reply_checkpoint):
-    tokenizer = ChatGLM3Tokenizer.from_pretrained(long_reply_checkpoint)
-
-    def install(*replies):
-        engine = ScriptedEngine(tokenizer, list(replies))
-        server.backend.backend.engine = engine
-        return engine
-
-    return install
+    return scripted_installer(server, long_reply_checkpoint)
 
 
 def test_a_tool_call_comes_back_as_tool_calls(client, script):
