@@ -17,11 +17,11 @@ logits), then its KV cache is joined to the running batch; every decode step adv
 running requests by one token. Prefill is chunked: each turn of the loop prefills at most
 ``prefill_chunk`` prompt tokens (of one or several new requests) and then runs one decode step,
 so a long prompt arriving while others stream delays their next token by one chunk at most,
-not by its whole prefill. Rows are left-padded to a common cache length, with the
-attention mask and explicit position ids hiding the padding; a finished or cancelled row is
-dropped from the batch at once, and padding columns no row needs any more are trimmed, so
-memory follows the live requests and nothing accumulates between turns. With one request the
-loop is a plain cached decode (no padding, no mask), as fast as ``model.generate``.
+not by its whole prefill. The running batch's keys and values live in a ``SlotCache``
+(``batch_cache.py``): a preallocated slot per request, each writing its new token at its own
+position, read through a boolean mask; a finished or cancelled request's slot is freed at once and
+an idle engine holds no cache, so memory follows the live requests and nothing accumulates between
+turns.
 
 Each request samples with its own settings and its own seeded ``torch.Generator``.
 
@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .batch_cache import SlotCache
 from .generation import BackendBusy, SamplingParams
 from .sampling import choose_tokens
 
@@ -244,8 +245,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._admitting: list[GenerationRequest] = []  # taken from the queue, prefill not yet done
         self._prefills: dict[int, _Prefill] = {}  # request id -> its prefill in progress (worker thread only)
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [batch, cache length + 1] once padding exists, else None
+        self._cache: SlotCache | None = None  # the running batch's KV cache (batch_cache.py)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -334,7 +334,7 @@ class Engine:
     def _fail_running(self, error: Exception, extra: list[GenerationRequest] = ()) -> None:
         for request in [row.request for row in self._rows] + list(extra):
             request._end("error", describe_failure(error))
-        self._rows, self._cache, self._mask = [], None, None
+        self._rows, self._cache = [], None
         self._release_memory()
 
     def _release_memory(self) -> None:
@@ -392,25 +392,10 @@ class Engine:
         self._join(row, cache)
 
     def _join(self, row: _Row, cache: DynamicCache) -> None:
-        if not self._rows:
-            self._cache, self._mask = cache, None
-            self._admitted(row.request, row)
-            return
-        old_len, new_len = self._cache.get_seq_length(), cache.get_seq_length()
-        width = max(old_len, new_len)
-        # Build every joined tensor first, then swap them in: a failure here (out of memory) leaves the
-        # running batch as it was, and only the joining request fails.
-        joined = [(torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
-                   torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]))
-                  for old, new in zip(self._cache.layers, cache.layers)]
-        old_mask = self._mask[:, :-1] if self._mask is not None else torch.ones(
-            len(self._rows), old_len, dtype=torch.long, device=self.device)
-        new_mask = torch.ones(1, new_len, dtype=torch.long, device=self.device)
-        mask = torch.cat([_pad_left(old_mask, width), _pad_left(new_mask, width)])
-        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=torch.long, device=self.device)], 1)
-        for layer, (keys, values) in zip(self._cache.layers, joined):
-            layer.keys, layer.values = keys, values
-        self._mask = mask
+        """Copy the prefilled cache into a slot of the batch (a failure leaves the running batch as it was)."""
+        batch = self._cache or SlotCache()
+        batch.add(cache)
+        self._cache = batch
         self._admitted(row.request, row)
 
     def _admitted(self, request: GenerationRequest, row: _Row | None = None) -> None:
@@ -424,11 +409,8 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self._rows
         input_ids = torch.tensor([[row.last_token] for row in rows], device=self.device)
-        kwargs = {}
-        if self._mask is not None:
-            kwargs["attention_mask"] = self._mask
-            kwargs["position_ids"] = torch.tensor([[row.length - 1] for row in rows], device=self.device)
-        out = self.model(input_ids=input_ids, cache=self._cache, use_cache=True, logits_to_keep=1, **kwargs)
+        inputs = self._cache.step_inputs([row.length - 1 for row in rows])  # the last token is not cached yet
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **inputs)
         logits = out.logits[:, -1].float()
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
@@ -457,26 +439,12 @@ class Engine:
 
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
-            if self._mask is not None:
-                self._mask = torch.cat([self._mask, self._mask.new_ones(len(keep), 1)], dim=1)
-            return
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
             return
         self._rows = [self._rows[i] for i in keep]
-        index = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(index)
-        if self._mask is None:  # no padding anywhere: nothing to trim
-            return
-        mask = self._mask[index]
-        # drop leading columns that are padding for every remaining row
-        first_used = int((mask.sum(dim=0) > 0).nonzero()[0])
-        if first_used:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, first_used:]
-                layer.values = layer.values[:, :, first_used:]
-            mask = mask[:, first_used:]
-        self._mask = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(len(keep), 1)], dim=1)
+        if keep:
+            self._cache.keep(keep)
+        else:
+            self._cache = None  # an idle engine holds no KV memory
 
     def _finish_reason(self, row: _Row, token: int) -> str | None:
         """Why the row ends with ``token`` (a stop token is not shown; the last token of a full budget is)."""
@@ -495,14 +463,3 @@ def describe_failure(error: Exception) -> str:
     if isinstance(error, torch.OutOfMemoryError):
         return "the GPU ran out of memory for this request; try a shorter message or fewer max new tokens"
     return f"{type(error).__name__}: {error}"
-
-
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence dimension (dim -2 for KV states, -1 for masks) with zeros to ``width``."""
-    seq_dim = -2 if tensor.dim() == 4 else -1
-    missing = width - tensor.shape[seq_dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[seq_dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=seq_dim)
