@@ -2,7 +2,7 @@
 the batch's KV tensors (the engine schedules; this stores).
 
     cache = SlotCache()
-    cache.add(prefilled)                         # a request's prefill DynamicCache -> the next slot
+    cache.add(prefilled_kv(prefill_cache))       # a request's prefilled keys/values -> the next slot
     inputs = cache.step_inputs(cached_lengths)   # one decode step: cache, 4-D mask, position ids
     model(input_ids=last_tokens, use_cache=True, **inputs)   # the model calls cache.update() per layer
     cache.keep([0, 2])                           # slots that go on, in order; the others are freed
@@ -27,6 +27,11 @@ SPAN_STEP = 64  # attention reads whole blocks of this many positions
 FIRST_CAPACITY = 256  # positions per slot allocated at first; doubled when a request needs more
 
 
+def prefilled_kv(cache: DynamicCache, row: int = 0, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (keys, values) of one row of a prefill's cache from position ``start`` on (after its left padding)."""
+    return [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in cache.layers]
+
+
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
@@ -49,18 +54,17 @@ class SlotCache:
     def slots(self) -> int:
         return self.keys[0].shape[0] if self.keys else 0
 
-    def add(self, prefilled: DynamicCache) -> None:
-        """Copy a prefilled request's keys and values into the next slot. If growing the buffers fails
-        (out of memory), the running slots are left as they were."""
-        layers = prefilled.layers
-        length = layers[0].keys.shape[2]
+    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a prefilled request's keys and values (per layer, each [kv heads, length, head dim]) into
+        the next slot. If growing the buffers fails (out of memory), the running slots are left as they were."""
+        length = kv[0][0].shape[1]
         if not self.keys:
-            self._allocate(layers, slots=1, capacity=max(FIRST_CAPACITY, _round_up(length + 1, SPAN_STEP)))
+            self._allocate(kv, slots=1, capacity=max(FIRST_CAPACITY, _round_up(length + 1, SPAN_STEP)))
         else:
             self._grow(slots=self.rows + 1, capacity=length + 1)
-        for keys, values, layer in zip(self.keys, self.values, layers):
-            keys[self.rows, :, :length] = layer.keys[0]
-            values[self.rows, :, :length] = layer.values[0]
+        for keys, values, (new_keys, new_values) in zip(self.keys, self.values, kv):
+            keys[self.rows, :, :length] = new_keys
+            values[self.rows, :, :length] = new_values
         self.rows += 1
         self._span = max(self._span, _round_up(length, SPAN_STEP))
 
@@ -96,12 +100,12 @@ class SlotCache:
         self.rows = len(rows)
 
     # -- buffers ------------------------------------------------------------------------------------
-    def _allocate(self, layers, *, slots: int, capacity: int) -> None:
+    def _allocate(self, kv, *, slots: int, capacity: int) -> None:
         def buffer(like: torch.Tensor) -> torch.Tensor:
-            return like.new_zeros(slots, like.shape[1], capacity, like.shape[3])
+            return like.new_zeros(slots, like.shape[0], capacity, like.shape[2])
 
-        self.keys = [buffer(layer.keys) for layer in layers]
-        self.values = [buffer(layer.values) for layer in layers]
+        self.keys = [buffer(keys) for keys, _ in kv]
+        self.values = [buffer(values) for _, values in kv]
 
     def _grow(self, *, slots: int, capacity: int) -> None:
         """Make room for ``slots`` slots of ``capacity`` positions (doubling what is short), keeping the data."""

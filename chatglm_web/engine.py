@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .batch_cache import SlotCache
+from .batch_cache import SlotCache, prefilled_kv
 from .generation import BackendBusy, SamplingParams
 from .sampling import choose_tokens
 
@@ -250,6 +250,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run, for tests and benchmarks
+        self.prefills = 0  # prefill forwards run (several requests may share one)
         self.max_batch_seen = 0
         self.finished = collections.Counter()  # reason -> count
 
@@ -344,10 +345,21 @@ class Engine:
     def _prefill_some(self) -> None:
         """Prefill up to ``prefill_chunk`` prompt tokens of the admitted requests, oldest first.
 
-        A request whose prompt is complete gets its first token and joins the batch; one whose
-        prefill fails ends with the error alone (the batch goes on).
+        Whole prompts of requests admitted together go through the model in one forward (left-padded,
+        as long as the padded batch fits the budget); a longer prompt is prefilled chunk by chunk. A
+        request whose prompt is complete gets its first token and joins the batch; one whose prefill
+        fails ends with the error alone (the batch goes on).
         """
         budget = self.prefill_chunk
+        group = self._whole_prompts(budget)
+        if len(group) > 1:
+            try:
+                self._prefill_together(group)
+                budget -= len(group) * max(len(r.prompt_ids) for r in group)
+            except Exception as error:  # one by one below, where a failure is only its own request's
+                log.warning("prefill of %d requests together failed (%s: %s); one by one", len(group),
+                            type(error).__name__, error)
+                self._release_memory()
         while budget > 0 and self._admitting:
             request = self._admitting[0]
             prefill = self._prefills.get(request.id)
@@ -362,23 +374,57 @@ class Engine:
                     logits = self._prefill_chunk(prefill, size)
                     if prefill.remaining:
                         continue  # more chunks of this prompt in the next turns
-                    self._admit(request, prefill.cache, logits)
+                    self._admit(request, prefilled_kv(prefill.cache), logits)
             except Exception as error:  # this request alone fails; the batch goes on
-                log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
-                          len(request.prompt_ids), type(error).__name__, error)
-                request._end("error", describe_failure(error))
-                self._release_memory()
+                self._prefill_failed(request, error)
             self._prefills.pop(request.id, None)
             self._admitted(request)
+
+    def _whole_prompts(self, budget: int) -> list[GenerationRequest]:
+        """The first admitted requests whose whole prompts, left-padded to the longest, fit ``budget``."""
+        group: list[GenerationRequest] = []
+        for request in self._admitting:
+            width = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in group])
+            if request.id in self._prefills or request.cancelled or (len(group) + 1) * width > budget:
+                break
+            group.append(request)
+        return group
+
+    def _prefill_together(self, group: list[GenerationRequest]) -> None:
+        """One forward for several whole prompts; each request then gets its first token and its slot."""
+        lengths = [len(r.prompt_ids) for r in group]
+        width = max(lengths)
+        ids = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for i, request in enumerate(group):
+            ids[i, width - lengths[i]:] = torch.tensor(request.prompt_ids, device=self.device)
+            mask[i, width - lengths[i]:] = 1
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefills += 1
+        for i, request in enumerate(group):
+            try:
+                self._admit(request, prefilled_kv(cache, i, width - lengths[i]), out.logits[i:i + 1, -1])
+            except Exception as error:
+                self._prefill_failed(request, error)
+            self._admitted(request)
+
+    def _prefill_failed(self, request: GenerationRequest, error: Exception) -> None:
+        log.error("prefill of request %d (%d prompt tokens) failed: %s: %s", request.id,
+                  len(request.prompt_ids), type(error).__name__, error)
+        request._end("error", describe_failure(error))
+        self._release_memory()
 
     def _prefill_chunk(self, prefill: _Prefill, size: int) -> torch.Tensor:
         """Run the next ``size`` prompt tokens into the request's cache; the last position's logits."""
         ids = torch.tensor([prefill.request.prompt_ids[prefill.done:prefill.done + size]], device=self.device)
         out = self.model(input_ids=ids, cache=prefill.cache, use_cache=True, logits_to_keep=1)
+        self.prefills += 1
         prefill.done += size
         return out.logits[:, -1]
 
-    def _admit(self, request: GenerationRequest, cache: DynamicCache, logits: torch.Tensor) -> None:
+    def _admit(self, request: GenerationRequest, kv: list, logits: torch.Tensor) -> None:
         """Choose the first token of a prefilled request and join its cache to the batch."""
         generator = seeded_generator(request_seed(request.params))
         seen = penalized_ids(request.params, request.prompt_ids, self.device)
@@ -389,12 +435,12 @@ class Engine:
             request._end(reason)
             return
         request._emit("token", token)
-        self._join(row, cache)
+        self._join(row, kv)
 
-    def _join(self, row: _Row, cache: DynamicCache) -> None:
-        """Copy the prefilled cache into a slot of the batch (a failure leaves the running batch as it was)."""
+    def _join(self, row: _Row, kv: list) -> None:
+        """Copy the prefilled keys and values into a slot of the batch (a failure leaves the running batch as it was)."""
         batch = self._cache or SlotCache()
-        batch.add(cache)
+        batch.add(kv)
         self._cache = batch
         self._admitted(row.request, row)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatglm_web.batch_cache import FIRST_CAPACITY, SPAN_STEP, SlotCache
+from chatglm_web.batch_cache import FIRST_CAPACITY, SPAN_STEP, SlotCache, prefilled_kv
 from chatglm_web.loading import load_from_folder
 from chatglm_web.settings import Settings
 
@@ -40,7 +40,7 @@ def test_slots_give_each_request_its_own_logits_through_growth_and_frees(model):
     def join(name):
         prefilled = DynamicCache(config=model.config)
         model(input_ids=torch.tensor([prompts[name]]), cache=prefilled, use_cache=True)
-        batch.add(prefilled)
+        batch.add(prefilled_kv(prefilled))
         order.append(name)
         alone[name] = Alone(model, prompts[name])
         last[name] = int(alone[name].logits.argmax())
@@ -74,7 +74,7 @@ def test_step_shapes_change_only_per_span_block(model):
     prefilled = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=torch.tensor([[5, 6, 7]]), cache=prefilled, use_cache=True)
-    batch.add(prefilled)
+    batch.add(prefilled_kv(prefilled))
     spans = {batch.step_inputs([n])["attention_mask"].shape[-1] for n in range(3, SPAN_STEP - 1)}
     assert spans == {SPAN_STEP}
     assert batch.step_inputs([SPAN_STEP])["attention_mask"].shape[-1] == 2 * SPAN_STEP

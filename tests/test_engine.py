@@ -393,3 +393,19 @@ def test_shutdown_ends_a_request_in_the_middle_of_its_prefill(loaded):
     engine.shutdown()
     last = list(request)[-1]
     assert last[0] == "done" and last[1].reason == "error" and "stopped" in last[1].error
+
+
+def test_prompts_admitted_together_share_one_prefill_and_reply_as_alone(loaded):
+    prompts = [list(range(5, 30)), [7, 8, 9], list(range(40, 90))]
+    params = [SamplingParams(temperature=t, seed=s, max_new_tokens=30) for t, s in [(0.0, 1), (0.9, 2), (1.2, 3)]]
+    engine = Engine(loaded.model)
+    try:
+        alone = [tokens_of(engine.submit(p, s, [])) for p, s in zip(prompts, params)]
+        assert engine.prefills == 3
+        with engine._wake:  # the worker sees all three at once
+            together = [engine.submit(p, s, []) for p, s in zip(prompts, params)]
+        replies = [tokens_of(request) for request in together]
+    finally:
+        engine.shutdown()
+    assert engine.prefills == 4, "the three prompts were not prefilled in one forward"
+    assert replies == alone
