@@ -12,8 +12,9 @@ Limits: at most ``max_batch_size`` requests run and at most ``max_queue`` wait; 
 that raises ``EngineBusy`` at once. A request whose prefill fails (say, out of memory on one long
 prompt) ends with an error alone; the running replies go on.
 
-Continuous batching: a new request is prefilled on its own (batch 1, only the last position's
-logits), then its KV cache is joined to the running batch; every decode step advances all
+Continuous batching: a new request is prefilled apart from the running batch (only the last
+position's logits; the whole prompts of requests admitted together in one left-padded forward),
+then its keys and values join the running batch; every decode step advances all
 running requests by one token. Prefill is chunked: each turn of the loop prefills at most
 ``prefill_chunk`` prompt tokens (of one or several new requests) and then runs one decode step,
 so a long prompt arriving while others stream delays their next token by one chunk at most,
