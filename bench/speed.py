@@ -16,10 +16,10 @@ same cores:
    checkpoint, through its ``/v1/completions`` (prompt as token ids, streamed): the same loads.
 
 Sampling: temperature 0.8, top-p 0.8, a seed per request. Reported per users count: aggregate
-generated tokens/s (one user: the median of 3 rounds), median time to first token, and the inter-token
-latency p50 / p99: the gaps
-between successive streamed chunks of each reply (vLLM sends one token per chunk; the app may put
-several tokens in one chunk when its client falls behind, so the mean tokens per chunk is shown).
+generated tokens/s (one user: the median of 3 rounds), median time to first token, and the
+inter-token latency p50 / p99: the gaps between successive streamed chunks of each reply (vLLM sends
+one token per chunk; the app may put several tokens in one chunk when its client falls behind, so
+the mean tokens per chunk is shown).
 
 Admission test: 4 replies stream; then a 2,000-token prompt arrives. The worst gap between chunks
 of the running replies from its arrival until its first token, next to their median gap before it.
