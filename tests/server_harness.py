@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
 import socket
 import subprocess
 import threading
@@ -53,10 +55,11 @@ def running_server(**settings):
 @contextmanager
 def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local URL", timeout: float = 240):
     """``python <args>`` as its own process (the app as users start it), yielded once it printed ``ready``;
-    terminated (killed if need be) afterwards. Its output lines so far are in ``proc.log``."""
+    terminated (killed if need be) afterwards with every process it started (an engine process, ZeroGPU's
+    forked workers): its own process group. Its output lines so far are in ``proc.log``."""
     import sys
 
-    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
@@ -74,6 +77,10 @@ def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local UR
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it started and left behind
+        except ProcessLookupError:
+            pass
 
 
 # -- Gradio's HTTP API, as any client (or attacker) reaches it -----------------------------------------------------
