@@ -205,6 +205,12 @@ def finish_reason(token: int, *, generated: int, length: int, params: SamplingPa
     return None
 
 
+def split_load(accepted: int, max_batch_size: int) -> tuple[int, int]:
+    """(running, waiting) of ``accepted`` unfinished requests: the first ``max_batch_size`` count as running."""
+    running = min(accepted, max_batch_size)
+    return running, accepted - running
+
+
 def check_engine_capacity(running: int, waiting: int, max_batch_size: int, max_queue: int) -> None:
     """Raise ``EngineBusy`` when ``running`` + ``waiting`` requests fill every slot and queue place."""
     if running + waiting >= max_batch_size + max_queue:
@@ -273,9 +279,7 @@ class Engine:
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting): requests generating, and requests waiting for a slot."""
-        accepted = len(self._rows) + len(self._admitting) + len(self._waiting)
-        running = min(accepted, self.max_batch_size)
-        return running, accepted - running
+        return split_load(len(self._rows) + len(self._admitting) + len(self._waiting), self.max_batch_size)
 
     @property
     def alive(self) -> bool:

@@ -33,14 +33,13 @@ process closes the pipe, however that happens.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import multiprocessing
 import queue
 import signal
 import threading
 
-from .engine import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure
+from .engine import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure, split_load
 from .generation import SamplingParams
 from .settings import StartupError
 
@@ -68,8 +67,6 @@ class _RemoteRequest(GenerationRequest):
 
 class EngineProcess:
     """An ``Engine`` running in a child process, with the Engine's request surface."""
-
-    _ids = itertools.count(1)
 
     def __init__(self, connection, process, *, max_batch_size: int, max_queue: int, context_length: int):
         self._connection = connection
@@ -106,7 +103,7 @@ class EngineProcess:
             message = parent_end.recv()
         except (EOFError, OSError):
             message = ("failed", f"the engine process exited while loading the model (exit code "
-                                 f"{process.join(5) or process.exitcode})")
+                                 f"{_exit_code(process)})")
         except BaseException:
             process.kill()
             raise
@@ -137,9 +134,7 @@ class EngineProcess:
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting), counted as the Engine counts them."""
-        accepted = len(self._open)
-        running = min(accepted, self.max_batch_size)
-        return running, accepted - running
+        return split_load(len(self._open), self.max_batch_size)
 
     @property
     def alive(self) -> bool:
@@ -197,7 +192,7 @@ class EngineProcess:
             log.exception("reading the engine process's events failed")
         self._dead = True
         if not self._stopping:
-            log.error("the engine process ended (exit code %s)", self._process.join(5) or self._process.exitcode)
+            log.error("the engine process ended (exit code %s)", _exit_code(self._process))
         self._fail_open("the generation engine stopped; the server's log says why")
 
     def _fail_open(self, error: str) -> None:
@@ -205,6 +200,12 @@ class EngineProcess:
             requests = list(self._open.values())
         for request in requests:
             request._end("error", error)
+
+
+def _exit_code(process) -> int | None:
+    """The process's exit code, once it has ended (waiting up to 5 s); None if it still runs."""
+    process.join(5)
+    return process.exitcode
 
 
 def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> None:
@@ -241,11 +242,13 @@ def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> N
 
 def _serve_commands(connection, engine: Engine, outbox: queue.SimpleQueue) -> None:
     """Submits and cancels from the web process, until it says stop or goes away; then the engine stops."""
-    requests: dict[int, GenerationRequest] = {}
+    requests: dict[int, GenerationRequest] = {}  # the unfinished ones, for cancels
+    lock = threading.Lock()  # a request may finish (engine thread) before submit() returns here
 
     def deliver(request_id: int, kind: str, value) -> None:
         if kind == "done":
-            requests.pop(request_id, None)
+            with lock:
+                requests.pop(request_id, None)
         outbox.put((request_id, kind, value))
 
     try:
@@ -254,12 +257,17 @@ def _serve_commands(connection, engine: Engine, outbox: queue.SimpleQueue) -> No
             if command == "submit":
                 request_id, prompt_ids, params, stop_ids = args
                 try:
-                    requests[request_id] = engine.submit(
+                    request = engine.submit(
                         prompt_ids, params, stop_ids, on_event=lambda kind, value, i=request_id: deliver(i, kind, value))
                 except Exception as error:  # not expected: the web process admits within the same limits
                     deliver(request_id, "done", Outcome("error", describe_failure(error)))
+                    continue
+                with lock:  # its "done" is either already delivered (finished) or comes after this
+                    if not request._finished:
+                        requests[request_id] = request
             elif command == "cancel":
-                request = requests.get(args[0])
+                with lock:
+                    request = requests.get(args[0])
                 if request is not None:
                     request.cancel()
             elif command == "stop":
