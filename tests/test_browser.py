@@ -151,10 +151,34 @@ def open_settings(page):
         headers.nth(i).click()
         try:
             page.locator(MAX_NEW_TOKENS).wait_for(state="visible", timeout=3_000)
-            return
         except Exception:
             continue
+        settle(page)
+        return
     raise AssertionError("no Settings accordion shows the Max new tokens slider")
+
+
+def settle(page):
+    """Let the front end finish what it has scheduled: Svelte runs its effects before the next frame."""
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
+def set_seed(page, value: int):
+    """Type ``value`` into the seed box and make sure it is still there once the page has settled.
+
+    Like the slider (see ``set_max_new_tokens``), a value typed right after the accordion opened has
+    been seen to go back to the old one on a loaded machine (CI, stop 15): the next message was then
+    sent with the old seed.
+    """
+    open_settings(page)
+    box = page.locator(SEED)
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        settle(page)
+        if box.input_value() == str(value):
+            return
+    assert box.input_value() == str(value), f"the seed box shows {box.input_value()}, not {value}"
 
 
 def set_max_new_tokens(page, value: int):
@@ -437,9 +461,7 @@ def test_after_an_error_the_message_comes_back_and_the_next_one_streams(session,
     expect(page.locator(STATS)).to_contain_text("too long")  # still there when the toast has gone
 
     # 2. An invalid value (seed -5): refused naming the option; the new message is given back too.
-    open_settings(page)
-    page.locator(SEED).fill("-5")
-    page.locator(SEED).press("Enter")
+    set_seed(page, -5)
     send(page, "Short one")
     expect(page.locator(STATS)).to_contain_text("seed must be")
     expect_idle(page)
@@ -456,8 +478,7 @@ def test_after_an_error_the_message_comes_back_and_the_next_one_streams(session,
     assert prompts == [], "a refused message reached the model"
 
     # 4. With the seed fixed, the same page sends the next message and its reply streams in.
-    page.locator(SEED).fill("-1")
-    page.locator(SEED).press("Enter")
+    set_seed(page, -1)
     set_max_new_tokens(page, 1000)  # long enough to be seen growing on a loaded machine, too
     before = finished_total(server)
     send(page, "Short one")
