@@ -2,18 +2,20 @@
 
 At the batch sizes of a chat server (1 to 16 rows per decode step), PyTorch's default CPU linear
 spends much of its time re-reading the weight in its plain layout. oneDNN with the weight stored
-once in its own blocked layout (``torch.utils.mkldnn.MkldnnLinear``) is faster, and more so the
-more rows a step has: on this project's 87 M-parameter bench model, the linear layers of one step
-took 32 ms instead of 53 ms at 8 rows and 21 ms instead of 27 ms at 1 row (see BENCHMARKS.md).
-The same weights give the same logits up to float rounding (summation order).
+once in its own blocked layout is faster, and more so the more rows a step has. ``PackedLinear``
+calls oneDNN's linear on the plain (dense) activations with the prepacked weight, the op that
+PyTorch's own compiler (inductor) emits for fp32 CPU linears; ``torch.utils.mkldnn.MkldnnLinear``,
+the public wrapper, converts the activations to oneDNN's tensor type and back around every call,
+which costs about as much as the product itself at one row. Measured on this project's 87 M-parameter
+bench model (2 cores): a 1024 x 5460 product took 1,030 us plain, 442 us with ``MkldnnLinear`` and
+280-330 us here at 1 row; 2,475 / 1,314 / 706 us at 8 rows. The same weights give the same logits up to
+float rounding (summation order).
 
 Applied by the engine process (``engine_process.py``) to its CPU model, whose decode loop runs in
-that process's main thread: measured here, oneDNN's kernels lose most of their gain when called
-from a thread started later (the in-process engine's worker thread), so the in-process engine keeps
-plain weights. Only plain fp32 ``nn.Linear`` layers are packed: not GPU weights, not 16-bit ones,
-not quantized layers (bitsandbytes' are subclasses of ``nn.Linear`` and are left alone). The
-weights become buffers in oneDNN's layout: such a model is for inference only (no ``state_dict``
-round trip, no ``.to(device)``).
+that process's main thread (oneDNN's kernels are slower when called from a thread started later).
+Only plain fp32 ``nn.Linear`` layers are packed: not GPU weights, not 16-bit ones, not quantized
+layers (bitsandbytes' are subclasses of ``nn.Linear`` and are left alone). The weights become buffers
+in oneDNN's layout: such a model is for inference only (no ``state_dict`` round trip, no ``.to(device)``).
 """
 
 from __future__ import annotations
@@ -23,14 +25,36 @@ from torch import nn
 from torch.utils.mkldnn import MkldnnLinear
 
 
+def _pointwise_op_available() -> bool:
+    """The private oneDNN ops ``PackedLinear`` uses (tests/test_cpu_linear.py names them), present in this torch."""
+    return all(hasattr(torch.ops.mkldnn, name) for name in ("_linear_pointwise", "_reorder_linear_weight"))
+
+
+class PackedLinear(nn.Module):
+    """``nn.Linear`` for fp32 CPU inference with the weight in oneDNN's blocked layout (see the module doc)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def prepack_linear_layers(model: nn.Module) -> int:
     """Replace every plain fp32 ``nn.Linear`` of a CPU model by its oneDNN-prepacked twin; returns how many."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    packed = PackedLinear if _pointwise_op_available() else (lambda linear: MkldnnLinear(linear, torch.float32))
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
-                setattr(parent, name, MkldnnLinear(child, torch.float32))
+                setattr(parent, name, packed(child))
                 replaced += 1
     return replaced
