@@ -55,10 +55,13 @@ def write_test_checkpoint(folder: Path, tokenizer_model: bytes, spec: TinyChatGL
     so their logits are thousands below any other. Replies run to max_new_tokens, and their text
     streams steadily (no held-back partial characters).
 
-    ``newline_first``: every reply starts with "\n" (an empty metadata line), as the real model's
-    answers do, so its text streams from the second token on instead of being held back as a
-    possible metadata line. Through a second channel: hidden dim 1 is 4 only in the embedding of
-    ``<|assistant|>``, no layer writes to it, and only the newline's output row reads it.
+    ``newline_first`` (for benchmarks that time each token by its streamed text): every reply starts
+    with "\n" (an empty metadata line), as the real model's answers do, so its text streams from the
+    second token on instead of being held back as a possible metadata line; after that, no token is
+    whitespace only (a reply's trailing whitespace is shown with the next visible text, so such a
+    token would arrive together with the next one). Through a second channel: hidden dim 1 is 4 only
+    in the embedding of ``<|assistant|>``, no layer writes to it, and only the newline's output row
+    reads it, with weight 2 against the -1 on the constant channel that keeps it out everywhere else.
     """
     folder = write_checkpoint(folder, spec, tokenizer_model=tokenizer_model, seed=1, std=0.2)
     tokenizer = ChatGLM3Tokenizer(tokenizer_model)
@@ -70,7 +73,7 @@ def write_test_checkpoint(folder: Path, tokenizer_model: bytes, spec: TinyChatGL
     channels = [0, 1] if newline_first else [0]
     assistant, newline = tokenizer.special_token_ids["<|assistant|>"], tokenizer.sp.piece_to_id("<0x0A>")
     if newline_first:
-        never.remove(newline)
+        never += [i for i in range(tokenizer.sp_size) if i not in never and not sp.id_to_piece(i).replace("▁", " ").strip()]
     for shard in sorted(folder.glob("pytorch_model-*.bin")):
         state = torch.load(shard)
         for name, tensor in state.items():
@@ -87,7 +90,7 @@ def write_test_checkpoint(folder: Path, tokenizer_model: bytes, spec: TinyChatGL
                 tensor[:, channels] = 0
                 tensor[never, 0] = -1
                 if newline_first:
-                    tensor[newline, 1] = 1
+                    tensor[newline, 1] = 2
         torch.save(state, shard)
     return folder
 
