@@ -69,10 +69,8 @@ def measure(folder: Path, precision: str, tokens: int, bandwidth: float) -> dict
                 if kind == "token":
                     counts[i] += 1
                     first = first or (time.perf_counter() - start)
-                elif kind == "done" and str(getattr(value, "reason", value)).startswith("error"):
-                    # value: Outcome(reason, error), or "error: ..." from engines before Outcome
-                    detail = getattr(value, "error", None) or value
-                    raise RuntimeError(f"{precision}, batch {batch}: the engine failed the request ({detail})")
+                elif kind == "done" and value.reason == "error":
+                    raise RuntimeError(f"{precision}, batch {batch}: the engine failed the request ({value.error})")
         return first, sum(counts) / (time.perf_counter() - start)
 
     run(1)  # warm-up

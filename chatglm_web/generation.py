@@ -39,6 +39,18 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def check_valid_text(text: str, what: str = "message") -> None:
+    """Raise ``InvalidRequest`` when ``text`` holds an unpaired UTF-16 surrogate: not valid text, it cannot be
+    encoded as UTF-8 (tokenizers and Gradio's reply both fail on it). The page and the API check with this."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequest(
+            f"The {what} contains an invalid character (an unpaired UTF-16 surrogate {text[error.start]!r} at "
+            f"position {error.start}, e.g. from text cut in the middle of an emoji); remove it and try again."
+        ) from None
+
+
 class BackendBusy(RuntimeError):
     """The waiting queue is full; the client should try again shortly."""
 

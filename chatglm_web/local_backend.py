@@ -18,7 +18,8 @@ from typing import AsyncIterator
 
 from .chat_format import ReplyEvents, merge_text
 from .engine import Engine
-from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams
+from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
+                         check_valid_text)
 
 log = logging.getLogger("chatglm_web.requests")
 
@@ -39,20 +40,11 @@ def check_messages(messages, max_chars: int) -> None:
                 what = "The system prompt" if message["role"] == "system" else "A message"
                 raise InvalidRequest(f"{what} is too long: {len(content):,} characters, the limit is "
                                      f"{max_chars:,}. Shorten it or split it into several messages.")
-            _check_text(content)
+            check_valid_text(content)
     if messages[-1]["role"] not in ("user", "observation"):
         raise InvalidRequest("the last message must be the user's")
     if not str(messages[-1].get("content") or "").strip():
         raise InvalidRequest("The message is empty.")
-
-
-def _check_text(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidRequest(
-            f"The message contains a character that is not valid text (an unpaired surrogate "
-            f"{text[error.start]!r} at position {error.start}); please remove it.") from None
 
 
 def fit_to_context(messages: list[dict], chat_format, budget: int) -> tuple[list[int], int]:
@@ -113,6 +105,11 @@ class LocalBackend:
         running, waiting = self.engine.load
         return True, f"model loaded, engine running ({running} replies running, {waiting} waiting)"
 
+    def validate(self, messages: list[dict], params: SamplingParams) -> None:
+        """Check the settings and the messages (what is allowed, how long); raises InvalidRequest."""
+        params.validated(self.max_new_tokens)
+        check_messages(messages, self.max_input_chars)
+
     def prepare(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
         """Validate and fit: (prompt ids, dropped message count, reply budget); raises InvalidRequest.
 
@@ -120,8 +117,7 @@ class LocalBackend:
         half the context when more is asked for. The reply budget is what the context then leaves,
         at most the requested max_new_tokens.
         """
-        params.validated(self.max_new_tokens)
-        check_messages(messages, self.max_input_chars)
+        self.validate(messages, params)
         context = self.info.context_length
         budget = context - min(params.max_new_tokens, context // 2)
         if self.max_input_tokens:

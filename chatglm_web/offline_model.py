@@ -197,7 +197,7 @@ def load_offline_model(
     ``model.generation_config`` stops on ``<|im_end|>`` (and ``<|endoftext|>``).
     Downloads the GGUF first if it is not cached (see :func:`ensure_offline_gguf`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = ensure_offline_gguf(cache_dir)
     folder, name = str(gguf.parent), gguf.name

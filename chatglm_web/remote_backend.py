@@ -41,7 +41,7 @@ from .chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_mess
 from .admission import AdmissionLine
 from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
                          TextDelta)
-from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, check_messages
+from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend
 from .settings import StartupError
 from .streaming_text import StopStrings
 
@@ -259,8 +259,7 @@ class RemoteBackend:
     def _request(self, messages: list[dict], params: SamplingParams) -> tuple[str, dict, list[int] | None, int, int]:
         """(endpoint, JSON body, prompt ids or None, dropped messages, reply budget); raises InvalidRequest."""
         if self.format is None:
-            params.validated(self.max_new_tokens)
-            check_messages(messages, self.max_input_chars)
+            self.validate(messages, params)
             ids, dropped, budget = None, 0, params.max_new_tokens
         else:
             ids, dropped, budget = self.prepare(messages, params)

@@ -33,7 +33,7 @@ from .chat_format import normalize_messages
 from .browser_secret import browser_state_secret
 from .agent import StepFinished, run_agent
 from .generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
-                         option)
+                         check_valid_text, option)
 from .steps import TurnView, step_messages
 from .toolbox import CHAT, INTERPRETER, TOOLS
 from .transcript import remove_legacy_downloads, to_json, to_markdown
@@ -97,18 +97,16 @@ def queue_status(position: int) -> str:
     return _QUEUE_STATUS.format(position)
 
 
-def has_lone_surrogate(value) -> bool:
-    """True if any string in ``value`` (a string, or lists/dicts of them) holds an unpaired UTF-16 surrogate.
-
-    Such a string cannot be encoded as UTF-8: Gradio would fail to send it back with a bare ``{"error": null}``.
-    """
+def _strings(value):
+    """Every string in ``value`` (a string, or lists/dicts of them)."""
     if isinstance(value, str):
-        return _LONE_SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(has_lone_surrogate(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(has_lone_surrogate(v) for v in value)
-    return False
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 def printable(text) -> str:
@@ -119,11 +117,11 @@ def printable(text) -> str:
 
 
 def check_text(message, system_prompt, history) -> None:
-    """Reject unpaired surrogates with a message that says where they are (raises ``InvalidRequest``)."""
+    """Reject unpaired surrogates with a message that says where they are (raises ``InvalidRequest``): Gradio
+    would fail to send such text back, with a bare ``{"error": null}``."""
     for what, value in (("message", message), ("system prompt", system_prompt), ("conversation", history)):
-        if has_lone_surrogate(value):
-            raise InvalidRequest(f"The {what} contains an invalid character (an unpaired UTF-16 surrogate, "
-                                 "e.g. from text that was cut in the middle of an emoji); remove it and try again.")
+        for text in _strings(value):
+            check_valid_text(text, what)
 
 
 def validate_message(message):

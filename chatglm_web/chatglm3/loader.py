@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from transformers import GlmConfig, GlmForCausalLM
+from transformers import GlmForCausalLM
 
 from .config import to_glm_config
 from .tokenizer import ChatGLM3Tokenizer
