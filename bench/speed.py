@@ -10,16 +10,24 @@ same cores:
    raw prefill time of the prompt;
 2. the app (``app.py``, built-in engine) as its own process, through its HTTP API: the
    OpenAI-compatible ``/v1/chat/completions`` (streamed) at every --users count, the page's
-   Gradio ``/chat`` at 1 and 8 users, one-token replies for the time-to-first-token overhead, and
-   the long-prompt admission test; then it is stopped;
+   Gradio ``/chat`` at 1 and 8 users, one-token replies, and the long-prompt admission test; then
+   one user against raw generate in turns (below); then it is stopped;
 3. vLLM (the CPU build, started from its own cached venv, see tests/vllm_server.py) with the same
    checkpoint, through its ``/v1/completions`` (prompt as token ids, streamed): the same loads.
 
 Sampling: temperature 0.8, top-p 0.8, a seed per request. Reported per users count: aggregate
-generated tokens/s (one user: the median of 3 rounds), median time to first token, and the
-inter-token latency p50 / p99: the gaps between successive streamed chunks of each reply (vLLM sends
-one token per chunk; the app may put several tokens in one chunk when its client falls behind, so
-the mean tokens per chunk is shown).
+generated tokens/s (1 and 8 users: the median of 3 rounds), median time to first token, and the
+inter-token latency p50 / p99: the gaps between successive streamed chunks of each reply (8 users:
+the gaps of all 3 rounds). vLLM sends one token per chunk; the app may put several tokens in one
+chunk when its client falls behind, so the mean tokens per chunk is shown. The checkpoint has no
+whitespace-only tokens after a reply's first newline (see ``write_test_checkpoint``): the app shows
+trailing whitespace with the next visible text, which would pair such a token with the next one.
+
+In turns: the machine's speed drifts by tens of percent over minutes here, so "app 1 user / raw
+generate" and the time-to-first-token overhead (one-token reply minus raw prefill) are measured in 5
+rounds of raw ``generate`` and raw prefill in this process (the app idles meanwhile) followed at once by
+one streamed reply and one one-token reply from the app; the median of the 5 ratios (differences) is
+the result, and each round is printed.
 
 Admission test: 4 replies stream; then a 2,000-token prompt arrives. The worst gap between chunks
 of the running replies from its arrival until its first token, next to their median gap before it.
