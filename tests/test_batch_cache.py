@@ -78,3 +78,23 @@ def test_step_shapes_change_only_per_span_block(model):
     spans = {batch.step_inputs([n])["attention_mask"].shape[-1] for n in range(3, SPAN_STEP - 1)}
     assert spans == {SPAN_STEP}
     assert batch.step_inputs([SPAN_STEP])["attention_mask"].shape[-1] == 2 * SPAN_STEP
+
+
+def test_a_decode_step_makes_no_host_decision_on_data_so_cuda_graphs_can_capture_it(long_reply_checkpoint):
+    """The whole model step over the slots runs on the meta device (shapes only, no data): nothing in it
+    reads a value back to the host (``.item()``, a tensor in an ``if``), which CUDA graph capture forbids.
+    Its shapes follow from the batch size and the span block alone."""
+    model = load_from_folder(long_reply_checkpoint, Settings(precision="fp32", device="cpu"), "tiny").model
+    cache = SlotCache()
+    with torch.inference_mode():
+        for length in (5, 70):
+            prefill = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([list(range(3, 3 + length))]), cache=prefill, use_cache=True)
+            cache.add([(keys.to("meta"), values.to("meta")) for keys, values in prefilled_kv(prefill)])
+        model.to("meta")
+        for lengths in ([5, 70], [6, 71], [9, 100]):  # 71 + 1 and 100 + 1 positions: the same span block
+            inputs = cache.step_inputs(lengths)
+            assert inputs["attention_mask"].shape == (2, 1, 1, 2 * SPAN_STEP)
+            out = model(input_ids=torch.tensor([[7], [8]], device="meta"), use_cache=True, logits_to_keep=1,
+                        **inputs)
+            assert out.logits.device.type == "meta" and out.logits.shape[:2] == (2, 1)
