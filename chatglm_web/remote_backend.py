@@ -254,7 +254,8 @@ class RemoteBackend:
     def uses_token_ids(self) -> bool:
         return isinstance(self.format, ChatGLM3Format)
 
-    prepare = LocalBackend.prepare  # the same checks, context fitting and reply budget as the local model
+    validate = LocalBackend.validate  # the same checks, context fitting and reply budget as the local model
+    prepare = LocalBackend.prepare
 
     def _request(self, messages: list[dict], params: SamplingParams) -> tuple[str, dict, list[int] | None, int, int]:
         """(endpoint, JSON body, prompt ids or None, dropped messages, reply budget); raises InvalidRequest."""
