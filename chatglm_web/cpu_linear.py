@@ -25,11 +25,6 @@ from torch import nn
 from torch.utils.mkldnn import MkldnnLinear
 
 
-def _pointwise_op_available() -> bool:
-    """The private oneDNN ops ``PackedLinear`` uses (tests/test_cpu_linear.py names them), present in this torch."""
-    return all(hasattr(torch.ops.mkldnn, name) for name in ("_linear_pointwise", "_reorder_linear_weight"))
-
-
 class PackedLinear(nn.Module):
     """``nn.Linear`` for fp32 CPU inference with the weight in oneDNN's blocked layout (see the module doc)."""
 
@@ -46,11 +41,41 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _mkldnn_linear(linear: nn.Linear) -> nn.Module:
+    return MkldnnLinear(linear, torch.float32)
+
+
+def packing() -> type | None:
+    """How this torch build packs a linear layer: ``PackedLinear`` (its private oneDNN ops, which
+    tests/test_cpu_linear.py names), else the public ``MkldnnLinear``, else None. Each is tried once on a
+    small layer and must give the plain layer's output: a build or CPU where one fails or differs
+    keeps plain weights instead of failing at start-up."""
+    global _PACKING
+    if _PACKING is _UNKNOWN:
+        _PACKING = None
+        if torch.backends.mkldnn.is_available():
+            probe = nn.Linear(16, 8)
+            x = torch.randn(3, 16)
+            for candidate in (PackedLinear, _mkldnn_linear):
+                try:
+                    with torch.inference_mode():
+                        if torch.allclose(candidate(probe)(x), probe(x), rtol=1e-4, atol=1e-5):
+                            _PACKING = candidate
+                            break
+                except Exception:  # a missing op, a CPU oneDNN does not support
+                    continue
+    return _PACKING
+
+
+_UNKNOWN = object()
+_PACKING = _UNKNOWN
+
+
 def prepack_linear_layers(model: nn.Module) -> int:
     """Replace every plain fp32 ``nn.Linear`` of a CPU model by its oneDNN-prepacked twin; returns how many."""
-    if not torch.backends.mkldnn.is_available():
+    packed = packing()
+    if packed is None:
         return 0
-    packed = PackedLinear if _pointwise_op_available() else (lambda linear: MkldnnLinear(linear, torch.float32))
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

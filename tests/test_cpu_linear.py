@@ -7,7 +7,8 @@ from torch import nn
 
 from chatglm_web.chatglm3.loader import load_glm_model
 from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
-from chatglm_web.cpu_linear import PackedLinear, prepack_linear_layers
+from chatglm_web import cpu_linear
+from chatglm_web.cpu_linear import PackedLinear, packing, prepack_linear_layers
 from chatglm_web.loading import load_from_folder
 from chatglm_web.settings import Settings
 
@@ -45,10 +46,24 @@ def test_only_plain_linear_layers_are_replaced():
     assert [type(m).__name__ for m in model.modules()][1:] == ["PackedLinear", "Subclass", "Sequential", "PackedLinear"]
 
 
-def test_the_private_onednn_ops_exist_in_this_torch():
+def test_the_private_onednn_ops_exist_in_this_torch_and_are_used():
     """PackedLinear calls torch.ops.mkldnn._reorder_linear_weight and _linear_pointwise (what inductor emits);
     without them prepack_linear_layers falls back to the public, slower MkldnnLinear."""
     assert hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert packing() is PackedLinear
+
+
+def test_a_build_whose_ops_fail_keeps_plain_weights(monkeypatch):
+    """Where neither packing works (an op missing, a CPU oneDNN does not support), the model stays as it was."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    monkeypatch.setattr(cpu_linear, "MkldnnLinear", broken)
+    monkeypatch.setattr(cpu_linear, "_PACKING", cpu_linear._UNKNOWN)
+    model = nn.Sequential(nn.Linear(8, 8))
+    assert prepack_linear_layers(model) == 0
+    assert type(model[0]) is nn.Linear
 
 
 def test_a_packed_layer_equals_the_plain_one_for_rows_and_prompts():
