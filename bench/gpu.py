@@ -4,8 +4,9 @@
 
 Writes a full-size checkpoint in the original ChatGLM3 format, loads it through the app's own
 loader in fp16 and in 4-bit NF4, and prints for each: resident GPU memory, time to first token,
-decode tokens/s at batch 1 and 8 through the engine, and the bandwidth limit (weight bytes ÷
-measured device copy bandwidth) that batch-1 decode can at best approach. Exits 0 with a note
+decode tokens/s at batch 1 and 8 through the engine, transformers' own ``generate`` at batch 1 (the
+1-user baseline of issue 12), and the bandwidth limit (weight bytes ÷ measured device copy
+bandwidth) that batch-1 decode can at best approach. Exits 0 with a note
 when no CUDA GPU is present.
 """
 
@@ -43,6 +44,19 @@ def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
     return 2 * n_bytes / seconds
 
 
+def raw_generate(model, ids: list[int], tokens: int) -> float:
+    """transformers' own ``model.generate`` at batch 1 (same sampling), tokens/s: the engine's 1-user baseline."""
+    input_ids = torch.tensor([ids], device=model.device)
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=4, do_sample=False)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True,
+                             temperature=0.8, top_p=0.8, top_k=0)
+        torch.cuda.synchronize()
+    return (out.shape[1] - input_ids.shape[1]) / (time.perf_counter() - start)
+
+
 def measure(folder: Path, precision: str, tokens: int, bandwidth: float) -> dict:
     from chatglm_web.engine import Engine
     from chatglm_web.generation import SamplingParams
@@ -77,9 +91,10 @@ def measure(folder: Path, precision: str, tokens: int, bandwidth: float) -> dict
     ttft, rate1 = run(1)
     _, rate8 = run(8)
     engine.shutdown()
+    raw1 = raw_generate(model, ids, tokens)
     result = {
         "precision": precision, "resident_gib": resident / 2**30, "weights_gib": weight_bytes / 2**30,
-        "ttft_ms": ttft * 1000, "prompt_tokens": len(ids), "tok_s_b1": rate1, "tok_s_b8": rate8,
+        "ttft_ms": ttft * 1000, "prompt_tokens": len(ids), "tok_s_b1": rate1, "tok_s_b8": rate8, "raw_b1": raw1,
         "bandwidth_bound_tok_s": bandwidth / weight_bytes,
     }
     del engine, model, loaded
@@ -108,12 +123,14 @@ def main() -> None:
         print(f"wrote a ChatGLM3-6B-shaped checkpoint in {time.perf_counter() - start:.0f} s")
     bandwidth = copy_bandwidth()
     print(f"GPU: {torch.cuda.get_device_name()} | measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print("precision | resident GiB | weights GiB | TTFT ms (prompt) | tok/s b=1 | tok/s b=8 | bandwidth bound b=1 | b=1 / bound")
+    print("precision | resident GiB | weights GiB | TTFT ms (prompt) | tok/s b=1 | tok/s b=8 | bandwidth bound b=1 | "
+          "b=1 / bound | b=8 / b=1 | b=1 / raw generate")
     for precision in ("fp16", "4bit"):
         r = measure(folder, precision, args.tokens, bandwidth)
         print(f"{r['precision']:9} | {r['resident_gib']:12.2f} | {r['weights_gib']:11.2f} | "
               f"{r['ttft_ms']:7.1f} ({r['prompt_tokens']}) | {r['tok_s_b1']:9.1f} | {r['tok_s_b8']:9.1f} | "
-              f"{r['bandwidth_bound_tok_s']:19.1f} | {r['tok_s_b1'] / r['bandwidth_bound_tok_s']:11.2f}")
+              f"{r['bandwidth_bound_tok_s']:19.1f} | {r['tok_s_b1'] / r['bandwidth_bound_tok_s']:11.2f} | "
+              f"{r['tok_s_b8'] / r['tok_s_b1']:9.2f} | {r['tok_s_b1'] / r['raw_b1']:18.2f}")
 
 
 if __name__ == "__main__":
