@@ -199,8 +199,7 @@ def paired_with_raw(client, model, ids: list[int], tokens: int, rounds: int = 5)
     drifts by tens of percent over minutes, so each ratio compares measurements taken seconds apart."""
     ratios, overheads = [], []
     with httpx.Client(timeout=600) as http:
-        client.stream(http, user_messages(), 8, 0)  # warm-up
-        raw_generate(model, ids, 4, repeats=1)
+        client.stream(http, user_messages(), 8, 0)  # warm-up (the model here is warm from the earlier runs)
         for r in range(rounds):
             raw_rate, prefill = raw_generate(model, ids, tokens, repeats=1, warm_up=False)
             reply = client.stream(http, user_messages(), tokens, 3000 + r)

@@ -20,6 +20,8 @@ in oneDNN's layout: such a model is for inference only (no ``state_dict`` round 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.mkldnn import MkldnnLinear
@@ -45,30 +47,24 @@ def _mkldnn_linear(linear: nn.Linear) -> nn.Module:
     return MkldnnLinear(linear, torch.float32)
 
 
+@functools.cache
 def packing() -> type | None:
     """How this torch build packs a linear layer: ``PackedLinear`` (its private oneDNN ops, which
     tests/test_cpu_linear.py names), else the public ``MkldnnLinear``, else None. Each is tried once on a
     small layer and must give the plain layer's output: a build or CPU where one fails or differs
     keeps plain weights instead of failing at start-up."""
-    global _PACKING
-    if _PACKING is _UNKNOWN:
-        _PACKING = None
-        if torch.backends.mkldnn.is_available():
-            probe = nn.Linear(16, 8)
-            x = torch.randn(3, 16)
-            for candidate in (PackedLinear, _mkldnn_linear):
-                try:
-                    with torch.inference_mode():
-                        if torch.allclose(candidate(probe)(x), probe(x), rtol=1e-4, atol=1e-5):
-                            _PACKING = candidate
-                            break
-                except Exception:  # a missing op, a CPU oneDNN does not support
-                    continue
-    return _PACKING
-
-
-_UNKNOWN = object()
-_PACKING = _UNKNOWN
+    if not torch.backends.mkldnn.is_available():
+        return None
+    probe = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    for candidate in (PackedLinear, _mkldnn_linear):
+        try:
+            with torch.inference_mode():
+                if torch.allclose(candidate(probe)(x), probe(x), rtol=1e-4, atol=1e-5):
+                    return candidate
+        except Exception:  # a missing op, a CPU oneDNN does not support
+            continue
+    return None
 
 
 def prepack_linear_layers(model: nn.Module) -> int:

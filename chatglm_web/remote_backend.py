@@ -254,7 +254,8 @@ class RemoteBackend:
     def uses_token_ids(self) -> bool:
         return isinstance(self.format, ChatGLM3Format)
 
-    validate = LocalBackend.validate  # the same checks, context fitting and reply budget as the local model
+    # the same checks, context fitting and reply budget as the local model
+    validate = LocalBackend.validate
     prepare = LocalBackend.prepare
 
     def _request(self, messages: list[dict], params: SamplingParams) -> tuple[str, dict, list[int] | None, int, int]:

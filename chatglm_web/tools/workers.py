@@ -40,7 +40,6 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding chatgl
 
 
 # ----------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------
 # The worker process: imports tool modules and runs their functions, one request at a time.
 # Protocol: one JSON object per line on the worker's own copies of stdin/stdout; the tool's own
 # prints go to stderr and its stdin is /dev/null, so a tool cannot disturb the protocol.
