@@ -1,7 +1,7 @@
 """The tool loop: ChatGLM3's tool calls and code interpreter on any ``ChatBackend``. No Gradio here.
 
     runner = ToolRunner(registry)        # Tools mode: tools from a ToolRegistry
-    runner = InterpreterRunner(sandbox)  # Code interpreter mode: code runs in this session's sandbox
+    runner = InterpreterRunner(kernel)   # Code interpreter mode: code runs in this session's sandboxed kernel
     messages = [runner.system_message(), *history, {"role": "user", "content": question}]
     async for event in run_agent(backend, messages, params, runner):
         ...
@@ -36,6 +36,7 @@ from typing import AsyncIterator
 
 from .chatglm3.reply import ToolCallError, parse_reply, strip_code_fence
 from .generation import ChatBackend, Finished, Queued, ReplyMetadata, SamplingParams, TextDelta
+from .tools.sandbox import SandboxBusy
 
 MAX_ROUNDS = 5
 INTERPRETER = "interpreter"
@@ -124,7 +125,7 @@ class InterpreterRunner:
     kind = INTERPRETER
 
     def __init__(self, sandbox):
-        self.sandbox = sandbox
+        self.sandbox = sandbox   # anything with execute(code) -> ExecutionResult: a pool's SessionKernel
 
     @staticmethod
     def system_message() -> dict:
@@ -138,7 +139,10 @@ class InterpreterRunner:
         if not code:
             return _refused(step, "the interpreter message holds no code")
         started = asyncio.get_running_loop().time()
-        result = await asyncio.to_thread(self.sandbox.execute, code)
+        try:
+            result = await asyncio.to_thread(self.sandbox.execute, code)
+        except SandboxBusy as busy:   # no kernel can be had now: the message says when to try again
+            return _refused(step, str(busy))
         problem = ("the code ran past its time limit" if result.timed_out else result.error) or None
         if result.restarted:
             problem = (problem + "; " if problem else "") + "the kernel was restarted"

@@ -1,10 +1,12 @@
 """What the page's modes need, built once at start-up: the tool registry and, with ``--code-interpreter``,
-one sandboxed kernel per browser session. No Gradio here.
+a pool of sandboxed kernels (one per browser session, started on its first execution). No Gradio here.
 
     toolbox = Toolbox.start(code_interpreter=settings.code_interpreter)   # raises StartupError if unsupported
     toolbox.modes                        -> ("Chat", "Tools", "Code interpreter")
-    toolbox.runner(mode, session_id)     -> None (Chat), a ToolRunner or an InterpreterRunner (blocking: the
-                                            first Tools use loads the registry; call it off the event loop)
+    toolbox.runner(mode, session_id, client)
+                                         -> None (Chat), a ToolRunner or an InterpreterRunner (blocking: the
+                                            first Tools use loads the registry; call it off the event loop);
+                                            ``client`` (an IP address) counts against the per-client kernel cap
     toolbox.end_session(session_id)      # the browser tab went away: its kernel is closed
     toolbox.close()                      # at shutdown: every kernel, the tool workers
 """
@@ -15,7 +17,6 @@ import logging
 import threading
 
 from .agent import InterpreterRunner, ToolRunner
-from .generation import BackendBusy
 from .settings import StartupError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Toolbox:
     def modes(self) -> tuple[str, ...]:
         return (CHAT, TOOLS, INTERPRETER) if self.sandboxes is not None else (CHAT, TOOLS)
 
-    def runner(self, mode: str, session_id: str | None):
+    def runner(self, mode: str, session_id: str | None, client: str | None = None):
         """The runner of ``mode`` for this browser session; ``ValueError`` for a mode this app does not offer."""
         if mode in (None, "", CHAT):
             return None
@@ -74,12 +75,7 @@ class Toolbox:
         if mode == INTERPRETER and self.sandboxes is not None:
             if not session_id:
                 raise ValueError("the code interpreter needs a browser session")
-            from .tools.sandbox import SandboxBusy
-
-            try:
-                return InterpreterRunner(self.sandboxes.get(session_id))
-            except SandboxBusy as error:
-                raise BackendBusy(f"All code interpreter kernels are in use ({error}); try again in a moment.") from None
+            return InterpreterRunner(self.sandboxes.session(session_id, client))
         raise ValueError(f"this app does not offer the mode {mode!r}; choose one of {', '.join(self.modes)}")
 
     def end_session(self, session_id: str | None) -> None:

@@ -245,7 +245,8 @@ async def _runner(toolbox, mode, request):
     if toolbox is None:
         raise InvalidRequest(f"this app does not offer the mode {mode!r}")
     try:
-        return await asyncio.to_thread(toolbox.runner, mode, getattr(request, "session_hash", None))
+        client = getattr(getattr(request, "client", None), "host", None)
+        return await asyncio.to_thread(toolbox.runner, mode, getattr(request, "session_hash", None), client)
     except ValueError as error:
         raise InvalidRequest(str(error)) from None
 

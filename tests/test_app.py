@@ -204,8 +204,7 @@ def test_offline_default_model_answers_paris(monkeypatch):
 def test_code_interpreter_without_sandbox_support_fails_in_one_line(chatglm3_checkpoint):
     """A host without what the sandbox needs (here: a Landlock version no kernel has) refuses to start."""
     script = ("import runpy, sys\n"
-              "import chatglm_web.tools.sandbox as sandbox\n"
-              "sandbox._MIN_LANDLOCK_ABI = 99\n"
+              "import chatglm_web.tools.sandbox_launcher as launcher\nlauncher.MIN_LANDLOCK_ABI = 99\n"
               "sys.argv = ['app.py', *sys.argv[1:]]\n"
               "runpy.run_path('app.py', run_name='__main__')\n")
     result = subprocess.run([sys.executable, "-c", script, "--model", str(chatglm3_checkpoint), "--device", "cpu",

@@ -1,85 +1,64 @@
 """A sandboxed Jupyter kernel per browser session, for ChatGLM3's code interpreter.
 
-In code-interpreter mode ChatGLM3 writes Python; the app runs it with :meth:`CodeSandbox.execute`
-in an ipykernel driven through jupyter_client, one kernel per browser session
-(:class:`SandboxPool`), and feeds :meth:`ExecutionResult.observation` back to the model.
+In code-interpreter mode ChatGLM3 writes Python; the app runs it in an ipykernel driven through
+jupyter_client (:class:`CodeSandbox`), one kernel per browser session, started on the session's
+first real execution (:class:`SandboxPool`), and feeds :meth:`ExecutionResult.observation` back
+to the model.
 
-Isolation layers. All but the last are put in place by this very file, run as a tiny launcher
-(``python -I -S sandbox.py --bootstrap CONFIG -- python -c <ipykernel_launcher> ...``) between the
-fork and the exec of the kernel, so not one line of the model's code runs before they hold. If
-a required layer cannot be set up the launcher exits and :class:`SandboxUnavailable` names what
-is missing: the code is never run unsandboxed.
+Isolation. ``sandbox_launcher.py`` (stdlib only) sets up every layer between the fork and the
+exec of the kernel, so not one line of the model's code runs before they hold, and the code is
+never run when one is missing (:class:`SandboxUnavailable` names it):
 
-1. seccomp filter (required): ``socket()``/``socketpair()`` fail with EACCES for every address
-   family but AF_UNIX, so no IPv4/IPv6/packet/netlink socket can even be created; io_uring is
-   refused (it could open sockets past the filter); ``setsid()``/``setpgid()`` are refused, so
-   every process the code starts stays in the kernel's process group and is killed with it;
-   the parent-death signal cannot be cleared; 32-bit and x32 system call entry points are refused.
-2. Landlock (required, ABI >= 3, i.e. Linux >= 6.2): read/execute only under the system and
-   Python directories, write only in the session's scratch directory (and /dev/null). This holds
-   for root too. Landlock also stops the kernel from ptrace-ing or reading ``/proc/PID/environ``
-   or ``mem`` of processes outside its sandbox (the app and other sessions' kernels). From
-   ABI 4 TCP bind/connect are refused as well (a second net layer); from ABI 6 signals to
-   processes outside the sandbox (e.g. killing the app) and abstract unix sockets outside it.
-3. No capabilities: the bounding, ambient, inheritable, permitted and effective sets are emptied
-   and no_new_privs is set, so a root app still gets a kernel without any privilege.
-4. Resource limits (setrlimit): address space (``memory_bytes``), CPU seconds over the kernel's
-   life (``cpu_seconds``), size of any one file written (``file_bytes``), no core dumps.
-5. A new network namespace (only a down loopback) when the host allows one (root, or
-   unprivileged user namespaces). Best effort: layers 1 and 2 already keep the network out.
-6. A clean environment (none of the app's variables such as HF_TOKEN), HOME, TMPDIR and the
-   matplotlib/IPython/Jupyter config and cache dirs inside the scratch directory, and ZeroMQ over
-   unix sockets (``ipc``) in a private directory, so the kernel needs no TCP at all.
+* its own PID, mount, network, IPC and UTS namespaces: a private ``/proc`` with only its own
+  processes; the temporary directory, ``/run``, ``/dev/shm`` and ``/var/tmp`` are empty tmpfs
+  mounts, so no other kernel's files, connection file or sockets (nor the host's unix sockets
+  there) can be reached; no network but a loopback that is down;
+* a control group (``cgroup.py``): ``max_tasks`` processes and threads, ``memory_bytes`` for
+  everything its processes hold (memfd and tmpfs included);
+* a scratch directory of its own, a tmpfs of ``scratch_bytes`` (the kernel's cwd and its only
+  writable place), gone with the kernel;
+* rlimits (address space per process, CPU seconds, size of one file, no core dumps), no
+  capabilities, no_new_privs, Landlock (read only system and Python directories, write only the
+  scratch) and a seccomp filter (no sockets but AF_UNIX, no setsid/setpgid, no io_uring);
+* a clean environment: none of the app's variables (tokens, keys); the connection file's path is
+  in the kernel's environment, not on any command line.
 
 From the app's side: wall-clock time per execution (SIGINT to the kernel's process group, then
-SIGKILL and a fresh kernel on the next run), output size (text truncated, images capped), and
-the kernel's lifetime: killed with its process group on :meth:`CodeSandbox.close`, on
-:meth:`SandboxPool.close`, at interpreter exit, and (``PR_SET_PDEATHSIG``) when the app dies.
+SIGKILL and a fresh kernel on the next run); after every execution every process the code
+started is killed (the cgroup lists them); output size (text truncated, images capped); the
+kernel's life: killed with its process group on :meth:`CodeSandbox.close`, on
+:meth:`SandboxPool.close`, at interpreter exit, and when the app dies by any signal (the launcher's
+parent-death signal kills it, its init follows, and the PID namespace goes with the init). Groups
+and directories left by a dead app are removed when the next :class:`SandboxPool` is made.
 
-What this does not do, honestly:
-
-* Unix sockets that exist as files and are writable (a Docker socket, nscd, D-Bus) can still be
-  connected to; Landlock cannot refuse connect() on them yet. Keep such sockets out of the app's
-  container.
-* Reading is allowed under /usr, /etc, /proc, /sys and the Python installation: world-readable
-  files there (and root-owned ones, if the app runs as root) can be read.
-* After the app itself is killed (SIGKILL, a crash) its kernels die but their directories stay
-  until the next SandboxPool is made, which deletes those of dead apps.
-* Limits are per process, not per session: a kernel that starts children multiplies its memory
-  and CPU allowance (there is no cgroup), and the scratch directory is limited per file, not in
-  total. Processes of the kernel are all killed with it, though (layer 1).
-* Without Landlock ABI 6 (Linux < 6.12) the kernel may send signals to other processes of the
-  same user, the app included.
-* /dev/shm is not writable (it is shared by all sessions), so multiprocessing's locks and pools
-  fail with PermissionError; output printed by forked children is not shown (see _KERNEL_MAIN).
-  /proc/PID/cmdline of every process stays readable, as it is for any unprivileged process.
-
-This file is also the launcher, so it imports only the standard library at module level.
+What it does not do: see "Security model" in the README.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
-import ctypes
 import json
 import logging
+import math
 import os
 import re
-import resource
 import shutil
 import signal
 import site
-import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
+
+from . import sandbox_launcher as launcher
+from .cgroup import CgroupUnavailable, KernelCgroup, remove_stale_groups
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +71,7 @@ class SandboxUnavailable(RuntimeError):
 
 
 class SandboxBusy(RuntimeError):
-    """Every code interpreter kernel the pool allows is in use."""
+    """No code interpreter kernel can be had now; the message says when to try again."""
 
 
 class SandboxClosed(RuntimeError):
@@ -101,11 +80,13 @@ class SandboxClosed(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    memory_bytes: int = 1 << 30           # address space of each kernel process (RLIMIT_AS)
+    memory_bytes: int = 1 << 30           # all memory of a kernel's processes (cgroup), and each one's address space
+    max_tasks: int = 128                  # processes and threads of one kernel (cgroup pids.max)
+    scratch_bytes: int = 256 << 20        # the scratch directory in total (a tmpfs; counted in memory_bytes too)
+    file_bytes: int = 256 << 20           # largest file the code may write (RLIMIT_FSIZE)
     wall_seconds: float = 30.0            # per execution
     cpu_seconds: int = 60                 # over a kernel's life (RLIMIT_CPU), then it is restarted
     output_chars: int = 20_000            # text kept per execution (error text: the same again)
-    file_bytes: int = 256 << 20           # largest file the code may write (RLIMIT_FSIZE)
     max_images: int = 10                  # images kept per execution
     startup_seconds: float = 60.0         # for a kernel to answer after it is launched
     interrupt_grace_seconds: float = 3.0  # after SIGINT, before SIGKILL
@@ -129,228 +110,32 @@ class ExecutionResult:
         return f"```result\n{body}\n```"
 
 
-# --------------------------------------------------------------------------------------------
-# The launcher: runs in the child between fork and the exec of ipykernel.
-
-_EXIT_UNAVAILABLE = 78  # EX_CONFIG: a required sandbox layer could not be set up
-
-_PR_SET_PDEATHSIG, _PR_SET_SECCOMP, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 22, 24, 38
-_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
-_AF_UNIX = 1
-
-# Landlock (linux/landlock.h); the syscall numbers are the same on all 64-bit architectures.
-_LANDLOCK_CREATE_RULESET, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT_SELF = 444, 445, 446
-_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_LL_MAKE_SOCK, _LL_REFER, _LL_TRUNCATE = 1 << 9, 1 << 13, 1 << 14
-_LL_FILE_RIGHTS = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | _LL_TRUNCATE
-_LL_READ = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
-_LL_NET_TCP = 1 | 2                     # BIND_TCP | CONNECT_TCP, ABI 4
-_LL_SCOPE = 1 | 2                       # ABSTRACT_UNIX_SOCKET | SIGNAL, ABI 6
-_MIN_LANDLOCK_ABI = 3                   # TRUNCATE: below it, truncate(2) outside could not be refused
-
-# Per architecture: seccomp's AUDIT_ARCH, and the numbers of the system calls the filter handles.
-_ARCHES = {
-    "x86_64": dict(audit=0xC000003E, x32=True, socket=41, socketpair=53, prctl=157, setsid=112,
-                   setpgid=109, io_uring=(425, 426, 427), keys=(248, 249, 250)),
-    "aarch64": dict(audit=0xC00000B7, x32=False, socket=198, socketpair=199, prctl=167, setsid=157,
-                    setpgid=154, io_uring=(425, 426, 427), keys=(217, 218, 219)),
-}
-
-
-class _Unavailable(Exception):
-    pass
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("fs", ctypes.c_uint64), ("net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
-
-
-class _PathBeneath(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed", ctypes.c_uint64), ("fd", ctypes.c_int32)]
-
-
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-    return libc
-
-
-def _check(what: str, result: int) -> int:
-    if result < 0:
-        raise _Unavailable(f"{what} failed: {os.strerror(ctypes.get_errno())}")
-    return result
-
-
-def _seccomp_program(arch: dict) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program over struct seccomp_data (nr at 0, arch at 4, args[0] at 16)."""
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    allow, eperm, eacces = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 13
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, arch["audit"]), (ret, 0, 0, eperm),  # 32-bit entry points
-            (ld, 0, 0, 0)]
-    if arch["x32"]:
-        prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, eperm)]
-    for nr in (arch["socket"], arch["socketpair"]):     # only AF_UNIX
-        prog += [(jeq, 0, 4, nr), (ld, 0, 0, 16), (jeq, 0, 1, _AF_UNIX), (ret, 0, 0, allow),
-                 (ret, 0, 0, eacces)]
-    prog += [(jeq, 0, 4, arch["prctl"]), (ld, 0, 0, 16), (jeq, 0, 1, _PR_SET_PDEATHSIG),
-             (ret, 0, 0, eperm), (ld, 0, 0, 0)]
-    for nr in (arch["setsid"], arch["setpgid"], *arch["io_uring"], *arch["keys"]):
-        prog += [(jeq, 0, 1, nr), (ret, 0, 0, eperm)]
-    return prog + [(ret, 0, 0, allow)]
-
-
-def _install_seccomp(libc, arch: dict) -> None:
-    prog = _seccomp_program(arch)
-    filters = (_SockFilter * len(prog))(*(_SockFilter(*insn) for insn in prog))
-    fprog = _SockFprog(len(prog), filters)
-    _check("seccomp (prctl PR_SET_SECCOMP; a kernel with CONFIG_SECCOMP_FILTER is needed)",
-           libc.prctl(_PR_SET_SECCOMP, 2, ctypes.addressof(fprog), 0, 0))
-
-
-def _install_landlock(libc, config: dict) -> list[str]:
-    abi = libc.syscall(ctypes.c_long(_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
-                       ctypes.c_uint32(1))
-    if abi < 0:
-        raise _Unavailable("Landlock is not available (Linux >= 6.2 with the landlock LSM "
-                           f"enabled is needed): {os.strerror(ctypes.get_errno())}")
-    if abi < config["min_landlock_abi"]:
-        raise _Unavailable(f"Landlock ABI {abi} is too old: ABI >= {config['min_landlock_abi']}"
-                           " (Linux >= 6.2) is needed to refuse writes and truncation")
-    fs = (1 << 13) - 1 | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
-    attr = _RulesetAttr(fs, _LL_NET_TCP if abi >= 4 else 0, _LL_SCOPE if abi >= 6 else 0)
-    size = 8 if abi < 4 else 16 if abi < 6 else 24
-    ruleset = _check("landlock_create_ruleset", libc.syscall(
-        ctypes.c_long(_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
-        ctypes.c_uint32(0)))
-
-    def allow(path: str, rights: int) -> None:
-        try:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                rights &= _LL_FILE_RIGHTS
-            rule = _PathBeneath(rights & fs, fd)
-            _check(f"landlock_add_rule({path})", libc.syscall(
-                ctypes.c_long(_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(1),
-                ctypes.byref(rule), ctypes.c_uint32(0)))
-        finally:
-            os.close(fd)
-
-    for path in config["read"]:
-        allow(path, _LL_READ)
-    for path in config["socket_dirs"]:
-        allow(path, _LL_READ | _LL_MAKE_SOCK)
-    for path in config["write"]:
-        allow(path, fs)
-    _check("landlock_restrict_self", libc.syscall(
-        ctypes.c_long(_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)))
-    os.close(ruleset)
-    return [f"landlock ABI {abi}" + (" (+TCP)" if abi >= 4 else "") + (" (+scopes)" if abi >= 6 else "")]
-
-
-def _new_network_namespace(libc) -> list[str]:
-    """Best effort: a network namespace of its own (directly when privileged, else in a user ns)."""
-    if libc.unshare(ctypes.c_int(_CLONE_NEWNET)) == 0:
-        return ["network namespace"]
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(ctypes.c_int(_CLONE_NEWUSER | _CLONE_NEWNET)) != 0:
-        return []
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-    return ["user+network namespace"]
-
-
-def _drop_capabilities(libc) -> None:
-    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
-    for cap in range(last_cap + 1):
-        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)    # EPERM without CAP_SETPCAP: nothing to drop
-    libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)     # _LINUX_CAPABILITY_VERSION_3, this process
-    _check("capset", libc.capset(header, (ctypes.c_uint32 * 6)()))
-    status = Path("/proc/self/status").read_text()
-    held = re.findall(r"^Cap(?:Inh|Prm|Eff|Amb):\s*([0-9a-f]+)$", status, re.M)
-    if len(held) != 4 or any(int(mask, 16) for mask in held):
-        raise _Unavailable("could not drop all capabilities")
-
-
-def _set_limit(limit: int, soft: int, extra: int = 0) -> None:
-    """soft, and soft + extra as the hard limit, neither above the hard limit already in force."""
-    cap = resource.getrlimit(limit)[1]
-    hard = soft + extra if cap == resource.RLIM_INFINITY else min(soft + extra, cap)
-    resource.setrlimit(limit, (min(soft, hard), hard))
-
-
-def _enter_sandbox(config: dict) -> list[str]:
-    """Every layer, in an order where each step still has the rights it needs."""
-    libc = _libc()
-    _check("prctl(PR_SET_PDEATHSIG)", libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
-    if os.getppid() != config["parent_pid"]:   # the app died before the line above
-        os._exit(1)
-    arch = _ARCHES.get(os.uname().machine)
-    if arch is None:
-        raise _Unavailable(f"no seccomp filter for the {os.uname().machine} architecture")
-    _set_limit(resource.RLIMIT_AS, config["memory_bytes"])
-    _set_limit(resource.RLIMIT_CPU, config["cpu_seconds"], extra=1)   # SIGXCPU, then SIGKILL
-    _set_limit(resource.RLIMIT_FSIZE, config["file_bytes"])
-    _set_limit(resource.RLIMIT_CORE, 0)
-    layers = ["rlimits"] + _new_network_namespace(libc)
-    _drop_capabilities(libc)
-    # no exec may grant privileges again (set-uid, file capabilities); both filters need it
-    _check("prctl(PR_SET_NO_NEW_PRIVS)", libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
-    layers += ["no capabilities"] + _install_landlock(libc, config)
-    _install_seccomp(libc, arch)
-    return layers + ["seccomp"]
-
-
-def _bootstrap(argv: list[str]) -> None:
-    config, command = json.loads(argv[0]), argv[2:]
-    try:
-        layers = _enter_sandbox(config)
-    except Exception as exc:   # fail closed, with the reason on stderr for the app to read
-        print(f"sandbox unavailable: {exc}", file=sys.stderr, flush=True)
-        os._exit(_EXIT_UNAVAILABLE)
-    print(f"sandbox layers: {', '.join(layers)}", file=sys.stderr, flush=True)
-    os.execv(command[0], command)
-
-
-# --------------------------------------------------------------------------------------------
-# The app's side.
-
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 # PR_SET_PDEATHSIG fires when the *thread* that forked the kernel ends, so kernels are always
 # launched from this one long-lived thread, never from a request's worker thread.
-_launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-launcher")
+_launcher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-launcher")
 _live: set[CodeSandbox] = set()
 _live_lock = threading.Lock()
-
+_CONNECTION_FILE_ENV = "CHATGLM_KERNEL_CONNECTION_FILE"
 
 # ipykernel_launcher, less IOPub's pipe for output from forked children: that pipe binds
 # tcp://127.0.0.1, and libzmq aborts (errno_assert) when the seccomp filter refuses the socket.
-# Without it such output is lost, as ipykernel itself does when the bind fails.
-_KERNEL_MAIN = """
-import sys
+# Without it such output is lost, as ipykernel itself does when the bind fails. The connection
+# file's path comes from the environment, so that it is on no command line. No parent poller: the
+# kernel's parent is its namespace's PID 1 (which ipykernel takes for a dead parent), and it dies
+# with its namespace anyway.
+_KERNEL_MAIN = f"""
+import os, sys
 if sys.path[0] == "":
     del sys.path[0]
+os.environ.pop("JPY_PARENT_PID", None)
+for name in ("TMPDIR", "MPLCONFIGDIR", "XDG_CACHE_HOME"):   # the scratch is an empty tmpfs until now
+    os.makedirs(os.environ[name], exist_ok=True)
 from ipykernel import iostream, kernelapp
 assert hasattr(iostream.IOPubThread, "_setup_pipe_in"), "ipykernel changed: update sandbox.py"
 iostream.IOPubThread._setup_pipe_in = lambda self: setattr(self, "_pipe_flag", False)
-kernelapp.launch_new_instance()
+kernelapp.launch_new_instance(argv=sys.argv[1:] + ["-f", os.environ.pop({_CONNECTION_FILE_ENV!r})])
 """
 
 
@@ -364,17 +149,38 @@ def _readable_paths() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def _launch_config(limits: SandboxLimits, write_dir: Path, socket_dir: Path | None) -> dict:
-    return {"parent_pid": os.getpid(), "memory_bytes": limits.memory_bytes,
-            "cpu_seconds": limits.cpu_seconds, "file_bytes": limits.file_bytes,
-            "min_landlock_abi": _MIN_LANDLOCK_ABI, "read": _readable_paths(),
-            "write": [str(write_dir), os.devnull],
-            "socket_dirs": [str(socket_dir)] if socket_dir else []}
+def _covered_paths() -> list[str]:
+    """Shared directories hidden behind an empty tmpfs in the kernel's mount namespace: other kernels'
+    directories (in the temporary directory) and unix sockets of the host (/run, /dev/shm)."""
+    tmp = os.path.realpath(tempfile.gettempdir())
+    readable = [os.path.realpath(p) for p in _readable_paths()]
+    if tmp == "/" or any(p == tmp or p.startswith(tmp + "/") for p in readable):
+        raise SandboxUnavailable(f"code interpreter sandbox: the temporary directory {tmp} holds the Python "
+                                 "installation, so it cannot be hidden from the kernel; set TMPDIR elsewhere")
+    covered = [tmp]
+    for path in ("/run", "/dev/shm", "/var/tmp"):
+        real = os.path.realpath(path)
+        if (os.path.isdir(path) and not os.path.islink(path) and real not in covered
+                and not any(p == real or p.startswith(real + "/") for p in readable)):
+            covered.append(real)
+    return covered
 
 
-def _launcher_argv(config: dict, command: list[str]) -> list[str]:
-    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--bootstrap",
-            json.dumps(config), "--", *command]
+def _launch_env(limits: SandboxLimits, root: Path, run_dir: Path | None, cgroup: KernelCgroup) -> dict[str, str]:
+    """The kernel's environment, and the launcher's configuration in it (the launcher removes it)."""
+    scratch = root / "scratch"
+    config = {"parent_pid": os.getpid(), "memory_bytes": limits.memory_bytes,
+              "cpu_seconds": limits.cpu_seconds, "file_bytes": limits.file_bytes,
+              "scratch_bytes": limits.scratch_bytes, "min_landlock_abi": launcher.MIN_LANDLOCK_ABI,
+              "read": _readable_paths(), "cover": _covered_paths(), "scratch_dir": str(scratch),
+              "run_dir": str(run_dir) if run_dir else None, "cgroup_procs": cgroup.procs_files}
+    env = _kernel_env(scratch)
+    env[launcher.CONFIG_ENV] = json.dumps(config)
+    return env
+
+
+def _launcher_argv(command: list[str]) -> list[str]:
+    return [sys.executable, "-I", "-S", launcher.__file__, "--", *command]
 
 
 def _kernel_env(scratch: Path) -> dict[str, str]:
@@ -394,8 +200,6 @@ def _kernel_env(scratch: Path) -> dict[str, str]:
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     if site.ENABLE_USER_SITE and site.getusersitepackages() in sys.path:
         env["PYTHONPATH"] = site.getusersitepackages()   # HOME moved; keep the app's user site
-    for name in ("TMPDIR", "MPLCONFIGDIR", "XDG_CACHE_HOME"):
-        os.makedirs(env[name], exist_ok=True)
     return env
 
 
@@ -413,21 +217,45 @@ def _unavailable_reason(log_text: str) -> str:
     return reasons[-1] if reasons else log_text
 
 
+_PROBE = """
+import os, socket, sys
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+except PermissionError:
+    pass
+else:
+    sys.exit('an AF_INET socket was allowed')
+try:
+    open('/etc/chatglm-sandbox-probe', 'w')
+except PermissionError:
+    pass
+else:
+    sys.exit('a write outside the sandbox was allowed')
+if os.getpid() != 2 or sorted(p for p in os.listdir('/proc') if p.isdigit()) != ['1', '2']:
+    sys.exit('the kernel sees processes outside its PID namespace')
+open('probe.txt', 'w').write('ok')
+"""
+
+
 def check_sandbox_support() -> None:
-    """Raise SandboxUnavailable naming what is missing, after trying every layer in a child."""
-    probe = ("import socket, sys\n"
-             "try:\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
-             "except PermissionError:\n    pass\nelse:\n    sys.exit('an AF_INET socket was allowed')\n"
-             "try:\n    open(sys.argv[1], 'w')\n"
-             "except PermissionError:\n    pass\nelse:\n    sys.exit('a write outside the sandbox was allowed')\n")
-    with tempfile.TemporaryDirectory(prefix="chatglm-sandbox-check-") as tmp:
-        write_dir = Path(tmp) / "scratch"
-        write_dir.mkdir()
-        argv = _launcher_argv(_launch_config(SandboxLimits(), write_dir, None),
-                              [sys.executable, "-I", "-S", "-c", probe, str(Path(tmp) / "outside")])
-        proc = subprocess.run(argv, cwd=write_dir, capture_output=True, text=True,
-                                            timeout=60, env=_kernel_env(write_dir))
-    if proc.returncode == _EXIT_UNAVAILABLE:
+    """Raise SandboxUnavailable naming what is missing, after setting up every layer for a probe."""
+    root = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
+    try:
+        (root / "scratch").mkdir()
+        try:
+            group = KernelCgroup.create(root.name, memory_bytes=256 << 20, max_tasks=16)
+        except CgroupUnavailable as exc:
+            raise SandboxUnavailable(f"code interpreter sandbox: {exc}") from None
+        try:
+            env = _launch_env(SandboxLimits(), root, None, group)
+            proc = _launcher_thread.submit(
+                subprocess.run, _launcher_argv([sys.executable, "-I", "-S", "-c", _PROBE]), cwd=root / "scratch",
+                capture_output=True, text=True, timeout=60, env=env).result()
+        finally:
+            group.remove()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    if proc.returncode == launcher.EXIT_UNAVAILABLE:
         raise SandboxUnavailable(f"code interpreter sandbox: {_unavailable_reason(proc.stderr)}")
     if proc.returncode != 0:
         raise SandboxUnavailable(f"code interpreter sandbox self-test failed: {proc.stderr.strip()}")
@@ -478,7 +306,10 @@ class _Output:
         return ExecutionResult(text=text, error=self.error, images=self.images, **flags)
 
 
-def _death_account(returncode: int | None, limits: SandboxLimits) -> str:
+def _death_account(returncode: int | None, limits: SandboxLimits, out_of_memory: bool = False) -> str:
+    if out_of_memory:
+        return (f"the kernel ran out of memory (its processes may hold {limits.memory_bytes >> 20} MiB in all) "
+                "and was restarted")
     if returncode == -signal.SIGXCPU:
         return f"the kernel used up its CPU time ({limits.cpu_seconds} s) and was restarted"
     if returncode == -signal.SIGKILL:
@@ -489,26 +320,37 @@ def _death_account(returncode: int | None, limits: SandboxLimits) -> str:
     return f"the kernel exited (status {returncode}) and was restarted"
 
 
-_DIR_PREFIX = "chatglm-sandbox-"   # + the app's pid + "-" + random
+_DIR_PREFIX = "chatglm-sandbox-"   # + the app's pid + "-" + random: directories and control groups
 
 
-def _remove_stale_dirs() -> None:
-    """Delete the directories of sandboxes whose app died without cleaning up (SIGKILL, a crash)."""
+def _app_alive(name: str) -> bool:
+    """Whether the app that made the directory or group ``name`` is still running."""
+    pid = name[len(_DIR_PREFIX):].split("-")[0]
+    if not pid.isdigit():
+        return True   # not one of ours: leave it
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_leftovers() -> None:
+    """Delete the control groups and directories of sandboxes whose app died (SIGKILL, a crash)."""
     with _live_lock:
-        ours = {sandbox._root for sandbox in _live}
+        ours = {sandbox._root.name for sandbox in _live}
+    removed = remove_stale_groups(_DIR_PREFIX, lambda name: name in ours or _app_alive(name))
     for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
-        pid = path.name[len(_DIR_PREFIX):].split("-")[0]
-        if not pid.isdigit() or path in ours or path.stat().st_uid != os.getuid():
-            continue
-        try:
-            if int(pid) != os.getpid():
-                os.kill(int(pid), 0)
-                continue   # its app is alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if path.name in ours or path.stat().st_uid != os.getuid() or _app_alive(path.name):
             continue
         shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d code interpreter sandbox leftovers of a dead app", removed)
 
 
 class CodeSandbox:
@@ -517,21 +359,26 @@ class CodeSandbox:
     def __init__(self, limits: SandboxLimits | None = None):
         self.limits = limits or SandboxLimits()
         self._root = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
-        self.scratch_dir = self._root / "scratch"   # the kernel's cwd, its only writable place
+        self.scratch_dir = self._root / "scratch"   # the kernel's cwd (a tmpfs in its mount namespace)
         self._run_dir = self._root / "run"          # connection file, sockets, kernel log
         self.scratch_dir.mkdir()
         self._run_dir.mkdir()
         self._lock = threading.Lock()               # one execution (or start, or close) at a time
-        self._km = self._client = None
+        self._km = self._client = self._cgroup = None
         self._pgid: int | None = None
+        self._kernel_pid: int | None = None
         self._closed = False
         with _live_lock:
             _live.add(self)
 
     @property
     def kernel_pid(self) -> int | None:
-        """The running kernel's pid (it leads its own process group), None before it starts."""
-        return self._pgid
+        """The running kernel's pid as the app sees it (PID 2 in its own namespace), None before it starts."""
+        return self._kernel_pid
+
+    @property
+    def running(self) -> bool:
+        return self._km is not None
 
     def execute(self, code: str) -> ExecutionResult:
         with self._lock:
@@ -542,7 +389,7 @@ class CodeSandbox:
             return self._run(code)
 
     def close(self) -> None:
-        """Kill the kernel (its whole process group) and delete the scratch directory."""
+        """Kill the kernel (its whole process group) and delete its directories."""
         self._closed = True
         self._kill_group()            # ends a running execute() at once
         with self._lock:
@@ -562,23 +409,29 @@ class CodeSandbox:
         from jupyter_client import KernelManager
         from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 
-        kernel = [sys.executable, "-c", _KERNEL_MAIN, "-f", "{connection_file}",
-                  "--HistoryManager.enabled=False", "--InteractiveShell.xmode=Plain"]
-        argv = _launcher_argv(_launch_config(self.limits, self.scratch_dir, self._run_dir), kernel)
-        spec = KernelSpec(argv=argv, display_name="sandbox", language="python",
+        try:
+            self._cgroup = KernelCgroup.create(self._root.name, memory_bytes=self.limits.memory_bytes,
+                                               max_tasks=self.limits.max_tasks)
+        except CgroupUnavailable as exc:
+            raise SandboxUnavailable(f"code interpreter sandbox: {exc}") from None
+        connection_file = self._run_dir / "connection.json"
+        env = _launch_env(self.limits, self._root, self._run_dir, self._cgroup)
+        env[_CONNECTION_FILE_ENV] = str(connection_file)
+        kernel = [sys.executable, "-c", _KERNEL_MAIN, "--HistoryManager.enabled=False",
+                  "--InteractiveShell.xmode=Plain"]
+        spec = KernelSpec(argv=_launcher_argv(kernel), display_name="sandbox", language="python",
                           interrupt_mode="signal")
 
         class OneSpec(KernelSpecManager):
             def get_kernel_spec(self, kernel_name):
                 return spec
 
-        km = KernelManager(kernel_spec_manager=OneSpec(), transport="ipc",
-                           ip=str(self._run_dir / "zmq"),
-                           connection_file=str(self._run_dir / "connection.json"))
+        km = KernelManager(kernel_spec_manager=OneSpec(), transport="ipc", ip=str(self._run_dir / "zmq"),
+                           connection_file=str(connection_file))
         log_path = self._run_dir / "kernel.log"
         with open(log_path, "ab") as log_file:
-            _launcher.submit(km.start_kernel, env=_kernel_env(self.scratch_dir),
-                             cwd=str(self.scratch_dir), stdout=log_file, stderr=log_file).result()
+            _launcher_thread.submit(km.start_kernel, env=env, cwd=str(self.scratch_dir), stdout=log_file,
+                                    stderr=log_file).result()
         self._km, self._pgid = km, km.provisioner.pid
         self._client = km.blocking_client()
         self._client.start_channels()
@@ -588,21 +441,30 @@ class CodeSandbox:
             returncode = km.provisioner.process.poll() if km.provisioner.process else None
             self._discard()
             text = _log_tail(log_path)
-            if returncode == _EXIT_UNAVAILABLE:
-                reason = _unavailable_reason(text)
-                raise SandboxUnavailable(f"code interpreter sandbox: {reason}") from None
+            if returncode == launcher.EXIT_UNAVAILABLE:
+                raise SandboxUnavailable(f"code interpreter sandbox: {_unavailable_reason(text)}") from None
             raise RuntimeError(f"the code interpreter's kernel did not start ({exc}): {text}") from None
-        log.debug("code interpreter kernel %s started: %s", self._pgid, _log_tail(log_path, 300))
+        members = self._cgroup.members()
+        self._kernel_pid = next((pid for pid, ns_pid in members.items() if ns_pid == launcher.KERNEL_PID), None)
+        log.debug("code interpreter kernel %s started: %s", self._kernel_pid, _log_tail(log_path, 300))
 
     def _discard(self) -> None:
-        """Kill the kernel, reap it and remove its connection file and sockets."""
-        km, client, self._km, self._client = self._km, self._client, None, None
+        """Kill the kernel, reap it, remove its control group, connection file and sockets."""
+        km, client, group = self._km, self._client, self._cgroup
+        self._km = self._client = self._cgroup = None
         self._kill_group()
-        self._pgid = None
+        self._pgid = self._kernel_pid = None
         if client is not None:
             client.stop_channels()
         if km is not None:
             km.shutdown_kernel(now=True)
+        if group is not None:
+            group.remove()
+
+    def _end_strays(self) -> None:
+        """Kill every process the code started (they are in the kernel's cgroup): none outlives its cell."""
+        if self._cgroup is not None and not self._cgroup.kill(keep={launcher.INIT_PID, launcher.KERNEL_PID}):
+            log.warning("code interpreter: processes started by the code survived 5 s of SIGKILL")
 
     def _run(self, code: str) -> ExecutionResult:
         limits, km, client = self.limits, self._km, self._client
@@ -630,8 +492,9 @@ class CodeSandbox:
                 if km.is_alive() or self._closed:
                     continue
                 returncode = km.provisioner.process.poll() if km.provisioner.process else None
+                out_of_memory = self._cgroup is not None and self._cgroup.oom_kills() > 0
                 self._discard()
-                out.error = _death_account(returncode, limits)
+                out.error = _death_account(returncode, limits, out_of_memory)
                 return out.result(restarted=True)
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -645,6 +508,7 @@ class CodeSandbox:
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         self._drain_reply(msg_id)
+        self._end_strays()
         if interrupted:
             out.error = f"the code ran longer than {limits.wall_seconds:g} s and was stopped"
         return out.result(timed_out=interrupted)
@@ -660,40 +524,144 @@ class CodeSandbox:
                 return
 
 
+@dataclass
+class _Kernel:
+    box: CodeSandbox
+    client: str | None
+    last_used: float
+    busy_since: float | None = None   # set while it runs code
+
+
+class SessionKernel:
+    """A browser session's handle on the pool: the kernel is only taken by the first execute()."""
+
+    def __init__(self, pool: "SandboxPool", session_id: str, client: str | None):
+        self.pool, self.session_id, self.client = pool, session_id, client
+
+    def execute(self, code: str) -> ExecutionResult:
+        return self.pool.execute(self.session_id, code, client=self.client)
+
+
 class SandboxPool:
-    """One CodeSandbox per browser session id, at most max_sessions of them."""
+    """Kernels for browser sessions: a session gets one on its first execution, not before.
 
-    def __init__(self, limits: SandboxLimits | None = None, max_sessions: int = 8):
-        _remove_stale_dirs()
+    At most ``max_kernels`` run at once and ``per_client`` per client (an IP address). A kernel idle
+    for ``idle_seconds`` is closed. When no room is left, the least recently used kernel that is not
+    running code is closed to make room (its session gets a fresh one and is told so); when every
+    kernel is running code, SandboxBusy says when one is due to be free."""
+
+    REPLACED = ("[the previous kernel of this conversation was idle and was closed to make room; "
+                "variables and imports from before are gone]\n")
+
+    def __init__(self, limits: SandboxLimits | None = None, max_kernels: int = 8, per_client: int = 2,
+                 idle_seconds: float = 600.0):
+        _remove_leftovers()
         self.limits = limits or SandboxLimits()
-        self.max_sessions = max_sessions
-        self._sandboxes: dict[str, CodeSandbox] = {}
+        self.max_kernels, self.per_client, self.idle_seconds = max_kernels, per_client, idle_seconds
+        self._kernels: dict[str, _Kernel] = {}
+        self._replaced: OrderedDict[str, None] = OrderedDict()   # sessions whose kernel was closed for them
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._close_idle_loop, name="sandbox-idle", daemon=True).start()
 
-    def get(self, session_id: str) -> CodeSandbox:
+    def session(self, session_id: str, client: str | None = None) -> SessionKernel:
+        return SessionKernel(self, session_id, client)
+
+    def execute(self, session_id: str, code: str, client: str | None = None) -> ExecutionResult:
+        kernel, victims = self._take(session_id, client)
+        for victim in victims:
+            victim.close()
+        try:
+            result = kernel.box.execute(code)
+        finally:
+            with self._lock:
+                kernel.busy_since, kernel.last_used = None, time.monotonic()
         with self._lock:
-            sandbox = self._sandboxes.get(session_id)
-            if sandbox is None:
-                if len(self._sandboxes) >= self.max_sessions:
-                    raise SandboxBusy(f"all {self.max_sessions} code interpreter kernels are in use; "
-                                      "try again when another session has ended")
-                sandbox = self._sandboxes[session_id] = CodeSandbox(self.limits)
-            return sandbox
+            replaced = session_id in self._replaced
+            self._replaced.pop(session_id, None)
+        if replaced:
+            result.text = self.REPLACED + result.text
+        return result
+
+    def _take(self, session_id: str, client: str | None) -> tuple[_Kernel, list[CodeSandbox]]:
+        now = time.monotonic()
+        with self._lock:
+            if self._closed.is_set():
+                raise SandboxClosed("the code interpreter was shut down")
+            kernel = self._kernels.get(session_id)
+            victims = []
+            if kernel is None:
+                mine = [s for s, k in self._kernels.items() if client is not None and k.client == client]
+                if len(mine) >= self.per_client:
+                    victims.append(self._reclaim(mine, now, f"you already have {self.per_client} code "
+                                                 "interpreter kernels running code"))
+                elif len(self._kernels) >= self.max_kernels:
+                    victims.append(self._reclaim(list(self._kernels), now, f"all {self.max_kernels} code "
+                                                 "interpreter kernels are running code"))
+                kernel = self._kernels[session_id] = _Kernel(CodeSandbox(self.limits), client, now)
+            elif kernel.busy_since is not None:
+                raise SandboxBusy("this conversation's kernel is still running code; try again when it is done")
+            kernel.busy_since = now
+            return kernel, victims
+
+    def _reclaim(self, sessions: list[str], now: float, why: str) -> CodeSandbox:
+        """Take the least recently used idle kernel among ``sessions`` (lock held); SandboxBusy if none."""
+        idle = [s for s in sessions if self._kernels[s].busy_since is None]
+        if not idle:
+            due = min(self._kernels[s].busy_since for s in sessions) + self.limits.wall_seconds
+            wait = max(1, math.ceil(due + self.limits.interrupt_grace_seconds - now))
+            raise SandboxBusy(f"{why}; try again in about {wait} s")
+        victim = min(idle, key=lambda s: self._kernels[s].last_used)
+        self._mark_replaced(victim)
+        return self._kernels.pop(victim).box
+
+    def _mark_replaced(self, session_id: str) -> None:
+        self._replaced[session_id] = None
+        while len(self._replaced) > 10_000:
+            self._replaced.popitem(last=False)
+
+    def close_idle(self) -> int:
+        """Close the kernels idle for ``idle_seconds``; how many were closed."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, k in self._kernels.items()
+                       if k.busy_since is None and now - k.last_used >= self.idle_seconds]
+            boxes = [self._kernels.pop(s).box for s in expired]
+            for session_id in expired:
+                self._mark_replaced(session_id)
+        for box in boxes:
+            box.close()
+        return len(boxes)
+
+    def _close_idle_loop(self) -> None:
+        while not self._closed.wait(min(30.0, max(self.idle_seconds / 4, 0.05))):
+            try:
+                self.close_idle()
+            except Exception:   # never let the closer die
+                log.exception("closing idle code interpreter kernels failed")
 
     def close(self, session_id: str) -> None:
         with self._lock:
-            sandbox = self._sandboxes.pop(session_id, None)
-        if sandbox is not None:
-            sandbox.close()
+            kernel = self._kernels.pop(session_id, None)
+            self._replaced.pop(session_id, None)
+        if kernel is not None:
+            kernel.box.close()
 
     def close_all(self) -> None:
+        self._closed.set()
         with self._lock:
-            sandboxes, self._sandboxes = list(self._sandboxes.values()), {}
-        for sandbox in sandboxes:
-            sandbox.close()
+            kernels, self._kernels = list(self._kernels.values()), {}
+        for kernel in kernels:
+            kernel.box.close()
+
+    def running_code(self) -> int:
+        """How many kernels are running code now."""
+        with self._lock:
+            return sum(kernel.busy_since is not None for kernel in self._kernels.values())
 
     def __len__(self) -> int:
-        return len(self._sandboxes)
+        """How many kernels are held (started, or starting)."""
+        return len(self._kernels)
 
 
 @atexit.register
@@ -704,8 +672,6 @@ def _kill_all_at_exit() -> None:
     for sandbox in sandboxes:
         sandbox._closed = True
         sandbox._kill_group()
+        if sandbox._cgroup is not None:
+            sandbox._cgroup.remove(timeout=1.0)
         shutil.rmtree(sandbox._root, ignore_errors=True)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--bootstrap"]:
-    _bootstrap(sys.argv[2:])
