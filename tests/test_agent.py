@@ -209,3 +209,19 @@ def test_the_page_offers_the_interpreter_only_with_the_flag_and_says_it_runs_cod
     props = mode_radio(interpreter_server)
     assert [c[0] for c in props["choices"]] == ["Chat", "Tools", "Code interpreter"]
     assert props["value"] == "Chat" and "sandbox" in props["info"]
+
+
+def test_replies_without_code_take_no_kernel_and_a_new_visitor_still_gets_one(interpreter_server,
+                                                                              long_reply_checkpoint):
+    """Eight API calls in Code interpreter mode whose replies run no code used to hold all 8 kernels."""
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(long_reply_checkpoint)
+    pool = interpreter_server.page.toolbox.sandboxes
+    interpreter_server.backend.backend.engine = ScriptedEngine(tokenizer, [[("", "No code needed.")]] * 8)
+    for _ in range(8):
+        messages, _ = ask(Client(interpreter_server.url, verbose=False), "hi", mode="Code interpreter")
+        assert messages[-1]["content"] == "No code needed."
+    assert len(pool) == 0
+    interpreter_server.backend.backend.engine = ScriptedEngine(tokenizer, [[PLOT], [("", "Done.")]])
+    messages, _ = ask(Client(interpreter_server.url, verbose=False), "Plot", mode="Code interpreter")
+    [step] = steps_of(messages)
+    assert step["metadata"]["status"] == "done" and "285" in step["content"] and len(pool) == 1
