@@ -215,7 +215,8 @@ class ModelInfo:
     device: str
     context_length: int
     offline_demo: bool = False
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # for the operator: logged, not shown to visitors
+    tools: bool = False   # the chat format can carry tool calls (Tools and Code interpreter modes)
 
 
 class ChatBackend(Protocol):

@@ -233,7 +233,7 @@ def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel
     model.eval()
     context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     info = ModelInfo(name=name, precision=precision, device=hardware_label(device, settings.zero_gpu),
-                     context_length=context)
+                     context_length=context, tools=isinstance(chat_format, ChatGLM3Format))
     return LoadedModel(model, chat_format, info)
 
 

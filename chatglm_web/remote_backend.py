@@ -244,7 +244,8 @@ class RemoteBackend:
                          "the prompts and long conversations are not shortened. Name the model with --model.")
         context = int(served.get("max_model_len") or (remote.context_length if remote else 0) or 4096)
         info = ModelInfo(name=model or served["id"], precision="set by the server", device=url,
-                         context_length=context, notes=notes)
+                         context_length=context, notes=notes,
+                         tools=remote is not None and isinstance(remote.chat_format, ChatGLM3Format))
         backend = cls(url, served["id"], remote.chat_format if remote else None, info, api_key=api_key, **limits)
         log.info("generation server %s serves %s (context %d tokens, %s)", url, served["id"], context,
                  "prompt ids from the app" if backend.uses_token_ids else "the server's chat template")

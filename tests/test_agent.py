@@ -14,7 +14,7 @@ from chatglm_web.chat_format import normalize_messages
 from chatglm_web.chatglm3 import ChatGLM3Tokenizer
 from chatglm_web.steps import step_messages
 from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
-from chatglm_web.ui import conversation
+from chatglm_web.page import conversation
 from scripted_engine import ScriptedEngine, scripted_installer
 from server_harness import chat_args, running_server
 

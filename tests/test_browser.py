@@ -49,7 +49,7 @@ SEED = "#seed input"
 TOAST = ".toast-body"
 INPUT_REFUSED = "#chat-input div.validation-error"
 MESSAGES = '#chatbot [data-testid="user"], #chatbot [data-testid="bot"]'
-STORAGE_KEY = "chatglm-web-conversation"  # gr.BrowserState(storage_key=...) in chatglm_web/ui.py
+STORAGE_KEY = "chatglm-web-conversation"  # gr.BrowserState(storage_key=...) in chatglm_web/page/layout.py
 
 
 # -- fixtures -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from chatglm_web.branding import load_branding
 from chatglm_web.browser_secret import ENV_VAR, FILE_NAME, browser_state_secret
 from chatglm_web.generation import Finished, option
 from chatglm_web.transcript import LEGACY_DOWNLOADS, to_json, to_markdown
-from chatglm_web.ui import STORAGE_KEY, build_page, stats_markdown
+from chatglm_web.page import STORAGE_KEY, build_page, stats_markdown
 from server_harness import running_server
 
 SYSTEM = "You are a test assistant."

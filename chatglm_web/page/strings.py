@@ -1,0 +1,138 @@
+"""Every string the page shows, in English and Simplified Chinese, declared once.
+
+``I18N`` is the ``gr.I18n`` Gradio's front end translates labels with (in the browser's language
+when the page first paints); ``text(key, lang)`` is the same string on the server, for what the
+page builds itself (the statistics line, errors, markers, the model chip, examples) and for the
+language switch, which re-labels every component in the chosen language.
+"""
+
+from __future__ import annotations
+
+import re
+
+import gradio as gr
+
+LANGUAGES = ("en", "zh-CN")
+LANGUAGE_NAMES = {"en": "English", "zh-CN": "中文"}
+
+STRINGS: dict[str, tuple[str, str]] = {
+    # the top bar and the drawer
+    "settings": ("Chat settings", "对话设置"),
+    "open_settings": ("⚙ Settings", "⚙ 设置"),
+    "language": ("Language", "语言"),
+    "model_details": ("About the model", "模型信息"),
+    "mode": ("Mode", "模式"),
+    "mode_info": ("Chat: plain conversation. Tools: the model may call the built-in tools (calculator, time, units, "
+                  "documents).", "对话：普通聊天。工具：模型可以调用内置工具（计算器、时间、单位换算、文档检索）。"),
+    "mode_info_interpreter": (" Code interpreter: the model writes Python that runs in a sandbox on this server, "
+                              "and sees its output.", " 代码解释器：模型编写的 Python 代码在本服务器的沙箱中运行，模型能看到运行结果。"),
+    "mode_unavailable": ("Tools and Code interpreter need ChatGLM3; {model} cannot call tools, so only Chat is offered.",
+                         "工具和代码解释器需要 ChatGLM3；{model} 不能调用工具，因此只提供对话模式。"),
+    "Chat": ("Chat", "对话"),
+    "Tools": ("Tools", "工具"),
+    "Code interpreter": ("Code interpreter", "代码解释器"),
+    "system_prompt": ("System prompt (Chat mode)", "系统提示词（对话模式）"),
+    "system_prompt_info": ("Instructions the model sees before the conversation.", "模型在对话之前看到的指令。"),
+    "temperature": ("Temperature", "温度"),
+    "temperature_info": ("Higher is more varied, lower more focused; 0 always picks the likeliest token.",
+                         "越高越多样，越低越集中；0 总是选择概率最高的词。"),
+    "top_p": ("Top-p", "Top-p"),
+    "top_p_info": ("Sample only from the likeliest tokens whose probabilities add up to this.",
+                   "只从累计概率达到该值的最可能的词中采样。"),
+    "max_new_tokens": ("Max new tokens", "最大生成长度"),
+    "max_new_tokens_info": ("The longest reply, in tokens.", "回复的最大长度（token 数）。"),
+    "top_k": ("Top-k", "Top-k"),
+    "top_k_info": ("Sample only from this many likeliest tokens; 0 means no limit.", "只从概率最高的这么多个词中采样；0 表示不限。"),
+    "repetition_penalty": ("Repetition penalty", "重复惩罚"),
+    "repetition_penalty_info": ("Above 1 makes repeating earlier tokens less likely.", "大于 1 时降低重复已出现内容的概率。"),
+    "seed": ("Seed", "随机种子"),
+    "seed_info": ("The same seed and settings give the same reply; -1 picks a random seed.",
+                  "相同的种子和设置得到相同的回复；-1 表示随机。"),
+    "downloads": ("Download the conversation", "下载对话"),
+    "download_md": ("Markdown", "Markdown"),
+    "download_json": ("JSON", "JSON"),
+    # the chat
+    "chat_label": ("Conversation", "对话"),
+    "message_label": ("Message", "消息"),
+    "input_placeholder_plain": ("Type a message… (Enter to send, Shift+Enter for a new line)",
+                                "输入消息…（Enter 发送，Shift+Enter 换行）"),
+    "input_placeholder": ("Message {model}… (Enter to send, Shift+Enter for a new line)",
+                          "给 {model} 发消息…（Enter 发送，Shift+Enter 换行）"),
+    "send": ("Send", "发送"),
+    "stop": ("Stop", "停止"),
+    "undo_clear": ("↶ Bring back the cleared conversation", "↶ 恢复已清空的对话"),
+    "empty_chat": ("Ask anything, in Chinese or English.", "用中文或英文问任何问题。"),
+    # what the page says about the model
+    "subtitle": ("{precision} · {device} · {context} tokens of context", "{precision} · {device} · 上下文 {context} tokens"),
+    "demo_banner": ("Demo model {model} is answering; {wanted} is not available on this server.",
+                    "当前由演示模型 {model} 回答；本服务器上没有 {wanted}。"),
+    "details": ("Model {model} · precision {precision} · device {device} · context {context} tokens",
+                "模型 {model} · 精度 {precision} · 设备 {device} · 上下文 {context} tokens"),
+    # the statistics line
+    "stats": ("prompt {prompt} tokens · reply {reply} tokens · {speed:.1f} tokens/s",
+              "提示 {prompt} tokens · 回复 {reply} tokens · {speed:.1f} tokens/秒"),
+    "queued": ("⏳ Waiting for a free slot… (position {position} in the queue)", "⏳ 正在排队…（第 {position} 位）"),
+    "budget": (" · reply budget lowered to {tokens} tokens to fit the context", " · 为适应上下文，回复上限降为 {tokens} tokens"),
+    "dropped": ("ℹ️ The conversation is longer than the model's context: the {count} oldest messages were left out "
+                "of the prompt (the system prompt is kept).", "ℹ️ 对话超出了模型的上下文：最早的 {count} 条消息没有放入提示（系统提示词保留）。"),
+    # how a reply ended (shown under it, kept in storage and downloads)
+    "end_stopped": ("⏹ Stopped", "⏹ 已停止"),
+    "end_length": ("✂ Cut off at the max-new-tokens limit", "✂ 达到最大生成长度，已截断"),
+    "end_failed": ("⚠ Failed: {error}", "⚠ 失败：{error}"),
+    "end_interrupted": ("⚠ Interrupted (the page was closed while the reply was streaming)", "⚠ 已中断（回复生成时页面被关闭）"),
+    # errors
+    "error": ("⚠️ {error}", "⚠️ {error}"),
+    "generation_failed": ("Generation failed: {error}", "生成失败：{error}"),
+    "server_error": ("Something went wrong on the server; the error is in its log.", "服务器出错了；错误信息在服务器日志中。"),
+    "busy_now": ("A reply is still being written; wait for it or press Stop.", "回复还在生成中；请等待或点击停止。"),
+    "nothing_to_retry": ("There is no reply to retry yet.", "还没有可以重新生成的回复。"),
+    "empty_message": ("Type a message first.", "请先输入消息。"),
+}
+
+#: Known error texts of the backend, as patterns, and their Chinese wording (numbers are kept).
+ERRORS_ZH = [
+    (re.compile(r"(?i)the server is busy.*"), "服务器繁忙，请稍后再试。"),
+    (re.compile(r"(?i).*too long.*?(\d[\d,]*).*?(\d[\d,]*).*"), r"消息太长（\1 超过上限 \2）。"),
+    (re.compile(r"(?i)all (\d+) code interpreter kernels are running code; try again in about (\d+) s"),
+     r"全部 \1 个代码解释器内核都在运行代码；请约 \2 秒后再试。"),
+]
+
+
+def _table(index: int) -> dict[str, str]:
+    return {key: value[index] for key, value in STRINGS.items()}
+
+
+I18N = gr.I18n(en=_table(0), **{"zh-CN": _table(1), "zh": _table(1)})
+
+
+def i18n(key: str):
+    """The label Gradio's front end translates (``key`` must be in ``STRINGS``)."""
+    assert key in STRINGS, key
+    return I18N(key)
+
+
+def text(key: str, lang: str, **values) -> str:
+    """``key`` in ``lang`` (English for any other language), with ``values`` filled in."""
+    template = STRINGS[key][1 if lang == "zh-CN" else 0]
+    return template.format(**values) if values else template
+
+
+def translate_error(error: str, lang: str) -> str:
+    """A backend error in ``lang``: Chinese for the errors known here, else the original text."""
+    if lang != "zh-CN":
+        return error
+    for pattern, wording in ERRORS_ZH:
+        if pattern.fullmatch(error):
+            return pattern.sub(wording, error)
+    return error
+
+
+def language_of(accept_language: str | None) -> str:
+    """The page language for an Accept-Language header: Chinese for any zh, else English."""
+    for part in (accept_language or "").split(","):
+        tag = part.split(";")[0].strip().lower()
+        if tag.startswith("zh"):
+            return "zh-CN"
+        if tag.startswith("en"):
+            return "en"
+    return "en"
