@@ -5,7 +5,9 @@ ChatGLM3 system message as ``tools`` (name, description, parameters), after the 
 prompt or under the official tools prompt; ``tool_choice`` "auto" (the default) or "none" (the tools are
 not shown to the model); anything else is refused. An assistant message's ``tool_calls`` become ChatGLM3
 call messages (metadata = the function name, content = a ```python block with ``tool_call(k=v, ...)``,
-the arguments written as Python literals), and each ``tool`` message an ``observation``.
+the arguments written as Python literals, a name that is not an identifier as ``**{"a b": v}``), and each
+``tool`` message an ``observation``. Arguments must be JSON (no NaN or Infinity), at most
+``strict_json.MAX_JSON_DEPTH`` levels deep.
 
 Out: a reply whose last message is a call (a metadata line, then ``tool_call(...)``, parsed with
 ``ast``, never evaluated) is returned as ``tool_calls`` with the arguments as a JSON string. A call that
@@ -15,10 +17,13 @@ does not parse is returned as text.
 from __future__ import annotations
 
 import json
+import keyword
+import unicodedata
 import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import strict_json
 from .chat_format import normalize_messages
 from .chatglm3.reply import ToolCallError, parse_reply
 from .generation import InvalidRequest, ReplyMetadata, TextDelta
@@ -71,19 +76,33 @@ def _python_literal(value) -> str:
     return repr(value)
 
 
+def _keyword_name(name: str) -> bool:
+    """Whether ``name=`` reads back as ``name``: an identifier, no keyword, unchanged by the NFKC normalization
+    Python applies to identifiers (``ﬁ`` would become ``fi``), and not ``__debug__`` (not assignable)."""
+    return (name.isidentifier() and not keyword.iskeyword(name) and name != "__debug__"
+            and unicodedata.normalize("NFKC", name) == name)
+
+
+def render_arguments(arguments: dict) -> str:
+    """``tool_call(...)``'s arguments: ``name=value``, or ``**{"name": value}`` for a name that cannot be a keyword
+    argument; ``chatglm3.reply.parse_tool_call`` reads back an equal dict (tests/test_tool_call_roundtrip.py)."""
+    return ", ".join(f"{name}={_python_literal(value)}" if _keyword_name(name)
+                     else f"**{{{_python_literal(name)}: {_python_literal(value)}}}"
+                     for name, value in arguments.items())
+
+
 def call_message(call: dict) -> dict:
     """An OpenAI tool call -> the ChatGLM3 assistant message that makes it."""
     function = call.get("function") or {}
+    name = function.get("name")
     try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except ValueError:
-        raise InvalidRequest(f"tool call {function.get('name')!r}: arguments is not a JSON object",
-                             param="messages") from None
+        arguments = strict_json.loads(function.get("arguments") or "{}")
+    except ValueError as error:
+        raise InvalidRequest(f"tool call {name!r}: arguments is not valid JSON: {error}", param="messages") from None
     if not isinstance(arguments, dict):
-        raise InvalidRequest(f"tool call {function.get('name')!r}: arguments must be a JSON object", param="messages")
-    text = ", ".join(f"{key}={_python_literal(value)}" for key, value in arguments.items())
-    return {"role": "assistant", "metadata": function.get("name") or "",
-            "content": f"```python\ntool_call({text})\n```"}
+        raise InvalidRequest(f"tool call {name!r}: arguments must be a JSON object", param="messages")
+    return {"role": "assistant", "metadata": name or "",
+            "content": f"```python\ntool_call({render_arguments(arguments)})\n```"}
 
 
 def chatglm3_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
@@ -147,8 +166,9 @@ def tool_calls_out(reply: ReplyParts) -> list[dict] | None:
         return None
     try:
         parsed = parse_reply(f"{last['metadata']}\n{last['content']}", tools_available=True)
-    except ToolCallError:
+        # literals JSON has no form for (a set, bytes, a complex number, inf from 1e999): not a call to pass on
+        arguments = json.dumps(parsed.tool_call.arguments, ensure_ascii=False, allow_nan=False)
+    except (ToolCallError, TypeError, ValueError, RecursionError):
         return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": parsed.tool_call.name,
-                          "arguments": json.dumps(parsed.tool_call.arguments, ensure_ascii=False)}}]
+             "function": {"name": parsed.tool_call.name, "arguments": arguments}}]

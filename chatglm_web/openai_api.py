@@ -8,9 +8,17 @@
     GET  /metrics               Prometheus text format
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input,
-401 without valid credentials, 429 when the server is busy, 500 when generation fails. With
-``--api-key`` a request needs ``Authorization: Bearer <key>``; with ``--auth user:pass`` the same
-login as the page works as HTTP Basic credentials. ``/healthz`` needs neither.
+401 without valid credentials, 429 when the server is busy or a client failed to log in too often
+(``http_guard.LoginThrottle``), 500 when generation fails. With ``--api-key`` a request needs
+``Authorization: Bearer <key>``; with ``--auth user:pass`` the same login as the page works as HTTP
+Basic credentials. ``/healthz`` needs neither.
+
+A request body is at most ``http_guard.body_limit()`` bytes (``HttpGuard`` answers 413 before reading
+more), of RFC 8259 JSON at most ``strict_json.MAX_JSON_DEPTH`` levels deep, with at most
+``MAX_MESSAGES`` messages. It is parsed, validated and converted in a worker thread: a large one
+never holds up the event loop (``/healthz``, other requests' streams). A request without
+``max_tokens`` / ``max_completion_tokens`` gets ``SamplingParams``' default, at most the server's
+``--max-new-tokens``.
 """
 
 from __future__ import annotations
@@ -26,12 +34,17 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 
+from . import strict_json
 from .api_tools import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
 from .generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
+from .http_guard import HttpGuard, LoginThrottle, body_limit, failed_logins_message
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams option -> the API's name for it
+MAX_MESSAGES = 2048  # messages in one request
 
 
 class ChatMessage(BaseModel):
@@ -66,9 +79,13 @@ class ChatCompletionRequest(BaseModel):
     tools: list[ToolSpec] | None = None
     tool_choice: str | dict | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, max_new_tokens_limit: int | None = None) -> SamplingParams:
+        """The request's sampling options; without max_tokens, the default reply length, at most the server's."""
+        max_new_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if max_new_tokens is None and max_new_tokens_limit:
+            max_new_tokens = min(SamplingParams.model_fields["max_new_tokens"].default, max_new_tokens_limit)
         values = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                  "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+                  "max_new_tokens": max_new_tokens,
                   "top_k": self.top_k, "repetition_penalty": self.repetition_penalty}
         if self.stop is not None:
             values["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -77,47 +94,58 @@ class ChatCompletionRequest(BaseModel):
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 def api_app_kwargs(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None) -> dict:
-    """FastAPI arguments that put the API's routes before Gradio's and answer ``APIError`` in OpenAI's shape
-    (``page.launch(app_kwargs=...)``)."""
-    return {"routes": api_routes(backend, metrics=metrics, api_key=api_key, auth=auth),
-            "exception_handlers": {APIError: _error_response}}
+    """FastAPI arguments (``page.launch(app_kwargs=...)``) that put the API's routes before Gradio's, answer
+    ``APIError`` in OpenAI's shape, and put ``http_guard.HttpGuard`` in front of every route: the body limit,
+    the login (``auth``), no uploads, and failed logins throttled, the page's and the API's in one
+    ``LoginThrottle``."""
+    throttle = LoginThrottle() if api_key or auth else None
+    guard = Middleware(HttpGuard, max_body_bytes=body_limit(backend.max_input_chars), login_required=bool(auth),
+                       throttle=throttle)
+    return {"routes": api_routes(backend, metrics=metrics, api_key=api_key, auth=auth, throttle=throttle),
+            "exception_handlers": {APIError: _error_response}, "middleware": [guard]}
 
 
 async def _error_response(request: Request, error: APIError) -> JSONResponse:
     return error.response()
 
 
-def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None) -> list:
+def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str, str] | None = None,
+               throttle: LoginThrottle | None = None) -> list:
     """The FastAPI routes of the API; an ``APIError`` they raise needs ``api_app_kwargs``' handler."""
     router = APIRouter()
     model_id = backend.info.name
+    max_new_tokens = getattr(backend, "max_new_tokens", None)  # the server's --max-new-tokens
 
     def authorize(request: Request) -> None:
+        """Let the request through or raise 401; wrong credentials count as a failed login of the client."""
         if not api_key and not auth:
             return
         header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if api_key and scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), api_key):
+        client = request.client.host if request.client else "unknown"
+        if header and throttle is not None:
+            wait = throttle.retry_after(client)
+            if wait is not None:
+                raise APIError(429, failed_logins_message(wait), kind="rate_limit_error",
+                               code="too_many_failed_logins", headers={"Retry-After": str(wait)})
+        if _credentials_match(header, api_key, auth):
+            if throttle is not None:
+                throttle.succeeded(client)
             return
-        if auth and scheme.lower() == "basic":
-            try:
-                user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
-            except (ValueError, UnicodeDecodeError):
-                user = password = ""
-            if hmac.compare_digest(user, auth[0]) and hmac.compare_digest(password, auth[1]):
-                return
+        if header and throttle is not None:
+            throttle.failed(client)
         wanted = "an 'Authorization: Bearer <api key>' header" if api_key else "the page's login as HTTP Basic auth"
         raise APIError(401, f"This API needs {wanted}.", code="invalid_api_key")
 
@@ -131,22 +159,8 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await _read_json(request)
-        try:
-            chat = ChatCompletionRequest.model_validate(body)
-        except ValidationError as error:
-            raise APIError(400, _first_problem(error), param=_first_param(error)) from None
-        if chat.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        try:
-            params = chat.sampling_params()
-        except InvalidRequest as error:
-            raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
-        try:
-            tools = check_tool_choice(chat.tools, chat.tool_choice)
-            messages = chatglm3_messages([m.model_dump() for m in chat.messages], tools)
-        except InvalidRequest as error:
-            raise APIError(400, str(error), param=error.param) from None
+        raw = await request.body()  # at most http_guard.body_limit() bytes: HttpGuard stops a longer one
+        chat, params, tools, messages = await run_in_threadpool(parse_chat_request, raw, max_new_tokens)
         stream = backend.stream_chat(messages, params)
         first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -170,11 +184,50 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     return list(router.routes)
 
 
-async def _read_json(request: Request):
+def _credentials_match(header: str, api_key: str | None, auth: tuple[str, str] | None) -> bool:
+    scheme, _, value = header.partition(" ")
+    if api_key and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), api_key.encode()):
+        return True
+    if auth and scheme.lower() == "basic":
+        try:
+            user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            user = password = ""
+        return (hmac.compare_digest(user.encode(), auth[0].encode())
+                & hmac.compare_digest(password.encode(), auth[1].encode()))
+    return False
+
+
+def parse_chat_request(raw: bytes, max_new_tokens: int | None = None):
+    """A ``/v1/chat/completions`` body -> (request, SamplingParams, tools, ChatGLM3 messages); ``APIError`` 400
+    for anything the API does not take. CPU work proportional to the body: run it off the event loop."""
     try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError) as error:
+        body = strict_json.parse(raw)
+    except ValueError as error:
         raise APIError(400, f"The request body is not valid JSON: {error}") from None
+    if isinstance(body, dict) and isinstance(body.get("messages"), list) and len(body["messages"]) > MAX_MESSAGES:
+        raise APIError(400, f"messages: at most {MAX_MESSAGES:,} messages are taken, got {len(body['messages']):,}",
+                       param="messages")
+    try:
+        strict_json.check_depth(body)
+    except ValueError as error:
+        raise APIError(400, f"The request body is not valid here: {error}") from None
+    try:
+        chat = ChatCompletionRequest.model_validate(body)
+    except ValidationError as error:
+        raise APIError(400, _first_problem(error), param=_first_param(error)) from None
+    if chat.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    try:
+        params = chat.sampling_params(max_new_tokens)
+    except InvalidRequest as error:
+        raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
+    try:
+        tools = check_tool_choice(chat.tools, chat.tool_choice)
+        messages = chatglm3_messages([m.model_dump() for m in chat.messages], tools)
+    except InvalidRequest as error:
+        raise APIError(400, str(error), param=error.param) from None
+    return chat, params, tools, messages
 
 
 def _first_param(error: ValidationError) -> str | None:

@@ -56,19 +56,26 @@ def running_server(**settings):
 def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local URL", timeout: float = 240):
     """``python <args>`` as its own process (the app as users start it), yielded once it printed ``ready``;
     terminated (killed if need be) afterwards with every process it started (an engine process, ZeroGPU's
-    forked workers): its own process group. Its output lines so far are in ``proc.log``."""
+    forked workers): its own process group. Its output lines (stdout and stderr) are in ``proc.log``, which
+    keeps growing while it runs."""
     import sys
 
     proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, text=True, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
     proc.log = []
+
+    def read():
+        for line in proc.stdout:
+            proc.log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         while not any(ready in line for line in proc.log):
             line = lines.get(timeout=timeout)
             assert line is not None, "the app exited:\n" + "".join(proc.log[-40:])
-            proc.log.append(line)
         yield proc
     finally:
         proc.terminate()

@@ -16,10 +16,14 @@ Decisions:
   metadata); newlines inside are kept.
 - The official code ``eval``s the tool call. Here it is parsed with ``ast``: only a call of
   ``tool_call`` with keyword arguments whose values are literals (``ast.literal_eval``: strings,
-  numbers, booleans, None, lists, tuples, dicts, sets). Anything else - a malformed block,
-  positional or ``**`` arguments, names, attribute access, calls such as ``__import__('os')`` -
-  raises :class:`ToolCallError` (a ``ValueError``) and nothing is executed. ``ToolCallError``
-  carries ``metadata`` and ``content`` so a caller can show the raw reply instead.
+  numbers, booleans, None, lists, tuples, dicts, sets). An argument whose name is not a Python
+  identifier (``"a b"``, ``"class"``, ``"x=1, y"``) is written as ``**{"a b": 1}``, as the official
+  ``eval`` also reads it: ``**`` of a dict literal with string keys is taken, each name once.
+  Anything else - a malformed block, positional arguments, ``**`` of anything but such a dict,
+  names, attribute access, calls such as ``__import__('os')`` - raises :class:`ToolCallError` (a
+  ``ValueError``) and nothing is executed. ``ToolCallError`` carries ``metadata`` and ``content``
+  so a caller can show the raw reply instead. ``api_tools.call_message`` writes calls this way, so
+  every JSON object of arguments reads back equal.
 - Streaming: the visible pieces from :class:`ReplyTextFilter` concatenate to exactly
   ``parse_reply(full, tools_available=False).content``: leading whitespace of the content is
   dropped and trailing whitespace is held back until non-whitespace text follows it.
@@ -91,13 +95,26 @@ def parse_tool_call(code: str) -> dict:
         raise ValueError("tool_call() takes keyword arguments only")
     arguments = {}
     for keyword in call.keywords:
-        if keyword.arg is None:
-            raise ValueError("tool_call() does not accept ** arguments")
-        try:
-            arguments[keyword.arg] = ast.literal_eval(keyword.value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            raise ValueError(f"tool_call() argument {keyword.arg!r} is not a literal value") from None
+        if keyword.arg is None:  # **{"name that is not an identifier": value, ...}
+            if not isinstance(keyword.value, ast.Dict) or None in keyword.value.keys:
+                raise ValueError("tool_call() takes ** of a dict literal only")
+            items = _literal(keyword.value, "**")
+            if not all(isinstance(name, str) for name in items):
+                raise ValueError("tool_call() takes ** of a dict with string keys only")
+        else:
+            items = {keyword.arg: _literal(keyword.value, keyword.arg)}
+        for name, value in items.items():
+            if name in arguments:
+                raise ValueError(f"tool_call() got argument {name!r} twice")
+            arguments[name] = value
     return arguments
+
+
+def _literal(node: ast.expr, what: str):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        raise ValueError(f"tool_call() argument {what!r} is not a literal value") from None
 
 
 def parse_reply(text: str, tools_available: bool) -> ParsedReply:

@@ -29,6 +29,7 @@ def test_metadata_without_tools_is_plain_content():
     ("tool_call(items=[1, [2, 'three'], {'k': ('t', 4)}], opts={'nested': {'deep': [None]}})",
      {"items": [1, [2, "three"], {"k": ("t", 4)}], "opts": {"nested": {"deep": [None]}}}),
     ("tool_call()", {}),
+    ("tool_call(**{'a b': 1}, c=2, **{'class': [3], '': None})", {"a b": 1, "c": 2, "class": [3], "": None}),
     ("tool_call(\n    query=\"天气 weather\",\n    limit=3,\n)", {"query": "天气 weather", "limit": 3}),
 ])
 def test_tool_calls(code, arguments):
@@ -48,7 +49,12 @@ MALICIOUS = [
     "tool_call(x=__import__('os').system('echo hi'))",
     "__import__('os').system('echo hi')",
     "tool_call(x=open('/etc/passwd').read())",
-    "tool_call(**{'x': 1})",
+    "tool_call(**x)",
+    "tool_call(**dict(x=1))",
+    "tool_call(**{1: 2})",
+    "tool_call(**{'x': __import__('os').system('echo hi')})",
+    "tool_call(**{**x})",
+    "tool_call(x=1, **{'x': 2})",
     "tool_call('positional')",
     "tool_call(x=y)",
     "tool_call(x=(lambda: 1)())",
