@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ def running_server(**settings):
     settings.model_explicit = True
     page, backend, launch_kwargs = build_app(settings)
     page.launch(server_name="127.0.0.1", server_port=settings.port, prevent_thread_lock=True, quiet=True,
-                **launch_kwargs)
+                auth=settings.auth_pair, **launch_kwargs)  # the login as main() sets it
     try:
         yield RunningServer(f"http://127.0.0.1:{settings.port}/", backend, page)
     finally:
@@ -88,6 +89,52 @@ def app_process(args: list, *, cwd, env: dict, ready: str = "Running on local UR
             os.killpg(proc.pid, signal.SIGKILL)  # whatever it started and left behind
         except ProcessLookupError:
             pass
+
+
+def raw_exchange(port: int, head: bytes, chunks=(), timeout: float = 30, timing: dict | None = None):
+    """Send ``head`` and then ``chunks`` over a plain socket while a second thread reads; stop sending once the
+    server has answered (or closed). Returns (status, headers, body) of its answer; ``timing`` gets the
+    ``time.monotonic()`` when everything was sent ("sent") and when the answer began to arrive ("answered")."""
+    timing = {} if timing is None else timing
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        box = {"data": b""}
+
+        def read():
+            try:
+                while b"\r\n\r\n" not in box["data"] or len(box["data"].partition(b"\r\n\r\n")[2]) < length():
+                    part = sock.recv(65536)
+                    if not part:
+                        break
+                    timing.setdefault("answered", time.monotonic())
+                    box["data"] += part
+            except OSError as error:
+                box["error"] = error
+
+        def length() -> int:
+            head_part = box["data"].partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+            for line in head_part.split("\r\n"):
+                if line.startswith("content-length:"):
+                    return int(line.split(":", 1)[1])
+            return 0
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        sock.sendall(head)
+        for chunk in chunks:
+            if not reader.is_alive() or box["data"]:
+                break  # the server has answered (or closed): it does not want the rest
+            try:
+                sock.sendall(chunk)
+            except OSError:  # closed by the server mid-body
+                break
+        timing["sent"] = time.monotonic()
+        reader.join(timeout)
+        data = box["data"]
+        assert b"\r\n\r\n" in data, f"no answer within {timeout} s: {box.get('error')!r} {data[:200]!r}"
+    header_bytes, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = header_bytes.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
 
 
 # -- Gradio's HTTP API, as any client (or attacker) reaches it -----------------------------------------------------

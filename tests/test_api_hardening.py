@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from chatglm_web.http_guard import MIN_BODY_BYTES, body_limit
 from chatglm_web.openai_api import MAX_MESSAGES
 from chatglm_web.strict_json import MAX_JSON_DEPTH
-from server_harness import app_process, free_port, running_server
+from server_harness import app_process, free_port, raw_exchange, running_server
 
 KEY = "hardening-key"
 SERVER_MAX_NEW_TOKENS = 16  # --max-new-tokens of the test server: below the API's default of 1024
@@ -38,52 +37,6 @@ def server(long_reply_checkpoint):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0)
-
-
-def raw_exchange(port: int, head: bytes, chunks=(), timeout: float = 30, timing: dict | None = None):
-    """Send ``head`` and then ``chunks`` over a plain socket while a second thread reads; stop sending once the
-    server has answered (or closed). Returns (status, headers, body) of its answer; ``timing`` gets the
-    ``time.monotonic()`` when everything was sent ("sent") and when the answer began to arrive ("answered")."""
-    timing = {} if timing is None else timing
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        box = {"data": b""}
-
-        def read():
-            try:
-                while b"\r\n\r\n" not in box["data"] or len(box["data"].partition(b"\r\n\r\n")[2]) < length():
-                    part = sock.recv(65536)
-                    if not part:
-                        break
-                    timing.setdefault("answered", time.monotonic())
-                    box["data"] += part
-            except OSError as error:
-                box["error"] = error
-
-        def length() -> int:
-            head_part = box["data"].partition(b"\r\n\r\n")[0].decode("latin-1").lower()
-            for line in head_part.split("\r\n"):
-                if line.startswith("content-length:"):
-                    return int(line.split(":", 1)[1])
-            return 0
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        sock.sendall(head)
-        for chunk in chunks:
-            if not reader.is_alive() or box["data"]:
-                break  # the server has answered (or closed): it does not want the rest
-            try:
-                sock.sendall(chunk)
-            except OSError:  # closed by the server mid-body
-                break
-        timing["sent"] = time.monotonic()
-        reader.join(timeout)
-        data = box["data"]
-        assert b"\r\n\r\n" in data, f"no answer within {timeout} s: {box.get('error')!r} {data[:200]!r}"
-    header_bytes, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = header_bytes.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 def assert_openai_error(body: bytes, *phrases: str) -> dict:
