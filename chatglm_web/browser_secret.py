@@ -19,6 +19,17 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "CHATGLM_WEB_STATE_SECRET"
 FILE_NAME = "browser-state-secret"
+_taken: str | None = None  # $CHATGLM_WEB_STATE_SECRET once taken out of the environment (take_from_environ)
+
+
+def take_from_environ() -> bool:
+    """Move ``$CHATGLM_WEB_STATE_SECRET`` out of ``os.environ``, so that child processes do not inherit it;
+    ``browser_state_secret()`` still answers it. Whether it was set."""
+    global _taken
+    value = os.environ.pop(ENV_VAR, None)
+    if value is not None:
+        _taken = value
+    return value is not None
 
 
 def secret_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -36,8 +47,9 @@ def browser_state_secret(cache_dir: str | os.PathLike | None = None, environ=Non
     Where the file can be neither read nor created, a key for this process only is returned (with a
     warning): the page still works, but stored conversations do not survive a restart.
     """
+    taken = _taken if environ is None else None
     environ = os.environ if environ is None else environ
-    explicit = (environ.get(ENV_VAR) or "").strip()
+    explicit = (environ.get(ENV_VAR) or taken or "").strip()
     if explicit:
         return explicit
     path = secret_path(cache_dir)

@@ -94,7 +94,7 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")
         parent_end, child_end = context.Pipe()
         process = context.Process(target=_engine_main, name="chatglm-web-engine", daemon=True,
-                                  args=(child_end, settings, max_batch_size, max_queue))
+                                  args=(child_end, settings.without_secrets(), max_batch_size, max_queue))
         process.start()
         child_end.close()
         try:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from .process_secrets import hide_secrets
 from .settings import Settings, error_line, parse_settings
 
 log = logging.getLogger("chatglm_web")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = parse_settings(argv)
+        hide_secrets(settings)  # off the command line and out of the environment, before any child process starts
         page, backend, kwargs = build_app(settings)
     except KeyboardInterrupt:
         sys.exit(130)

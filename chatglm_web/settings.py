@@ -9,6 +9,12 @@ Every value is checked here, flag or variable alike: a bad one raises ``Settings
 one-line message names the flag or variable, what it must be and what it got. An empty value
 means "none" only where none is a valid value (``--auth``, ``--max-input-tokens``,
 ``--assets-dir``); anywhere else it is an error.
+
+The secrets (``--api-key``, ``--auth``, ``--backend-api-key``) can also come from a file:
+``--api-key-file PATH`` (or ``CHATGLM_WEB_API_KEY_FILE``) and so on, its content without the final
+newline. A flag (the value or its file) wins over the variables; a value and its file both given
+on the same level is an error. ``process_secrets.hide_secrets()`` then keeps them off the command
+line and out of the environment that child processes inherit.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
 PRECISIONS = ("auto", "4bit", "8bit", "fp16", "bf16", "fp32")
@@ -63,6 +69,10 @@ class Settings:
     code_interpreter: bool = False  # offer the Code interpreter mode (model-written code runs in a sandbox)
     model_explicit: bool = False  # --model/CHATGLM_WEB_MODEL given: never fall back to the offline model
 
+    def without_secrets(self) -> "Settings":
+        """A copy for another process that needs none of them (the engine process)."""
+        return replace(self, **{name: None for name in SECRET_SETTINGS})
+
     @property
     def auth_pair(self) -> tuple[str, str] | None:
         if not self.auth:
@@ -101,6 +111,7 @@ _HELP = {
                         "per browser session (start-up fails if the sandbox is not supported here)",
 }
 _FLAGS = ("share", "zero_gpu", "code_interpreter", "engine_process")  # on/off flags: --name / --no-name
+SECRET_SETTINGS = ("api_key", "auth", "backend_api_key")  # each also read from a file: --<name>-file PATH
 #: Gradio's own variables, read after ours (Hugging Face Spaces sets them).
 _GRADIO_ENV = {"host": "GRADIO_SERVER_NAME", "port": "GRADIO_SERVER_PORT"}
 
@@ -181,7 +192,29 @@ def _parser() -> _Parser:
         else:
             metavar = "{" + ",".join(PRECISIONS) + "}" if name == "precision" else name.upper()
             parser.add_argument(flag_name(name), default=None, metavar=metavar, help=help_text)
+    for name in SECRET_SETTINGS:
+        parser.add_argument(flag_name(name + "_file"), default=None, metavar="PATH",
+                            help=f"file holding {flag_name(name)}'s value (kept off the command line) "
+                                 f"[env {env_name(name + '_file')}]")
     return parser
+
+
+def _secret_candidates(name: str, args, environ) -> list[tuple[str | None, str]]:
+    """(value, source) for a secret: the flag or its file, then the variable or its file (read when it is the
+    first one set)."""
+    from .process_secrets import read_secret_file
+
+    file_name = name + "_file"
+    levels = [((getattr(args, name), flag_name(name)), (getattr(args, file_name), flag_name(file_name))),
+              ((environ.get(env_name(name)), env_name(name)), (environ.get(env_name(file_name)), env_name(file_name)))]
+    for (value, source), (path, path_source) in levels:
+        if value is not None and path is not None:
+            raise SettingsError(f"{source} and {path_source} are both set; give the secret one way")
+        if path is not None:
+            return [(read_secret_file(path, path_source), path_source)]
+        if value is not None:
+            return [(value, source)]
+    return []
 
 
 def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -> Settings:
@@ -198,6 +231,8 @@ def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -
             values[name] = flag_value
             continue
         candidates = [(flag_value, flag_name(name)), (environ.get(env_name(name)), env_name(name))]
+        if name in SECRET_SETTINGS:
+            candidates = _secret_candidates(name, args, environ)
         if name in _GRADIO_ENV:
             candidates.append((environ.get(_GRADIO_ENV[name]), _GRADIO_ENV[name]))
         for raw, source in candidates:
