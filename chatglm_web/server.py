@@ -52,7 +52,7 @@ def build_app(settings: Settings):
     from .branding import load_branding
     from .openai_api import api_app_kwargs
     from .toolbox import Toolbox
-    from .ui import build_page, launch_kwargs
+    from .page import build_page, launch_kwargs
 
     toolbox = Toolbox.start(code_interpreter=settings.code_interpreter)  # an unsupported sandbox fails first
     atexit.register(toolbox.close)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("model ready: %s", backend.info)
     try:
         page.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
-                    auth=settings.auth_pair, footer_links=["api", "settings"], **kwargs)
+                    auth=settings.auth_pair, **kwargs)
     except Exception as error:  # the port is taken, the host cannot be bound, no share link
         backend.shutdown()
         page.toolbox.close()

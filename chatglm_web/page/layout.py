@@ -242,9 +242,9 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         def settings_dict(current_lang, *values):
             return {"lang": current_lang, **dict(zip(setting_names, values))}
 
-        for component in settings:
-            component.input(settings_dict, [lang, *settings], [saved_settings], queue=False, show_progress="hidden",
-                            api_visibility="undocumented")
+        for component in settings:   # every change, also the ones restore and the language switch make
+            component.change(settings_dict, [lang, *settings], [saved_settings], queue=False, show_progress="hidden",
+                             trigger_mode="always_last", api_visibility="undocumented")
 
         def relabelled(current_lang, mode_value, system_value) -> dict:
             updates = labels.updates(current_lang)
@@ -332,17 +332,19 @@ def _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, tex
         stops.forget(getattr(request, "session_hash", None))   # a Stop that came too late
         return turns.finish(history)
 
+    begin = turns.Begin(turns.Refusals())
     starts = [
-        (textbox.submit, turns.begin_send, [textbox, chatbot, busy, lang]),
-        (send.click, turns.begin_send, [textbox, chatbot, busy, lang]),
-        (chatbot.example_select, turns.begin_example, [chatbot, busy, lang]),
-        (chatbot.retry, turns.begin_retry, [chatbot, busy, lang]),
-        (chatbot.edit, turns.begin_edit, [chatbot, busy, lang]),
+        (textbox.submit, begin.send, [textbox, chatbot, busy, lang]),
+        (send.click, begin.send, [textbox, chatbot, busy, lang]),
+        (chatbot.example_select, begin.example, [chatbot, busy, lang]),
+        (chatbot.retry, begin.retry, [chatbot, busy, lang]),
+        (chatbot.edit, begin.edit, [chatbot, busy, lang]),
     ]
-    for trigger, begin, inputs in starts:
-        reply = trigger(begin, inputs, begin_outputs, **quiet).then(
-            respond, [pending, chatbot, *settings, lang], [chatbot, stats, textbox], show_progress="hidden",
-            api_visibility="undocumented")
+    for trigger, begin_turn, inputs in starts:
+        began = trigger(begin_turn, inputs, begin_outputs, **quiet)
+        began.failure(begin.refused, [lang], [stats], **quiet)   # refused: why, in the statistics line
+        reply = began.success(respond, [pending, chatbot, *settings, lang], [chatbot, stats, textbox],
+                              show_progress="hidden", api_visibility="undocumented")
         reply.then(finish, [chatbot], [chatbot, *controls, saved], **quiet).then(None, js=REFOCUS_JS)
     stop_button.click(turns.stopper(stops), None, None, **quiet)
     chatbot.undo(turns.undo, [chatbot, busy], [chatbot, textbox, saved], **quiet)
@@ -381,6 +383,10 @@ def _api_endpoint(backend, toolbox) -> None:
 def theme(branding: Branding) -> gr.themes.Base:
     """The branding's theme with text colours that meet WCAG AA (4.5:1) in light and dark mode."""
     return branding.theme().set(
+        button_primary_background_fill="*primary_600", button_primary_background_fill_hover="*primary_700",
+        button_primary_background_fill_dark="*primary_600", button_primary_background_fill_hover_dark="*primary_700",
+        checkbox_label_background_fill_selected="*primary_600",
+        checkbox_label_background_fill_selected_dark="*primary_600",
         body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
         block_info_text_color="*neutral_600", block_info_text_color_dark="*neutral_300",
         input_placeholder_color="*neutral_600", input_placeholder_color_dark="*neutral_300",
@@ -392,5 +398,7 @@ def theme(branding: Branding) -> gr.themes.Base:
 def launch_kwargs(branding: Branding) -> dict:
     from .style import PAGE_CSS
 
-    return {"theme": theme(branding), "css": PAGE_CSS + branding.css, "max_file_size": MAX_FILE_SIZE,
-            "i18n": I18N, "footer_links": ["api", "gradio"], "js": FOCUS_INPUT_JS}
+    # The page's CSS goes in <head> as it is (Gradio scopes ``css`` to its container, and the footer and the
+    # container itself are outside that scope); the branding's CSS is scoped as usual.
+    return {"theme": theme(branding), "css": branding.css, "head": f"<style>{PAGE_CSS}</style>",
+            "max_file_size": MAX_FILE_SIZE, "i18n": I18N, "footer_links": ["api", "gradio"], "js": FOCUS_INPUT_JS}

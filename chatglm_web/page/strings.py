@@ -54,10 +54,8 @@ STRINGS: dict[str, tuple[str, str]] = {
     # the chat
     "chat_label": ("Conversation", "对话"),
     "message_label": ("Message", "消息"),
-    "input_placeholder_plain": ("Type a message… (Enter to send, Shift+Enter for a new line)",
-                                "输入消息…（Enter 发送，Shift+Enter 换行）"),
-    "input_placeholder": ("Message {model}… (Enter to send, Shift+Enter for a new line)",
-                          "给 {model} 发消息…（Enter 发送，Shift+Enter 换行）"),
+    "input_placeholder_plain": ("Type a message…", "输入消息…"),
+    "input_placeholder": ("Message {model}…", "给 {model} 发消息…"),
     "send": ("Send", "发送"),
     "stop": ("Stop", "停止"),
     "undo_clear": ("↶ Bring back the cleared conversation", "↶ 恢复已清空的对话"),

@@ -21,9 +21,10 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 
 #topbar { flex: 0 0 auto; align-items: center; gap: 8px; flex-wrap: nowrap; padding: 6px 36px 2px 0; }  /* room for the drawer's own toggle */
 #topbar > * { min-width: 0; }
-#model-title { flex: 1 1 auto; min-width: 0; overflow: hidden; }
+#model-title { flex: 1 1 0 !important; min-width: 0 !important; overflow: hidden; }
 .topbar-title { display: flex; align-items: baseline; gap: 10px; min-width: 0; }
-.topbar-title h1 { margin: 0; font-size: 1.15rem; line-height: 1.3; white-space: nowrap; }
+.topbar-title h1 { margin: 0; font-size: 1.15rem; line-height: 1.3; white-space: nowrap; overflow: hidden;
+  text-overflow: ellipsis; min-width: 0; }
 .topbar-subtitle { margin: 0; font-size: 0.85rem; color: var(--body-text-color-subdued);
   white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 #language-switch, #open-settings { flex: 0 0 auto; min-height: 36px; }
@@ -53,5 +54,8 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
   .topbar-subtitle { display: none; }
   #language-switch, #open-settings, #send, #stop, #undo-clear { min-height: 44px; min-width: 44px; }
   #chatbot button { min-width: 32px; min-height: 32px; }
+  footer a { min-height: 28px !important; }
+  #settings-drawer input[type="number"], #settings-drawer button { min-height: 32px !important; }
+  #settings-drawer input[type="range"] { padding: 10px 0 !important; box-sizing: content-box !important; }
 }
 """

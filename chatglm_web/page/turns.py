@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from contextlib import aclosing, suppress
 
 import gradio as gr
 
 from ..generation import BackendBusy, Finished, InvalidRequest
 from .chat import check_text, printable, start_turn
-from .markers import mark, unmarked, while_streaming
+from .markers import mark, while_streaming
 from .strings import text, translate_error
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,13 @@ async def _until_stopped(updates, stop: asyncio.Event):
     while True:
         step = asyncio.ensure_future(iterator.__anext__())
         stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({step, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({step, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:   # cancelled (the visitor left): the stream must be idle before it is closed
+            stopper.cancel()
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+            raise
         if step in done:
             stopper.cancel()
             try:
@@ -101,60 +108,85 @@ def _chat(history, busy: bool):
     return gr.Chatbot(value=history, elem_classes=[BUSY_CLASS] if busy else [])
 
 
-def _refused(message_error: str, lang: str):
-    """begin's outputs when nothing starts: the chat, the box and the buttons stay; the line says why."""
-    return (gr.skip(), gr.skip(), None, text("error", lang, error=message_error), *Controls.idle())
+class Refused(gr.Error):
+    """A turn that does not start: the event chain ends here (no reply, no ``finish``), without a pop-up;
+    the page's ``.failure`` step writes ``Refusals.pop(session)`` in the statistics line."""
+
+    def __init__(self, message: str):
+        super().__init__(message, visible=False, print_exception=False)
 
 
-def _begin(history: list, message, lang: str):
-    """(chatbot, textbox, pending, stats, busy, send, stop) for a turn answering ``message``."""
+class Refusals:
+    """Why the last turn of a browser session was refused, until the page's failure step shows it."""
+
+    def __init__(self, limit: int = 1024):
+        self.limit, self._messages = limit, OrderedDict()
+
+    def refuse(self, request, message: str):
+        session = getattr(request, "session_hash", None) or ""
+        self._messages[session] = message
+        self._messages.move_to_end(session)
+        while len(self._messages) > self.limit:
+            self._messages.popitem(last=False)
+        return Refused(message)
+
+    def pop(self, request) -> str:
+        return self._messages.pop(getattr(request, "session_hash", None) or "", "")
+
+
+def _begin(history: list, message, lang: str, refusals: Refusals, request):
+    """(chatbot, textbox, pending, stats, busy, send, stop) for a turn answering ``message``; ``Refused``
+    (the chain stops, the reason goes to the statistics line) when it cannot start."""
     if not isinstance(message, str) or not message.strip():
-        return _refused(text("empty_message", lang), lang)
+        raise refusals.refuse(request, text("empty_message", lang))
     try:
         check_text(message, None, None)
     except InvalidRequest as error:
-        return _refused(translate_error(str(error), lang), lang)
-    shown = unmarked(history) if _last_is_marker_only(history) else list(history or [])
+        raise refusals.refuse(request, translate_error(str(error), lang)) from None
+    shown = list(history or [])
     shown.append({"role": "user", "content": message})
     return (_chat(shown, True), gr.Textbox(value=""), message, "", *Controls.running())
 
 
-def _last_is_marker_only(history) -> bool:
-    return bool(history) and unmarked(history) != list(history)
+class Begin:
+    """The first step of every way to start a turn; each refuses while a reply streams."""
 
+    def __init__(self, refusals: Refusals):
+        self.refusals = refusals
 
-def begin_send(message, history, busy, lang):
-    if busy:
-        return _refused(text("busy_now", lang), lang)
-    return _begin(history, message, lang)
+    def _idle(self, busy, lang, request) -> None:
+        if busy:
+            raise self.refusals.refuse(request, text("busy_now", lang))
 
+    def send(self, message, history, busy, lang, request: gr.Request):
+        self._idle(busy, lang, request)
+        return _begin(history, message, lang, self.refusals, request)
 
-def begin_example(history, busy, lang, selected: gr.SelectData):
-    if busy:
-        return _refused(text("busy_now", lang), lang)
-    value = selected.value
-    return _begin(history, value.get("text") if isinstance(value, dict) else value, lang)
+    def example(self, history, busy, lang, selected: gr.SelectData, request: gr.Request):
+        self._idle(busy, lang, request)
+        value = selected.value
+        return _begin(history, value.get("text") if isinstance(value, dict) else value, lang, self.refusals,
+                      request)
 
+    def retry(self, history, busy, lang, retry: gr.RetryData, request: gr.Request):
+        """Answer the user message before the retried reply again (the reply and what followed go)."""
+        self._idle(busy, lang, request)
+        history = list(history or [])
+        index = min(retry.index, len(history) - 1)
+        while index >= 0 and history[index].get("role") != "user":
+            index -= 1
+        if index < 0:
+            raise self.refusals.refuse(request, text("nothing_to_retry", lang))
+        return _begin(history[:index], history[index]["content"], lang, self.refusals, request)
 
-def begin_retry(history, busy, lang, retry: gr.RetryData):
-    """Answer the user message before the retried reply again (the reply and what followed go)."""
-    if busy:
-        return _refused(text("busy_now", lang), lang)
-    history = list(history or [])
-    index = min(retry.index, len(history) - 1)
-    while index >= 0 and history[index].get("role") != "user":
-        index -= 1
-    if index < 0:
-        return _refused(text("nothing_to_retry", lang), lang)
-    return _begin(history[:index], history[index]["content"], lang)
+    def edit(self, history, busy, lang, edit: gr.EditData, request: gr.Request):
+        """Answer the edited user message; the turns after it go."""
+        self._idle(busy, lang, request)
+        return _begin(list(history or [])[:edit.index], edit.value, lang, self.refusals, request)
 
-
-def begin_edit(history, busy, lang, edit: gr.EditData):
-    """Answer the edited user message; the turns after it go."""
-    if busy:
-        return _refused(text("busy_now", lang), lang)
-    history = list(history or [])
-    return _begin(history[:edit.index], edit.value, lang)
+    def refused(self, lang, request: gr.Request):
+        """The failure step after a refused begin: the reason, once, in the statistics line."""
+        return text("error", lang, error=self.refusals.pop(request) or text("server_error", lang))
 
 
 def undo(history, busy, undone: gr.UndoData):
@@ -223,12 +255,14 @@ async def _respond(pending, history, system_prompt, temperature, top_p, max_new_
                     elif update.reason == "length":
                         yield _chat(mark(shown, "length", lang), True), stats, gr.skip()
                     continue
-                reply, stats = update
+                reply, line = update
                 if isinstance(reply, str):
                     shown = history + [{"role": "assistant", "content": reply}] if reply else history
                 elif reply:
                     shown = history + list(reply)
-                yield _chat(shown, True), stats, gr.skip()
+                # the line only when it changes: a refusal written there meanwhile stays readable
+                yield _chat(shown, True), line if line != stats else gr.skip(), gr.skip()
+                stats = line
     except Stopped:   # the generation was cancelled with the turn's stream (aclosing)
         yield _chat(mark(shown, "stopped", lang), True), stats, gr.skip()
     except Exception:
