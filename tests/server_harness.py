@@ -271,3 +271,69 @@ def dir_bytes(path, contains: str | None = None) -> int:
         except OSError:  # removed meanwhile (another server's cache cleanup)
             continue
     return total
+
+
+# -- the page's own event handlers, called as the browser calls them ---------------------------------------------
+
+def page_config(http) -> dict:
+    return http.get("config").json()
+
+
+def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]:
+    """Run a queued handler of the page as the browser does: join the queue, read the session's event stream
+    until the event completes. Returns the stream's messages; the last is ``process_completed``."""
+    joined = http.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                       "session_hash": session_hash, "event_data": None})
+    assert joined.status_code == 200, joined.text
+    event_id, seen = joined.json()["event_id"], []
+    with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line[len("data:"):])
+            if message.get("event_id") != event_id:
+                continue
+            seen.append(message)
+            if message.get("msg") == "process_completed":
+                return seen
+    raise AssertionError(f"the event stream ended before the event completed: {seen}")
+
+
+def page_turn_handlers(config: dict) -> dict[str, int]:
+    """The page's handlers of a turn started with Enter in the message box: begin (no queue), then the reply
+    (the queued step that runs after begin succeeded), then finish (the step after the reply)."""
+    [textbox] = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "chat-input"]
+    [begin] = [i for i, dep in enumerate(config["dependencies"])
+               if [textbox, "submit"] in dep["targets"] and dep.get("backend_fn")]
+    dependencies = {dep["id"]: (i, dep) for i, dep in enumerate(config["dependencies"])}
+
+    def after(parent_id: int, **wanted) -> int:
+        found = [i for i, dep in dependencies.values() if dep["trigger_after"] == parent_id and dep["backend_fn"]
+                 and not dep["trigger_only_on_failure"] and all(dep[k] == v for k, v in wanted.items())]
+        assert len(found) == 1, f"{len(found)} steps after step {parent_id} match {wanted}"
+        return found[0]
+
+    respond = after(config["dependencies"][begin]["id"], queue=True)
+    return {"begin": begin, "respond": respond, "finish": after(config["dependencies"][respond]["id"])}
+
+
+def page_turn(http, history: list, message: str, session_hash: str, *, max_new_tokens: int = 8, seed: int = 3):
+    """One turn through the page's handlers with a client-supplied conversation ``history`` (what the browser
+    sends as the Chatbot's value): (begin's response, the reply's stream messages)."""
+    config = page_config(http)
+    handlers = page_turn_handlers(config)
+    types = {c["id"]: c for c in config["components"]}
+
+    def value(component_id):   # what the browser sends for each input: the message, the chat, the drawer
+        props = types[component_id]["props"]
+        elem = props.get("elem_id")
+        if elem == "chat-input":
+            return message
+        if types[component_id]["type"] == "chatbot":
+            return history
+        return {"max-new-tokens": max_new_tokens, "seed": seed}.get(elem, props.get("value"))
+
+    begin = config["dependencies"][handlers["begin"]]
+    began = run_fn(http, handlers["begin"], [value(i) for i in begin["inputs"]], session_hash)
+    respond = config["dependencies"][handlers["respond"]]
+    return began, run_queued(http, handlers["respond"], [value(i) for i in respond["inputs"]], session_hash)

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import chat_args, chat_over_http, dir_bytes, run_fn, running_server
+from server_harness import chat_args, chat_over_http, dir_bytes, page_turn, run_fn, running_server
 
 BATCH, QUEUE = 2, 4  # --max-batch-size, --max-queue of the test server
 LIMIT = 3000  # --max-input-chars of the test server
@@ -197,16 +197,6 @@ def page_config(server) -> tuple[dict, list]:
     return {c["id"]: c["type"] for c in config["components"]}, config["dependencies"]
 
 
-def history_sync_fn(server) -> int:
-    """The page's handler that stores the Chatbot's (client-supplied) value as the conversation."""
-    types, dependencies = page_config(server)
-    chatbot = next(i for i, kind in types.items() if kind == "chatbot")
-    for index, dep in enumerate(dependencies):
-        if dep["inputs"] == [chatbot] and len(dep["outputs"]) == 2 and all(types[o] == "state" for o in dep["outputs"]):
-            return index
-    raise AssertionError("no handler stores the Chatbot's value as the conversation")
-
-
 def queue_positions(result) -> list[int]:
     return [int(n) for line in result.waiting_lines for n in re.findall(r"position\D*(\d+)", line)]
 
@@ -235,22 +225,22 @@ def test_the_character_limit_is_exact_and_covers_the_system_prompt(server):
 
 
 def test_a_420_kb_history_is_fitted_to_the_context(server, http):
-    """420 kB of earlier turns (each under the limit): the newest ones that fit are used, the page says so."""
+    """420 kB of earlier turns (each under the limit), sent as the page's Chatbot value: the newest ones that fit
+    are used, and the page says so."""
     turn = ("hello world " * 200)[:1750]
     history = []
     for i in range(120):
         history += [text_message("user", f"{MARK} {i} {turn}"), text_message("assistant", f"{i} {turn}")]
     assert len(json.dumps(history)) > 420_000
-    session = uuid.uuid4().hex
     with under_attack(server):
-        stored = run_fn(http, history_sync_fn(server), [history], session)
-        assert stored.status_code == 200, stored.text[:500]
-        result = chat_over_http(http, chat_args(f"{MARK} and now?", max_new_tokens=8, seed=3), session_hash=session)
-    if result.event == "complete":
-        assert reply_tokens(result.stats) == 8, result.stats
-        assert "left out" in result.stats and "oldest" in result.stats, result.stats
-    else:
-        assert_too_long(result)
+        began, stream = page_turn(http, history, f"{MARK} and now?", uuid.uuid4().hex, max_new_tokens=8, seed=3)
+    assert began.status_code == 200, began.text[:500]
+    final = stream[-1]["output"]
+    assert stream[-1]["success"], final
+    stats = [update for update in final["data"] if isinstance(update, str) and "tokens/s" in update] or [
+        str(final["data"])]
+    assert reply_tokens(stats[0]) == 8, stats
+    assert "left out" in stats[0] and "oldest" in stats[0], stats
 
 
 # -- odd text ------------------------------------------------------------------------------------------------------

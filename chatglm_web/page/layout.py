@@ -19,7 +19,9 @@ kept in the browser with the conversation (``gr.BrowserState``, encrypted), and 
 from __future__ import annotations
 
 import html
+import json
 import logging
+from contextlib import aclosing
 
 import gradio as gr
 
@@ -323,10 +325,12 @@ def _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, tex
 
     async def respond(pending_message, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
                       repetition_penalty, seed, mode, current_lang, request: gr.Request):
-        async for update in turns.respond(pending_message, history, system_prompt, temperature, top_p,
+        async with aclosing(turns.respond(pending_message, history, system_prompt, temperature, top_p,
                                           max_new_tokens, top_k, repetition_penalty, seed, mode, current_lang,
-                                          toolbox=toolbox, backend=backend, stops=stops, request=request):
-            yield update
+                                          toolbox=toolbox, backend=backend, stops=stops,
+                                          request=request)) as updates:   # a visitor who leaves ends it
+            async for update in updates:
+                yield update
 
     def finish(history, request: gr.Request):
         stops.forget(getattr(request, "session_hash", None))   # a Stop that came too late
@@ -360,24 +364,36 @@ def _wire_clear(chatbot, saved, cleared, undo_clear_button) -> None:
 
 def _api_endpoint(backend, toolbox) -> None:
     """``/chat``: (message, system prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
-    mode) -> streamed (reply, statistics line). Its inputs are plain JSON, so every value reaches
-    ``SamplingParams`` as sent, which names a wrong option and says what is allowed."""
+    mode) -> streamed (reply, statistics line). A Gradio client may leave out every argument after the message
+    (its default is the page's). The conversation continues within the client's session (as a Gradio
+    client keeps it). The inputs are plain JSON, so every value reaches ``SamplingParams`` as sent, which
+    names a wrong option and says what is allowed."""
     chat_fn = make_chat_fn(backend, toolbox)
+    # (gr.JSON reads a string value as JSON text, so the string defaults are written as JSON)
+    defaults = {"system_prompt": '""', **{name: option(name).default for name in SAMPLING}, "seed": -1,
+                "mode": f'"{CHAT}"'}
     with gr.Group(visible=False):
         message = gr.Textbox(label="message")
-        inputs = [gr.JSON(label=name) for name in ("system_prompt", *SAMPLING, "seed", "mode")]
-        history = gr.State([])
+        inputs = [gr.JSON(json.dumps(value) if not isinstance(value, str) else value, label=name)
+                  for name, value in defaults.items()]
         reply, stats = gr.JSON(label="reply"), gr.Markdown()
+        session_history = gr.State([])
         trigger = gr.Button()
 
-    async def chat(message_text, history_value, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                   repetition_penalty, seed, mode, request: gr.Request):
-        async for update in chat_fn(message_text, history_value, system_prompt, temperature, top_p, max_new_tokens,
-                                    top_k, repetition_penalty, seed, CHAT if mode is None else mode, request=request):
-            yield update
+    async def chat(message_text, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
+                   mode, history, request: gr.Request):
+        history = history or []
+        # aclosing: a client that leaves closes this generator, and with it the generation
+        async with aclosing(chat_fn(message_text, history, system_prompt or "", temperature, top_p, max_new_tokens,
+                                    top_k, repetition_penalty, seed, CHAT if mode is None else mode,
+                                    request=request)) as updates:
+            async for answer, line in updates:
+                # the exchange so far joins the session's conversation
+                said = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
+                yield answer, [*history, {"role": "user", "content": message_text}, *said], line
 
-    trigger.click(chat, [message, history, *inputs], [reply, stats], api_name="chat", postprocess=False,
-                  show_progress="hidden")
+    trigger.click(chat, [message, *inputs, session_history], [reply, session_history, stats], api_name="chat",
+                  postprocess=False, show_progress="hidden")
 
 
 def theme(branding: Branding) -> gr.themes.Base:
