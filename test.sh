@@ -18,10 +18,15 @@ TORCH_PIN=$(grep -oE '^torch==[^ ;]+' requirements.lock) || fail "requirements.l
 # A package the ranges need but the lock lacks was installed unpinned above: say so, naming it.
 tools/lock.sh --verify-installed || fail "the installed packages are not the locked set (see above)"
 
-# Debian's Chromium for the browser test (Playwright's own browser download is not used).
-if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then
+# Debian's Chromium for the browser tests (Playwright's own browser download is not used), and the CJK and
+# emoji fonts a plain Debian box lacks (the page uses the visitor's system fonts; see README "Fonts").
+MISSING=""
+if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then MISSING="chromium"; fi
+if ! fc-list :lang=zh 2>/dev/null | grep -q .; then MISSING="$MISSING fonts-noto-cjk"; fi
+if ! fc-list 2>/dev/null | grep -qi "color emoji"; then MISSING="$MISSING fonts-noto-color-emoji"; fi
+if [ -n "$MISSING" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q $MISSING
 fi
 
 exec "$PY" -m pytest "$@"
