@@ -4,12 +4,12 @@ call and its result. The model's replies are scripted at the engine boundary; th
 from __future__ import annotations
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
+from browser_harness import SEND, TEXTAREA, Session, browser, expect_idle, open_settings  # noqa: F401 (a fixture)
 from chatglm_web.chatglm3 import ChatGLM3Tokenizer
 from scripted_engine import ScriptedEngine
 from server_harness import running_server
-from test_browser import CHROMIUM, CHROMIUM_ARGS, SUBMIT, TEXTAREA, UI_TIMEOUT_MS
 
 pytestmark = pytest.mark.browser
 
@@ -29,30 +29,30 @@ def server(long_reply_checkpoint, tmp_path_factory):
             yield srv
 
 
-def test_a_tool_step_is_collapsed_when_done_and_opens_on_click(server):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            expect.set_options(timeout=UI_TIMEOUT_MS)
-            page.goto(server.url)
-            page.locator("#mode").get_by_text("Tools", exact=True).click()
-            page.locator(TEXTAREA).fill("What is 23.5% of 1,234?")
-            page.locator(SUBMIT).click()
-            chatbot = page.locator("#chatbot")
-            expect(chatbot.get_by_text("That is the percentage you asked for.")).to_be_visible()
-            title = chatbot.get_by_text("Tool: calculator")
-            expect(title).to_be_visible()
-            call = chatbot.get_by_text(EXPRESSION)  # in the call and in the result's JSON
-            result = chatbot.get_by_text("289.99")
-            # done: collapsed. The step's content may or may not be in the DOM while closed: none of it shows
-            expect(call.filter(visible=True)).to_have_count(0)
-            expect(result.filter(visible=True)).to_have_count(0)
-            assert "tool_call(" not in chatbot.inner_text()
-            title.click()
-            expect(call.first).to_be_visible()
-            expect(result.first).to_be_visible()
-            assert len(server.backend.backend.engine.prompts) == 2
-        finally:
-            browser.close()
+def test_a_tool_step_is_collapsed_when_done_and_opens_on_click(browser, server):
+    session = Session(browser, server).open()
+    page = session.page
+    try:
+        open_settings(page)  # the mode is chosen in the settings drawer
+        page.locator("#mode").get_by_text("Tools", exact=True).click()
+        expect(page.locator("#mode").get_by_role("radio", name="Tools")).to_be_checked()
+        page.locator(TEXTAREA).fill("What is 23.5% of 1,234?")
+        page.locator(SEND).click()
+        chatbot = page.locator("#chatbot")
+        expect(chatbot.get_by_text("That is the percentage you asked for.")).to_be_visible()
+        expect_idle(page)
+        title = chatbot.get_by_text("Tool: calculator")
+        expect(title).to_be_visible()
+        call = chatbot.get_by_text(EXPRESSION)  # in the call and in the result's JSON
+        result = chatbot.get_by_text("289.99")
+        # done: collapsed. The step's content may or may not be in the DOM while closed: none of it shows
+        expect(call.filter(visible=True)).to_have_count(0)
+        expect(result.filter(visible=True)).to_have_count(0)
+        assert "tool_call(" not in chatbot.inner_text()
+        title.click()
+        expect(call.first).to_be_visible()
+        expect(result.first).to_be_visible()
+        assert len(server.backend.backend.engine.prompts) == 2
+        session.assert_air_gapped()
+    finally:
+        session.context.close()

@@ -3,9 +3,12 @@
 * the key that encrypts the conversation kept in the browser is the same on every start;
 * the "waiting for a free slot" line is never a chat message, so a Stop while waiting cannot send it
   back to the model as history;
-* storing and downloading the conversation write nothing to disk; uploads are limited to 1 MB;
+* storing and downloading the conversation write nothing to disk; uploads are refused (the page has no
+  upload control);
 * an unpaired UTF-16 surrogate gets a clear message, and the server goes on answering;
-* the sampling controls are built from ``generation.option``, the one declaration the API validates with.
+* the sampling controls are built from ``generation.option``, the one declaration the API validates with,
+  and labelled with the page's strings (``chatglm_web/page/strings.py``);
+* ``/chat`` keeps the arguments and defaults it always had.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from chatglm_web.browser_secret import ENV_VAR, FILE_NAME, browser_state_secret
 from chatglm_web.generation import Finished, option
 from chatglm_web.transcript import LEGACY_DOWNLOADS, to_json, to_markdown
 from chatglm_web.page import STORAGE_KEY, build_page, stats_markdown
+from chatglm_web.page.strings import I18N, STRINGS
 from server_harness import running_server
 
 SYSTEM = "You are a test assistant."
@@ -87,9 +91,52 @@ def handler(config: dict, component_id: int, event: str) -> int:
 
 
 def call_handler(http, fn_index: int, data: list, session_hash: str = "ui-test"):
-    """Call an unqueued handler of the page as the browser does."""
+    """Call an unqueued handler of the page as the browser does (a State input's value is the session's own,
+    whatever is sent for it)."""
     return http.post("gradio_api/run/predict",
                      json={"data": data, "fn_index": fn_index, "session_hash": session_hash})
+
+
+def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]:
+    """Run a queued handler of the page as the browser does: join the queue, read the session's event stream
+    until the event completes. Returns the stream's messages; the last is ``process_completed``."""
+    joined = http.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                       "session_hash": session_hash, "event_data": None})
+    assert joined.status_code == 200, joined.text
+    event_id, seen = joined.json()["event_id"], []
+    with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line[len("data:"):])
+            if message.get("event_id") != event_id:
+                continue
+            seen.append(message)
+            if message.get("msg") == "process_completed":
+                return seen
+    raise AssertionError(f"the event stream ended before the event completed: {seen}")
+
+
+def turn_handlers(config: dict) -> dict[str, int]:
+    """The page's handlers of a turn started with Enter in the message box: begin (no queue), then the reply
+    (the queued step that runs after begin succeeded), then finish (the step after the reply)."""
+    textbox = component(config, elem_id="chat-input")["id"]
+    begin = handler(config, textbox, "submit")
+    dependencies = {dep["id"]: dep for dep in config["dependencies"]}
+
+    def after(parent: int, **wanted) -> int:
+        found = [i for i, dep in dependencies.items() if dep["trigger_after"] == parent and dep["backend_fn"]
+                 and not dep["trigger_only_on_failure"] and all(dep[k] == v for k, v in wanted.items())]
+        assert len(found) == 1, f"{len(found)} steps after step {parent} match {wanted}"
+        return found[0]
+
+    respond = after(config["dependencies"][begin]["id"], queue=True)
+    return {"begin": begin, "respond": respond, "finish": after(respond)}
+
+
+def sampling_inputs(max_new_tokens: int, *, system=SYSTEM, seed=-1, mode="Chat") -> list:
+    """The settings in the order the page's turn handler takes them (system prompt, sliders, seed, mode)."""
+    return [system, 0.8, 0.8, max_new_tokens, 0, 1.0, seed, mode]
 
 
 def chat_raw(http, data: list, session_hash: str | None = None) -> tuple[str, object]:
@@ -124,6 +171,12 @@ def files_under(path: Path) -> dict[str, int]:
 def text_message(role: str, text: str) -> dict:
     """A message in the Chatbot's wire format."""
     return {"role": role, "content": [{"type": "text", "text": text}]}
+
+
+def texts(history: list[dict]) -> list[tuple[str, str]]:
+    """(role, text) of each message: its content as a string, or its text parts (the Chatbot's wire format) joined."""
+    return [(m["role"], m["content"] if isinstance(m["content"], str)
+             else "".join(part["text"] for part in m["content"])) for m in history]
 
 
 def browser_state(page: gr.Blocks) -> gr.BrowserState:
@@ -186,26 +239,33 @@ def test_a_stop_while_waiting_for_a_slot_leaves_no_status_in_the_history(server,
     assert "reply 8 tokens" in stats
     tokenizer = server.backend.format.tokenizer
     assert WAITING not in tokenizer.decode(prompts[-1])
+    assert "I will wait" in tokenizer.decode(prompts[-1]), "/chat did not keep its session's history"
     assert prompts[-1] == tokenizer.build_chat_input([
         {"role": "system", "content": SYSTEM}, {"role": "user", "content": "I will wait"},
         {"role": "user", "content": "next question"}])
 
 
 def test_a_waiting_line_kept_by_an_earlier_version_is_not_sent_as_history(server, http, monkeypatch):
-    """A conversation stored before this fix (restored into the page) may hold the line as a reply: it is left out."""
+    """A conversation stored by a 0.x page (restored into the chat) may hold the line as a reply: the next turn
+    the page starts from that chat leaves it out of the prompt (the page's own handlers, as the browser calls
+    them: begin without the queue, the reply through it, then finish)."""
     config = page_config(server)
-    types = {c["id"]: c["type"] for c in config["components"]}
-    chatbot = component(config, type="chatbot")["id"]
-    sync = [i for i, dep in enumerate(config["dependencies"]) if dep["inputs"] == [chatbot]
-            and len(dep["outputs"]) == 2 and all(types[o] == "state" for o in dep["outputs"])][0]
+    steps = turn_handlers(config)
+    session = "legacy-conversation"
     history = [text_message("user", "Earlier question"),
                text_message("assistant", f"{WAITING} Waiting for a free slot… (position 3 in the queue)")]
-    assert call_handler(http, sync, [history], session_hash="legacy-conversation").status_code == 200
+    begun = call_handler(http, steps["begin"], ["Next question", history, None, None], session_hash=session)
+    assert begun.status_code == 200, begun.text
+    shown = begun.json()["data"][0]["value"]  # the chat with the new message, as the browser then shows it
+    assert [m["role"] for m in shown] == ["user", "assistant", "user"], shown
     prompts = []
     submit = server.engine.submit
     monkeypatch.setattr(server.engine, "submit", lambda ids, *rest: prompts.append(ids) or submit(ids, *rest))
-    event, payload = chat_raw(http, chat_args("Next question", max_new_tokens=4), session_hash="legacy-conversation")
-    assert event == "complete", payload
+    events = run_queued(http, steps["respond"], [None, shown, *sampling_inputs(4), None], session)
+    assert events[-1]["success"], events[-1]
+    assert "reply 4 tokens" in json.dumps(events[-1]["output"]["data"][1], ensure_ascii=False), events[-1]
+    finished = call_handler(http, steps["finish"], [events[-1]["output"]["data"][0]["value"]], session_hash=session)
+    assert finished.status_code == 200, finished.text
     assert prompts == [server.backend.format.tokenizer.build_chat_input([
         {"role": "system", "content": SYSTEM}, {"role": "user", "content": "Earlier question"},
         {"role": "user", "content": "Next question"}])]
@@ -214,17 +274,20 @@ def test_a_waiting_line_kept_by_an_earlier_version_is_not_sent_as_history(server
 # -- disk ---------------------------------------------------------------------------------------
 
 def test_storing_and_downloading_the_conversation_write_nothing_to_disk(server, dirs, http):
-    """The Chatbot's change handler and the two download buttons, called 10 times each with a new 1 MB history."""
+    """The Chatbot's change handler (it stores the chat in the browser) and the two download buttons, called 10
+    times each with a new 1 MB history."""
     config = page_config(server)
     chatbot = component(config, type="chatbot")["id"]
     store = handler(config, chatbot, "change")
+    store_inputs = len(config["dependencies"][store]["inputs"])  # the chat, then the session's States
     markdown = handler(config, component(config, elem_id="download-md")["id"], "click")
     json_download = handler(config, component(config, elem_id="download-json")["id"], "click")
     before = files_under(dirs["gradio"]), files_under(LEGACY_DOWNLOADS)
     for n in range(10):
         history = [text_message("user", f"question {n}"), text_message("assistant", f"answer {n} " + "x" * 1_000_000)]
-        stored = call_handler(http, store, [history])
+        stored = call_handler(http, store, [history] + [None] * (store_inputs - 1))
         assert stored.status_code == 200, stored.text[:300]
+        assert texts(stored.json()["data"][0]) == texts(history), "the chat was not what got stored"
         md = call_handler(http, markdown, [history])
         js = call_handler(http, json_download, [history])
         assert md.status_code == 200 and js.status_code == 200
@@ -233,10 +296,15 @@ def test_storing_and_downloading_the_conversation_write_nothing_to_disk(server, 
     assert (files_under(dirs["gradio"]), files_under(LEGACY_DOWNLOADS)) == before, "files were written"
 
 
-def test_an_upload_over_1_mb_is_refused(http):
-    refused = http.post("gradio_api/upload", files={"files": ("big.bin", b"\0" * 2_000_000)})
-    assert refused.status_code == 413, refused.text[:300]
-    assert http.post("gradio_api/upload", files={"files": ("small.bin", b"\0" * 1000)}).status_code == 200
+def test_uploads_are_refused(http, dirs):
+    """The page has no upload control: every upload is refused before anything is written (before the
+    HTTP guard came, uploads were limited to 1 MB; now none is taken)."""
+    before = files_under(dirs["gradio"])
+    for name, size in (("big.bin", 2_000_000), ("small.bin", 1000)):
+        refused = http.post("gradio_api/upload", files={"files": (name, b"\0" * size)})
+        assert refused.status_code == 403, refused.text[:300]
+        assert refused.json()["error"]["code"] == "uploads_disabled", refused.text[:300]
+    assert files_under(dirs["gradio"]) == before, "an upload was written"
 
 
 # -- odd text -----------------------------------------------------------------------------------
@@ -257,14 +325,19 @@ def test_an_unpaired_surrogate_gets_a_clear_message(http, message, system, where
 
 def test_the_sampling_controls_are_built_from_the_options(server):
     config = page_config(server)
+    english = config["i18n_translations"]["en"]
     for name, elem_id in [("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max-new-tokens"),
                           ("top_k", "top-k"), ("repetition_penalty", "repetition-penalty")]:
         spec, props = option(name), component(config, elem_id=elem_id)["props"]
         maximum = min(spec.maximum, 4096) if name == "max_new_tokens" else spec.maximum
         assert (props["minimum"], props["maximum"], props["step"]) == (spec.minimum, maximum, spec.step), name
-        assert (props["value"], props["label"], props["info"]) == (spec.default, spec.label, spec.description), name
+        # labelled with the page's strings (translated in the browser), named after the option
+        assert (props["value"], props["label"], props["info"]) == (spec.default, str(I18N(name)),
+                                                                   str(I18N(f"{name}_info"))), name
+        assert english[name] == STRINGS[name][0] and english[f"{name}_info"] == STRINGS[f"{name}_info"][0], name
     seed = component(config, elem_id="seed")["props"]
-    assert seed["value"] == -1 and seed["label"].startswith(option("seed").label)
+    assert seed["value"] == -1 and seed["label"] == str(I18N("seed"))
+    assert english["seed"].startswith(option("seed").label)
 
 
 def test_the_statistics_line_says_when_the_reply_budget_was_lowered():
@@ -280,7 +353,17 @@ def test_the_statistics_line_says_when_the_reply_budget_was_lowered():
 def test_a_request_refused_by_the_page_is_logged_in_one_line(server, caplog):
     caplog.set_level(logging.INFO, logger="chatglm_web.requests")
     with pytest.raises(Exception, match="temperature"):
-        Client(server.url, verbose=False).predict("hi", "", 9.0, 0.8, 8, 0, 1.0, -1, api_name="/chat")
+        Client(server.url, verbose=False).predict("hi", "", 9.0, 0.8, 8, 0, 1.0, -1, "Chat", api_name="/chat")
     lines = [r.getMessage() for r in caplog.records if r.name == "chatglm_web.requests"]
     assert len(lines) == 1 and "invalid" in lines[0] and "temperature" in lines[0]
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_the_chat_endpoint_keeps_its_defaults(server):
+    """A client written for the earlier page may leave out the mode (Chat), or every setting: ``/chat`` had
+    defaults for all but the message (system prompt "", the sliders' defaults, seed -1, mode Chat)."""
+    client = Client(server.url, verbose=False)
+    _, stats = client.predict("hi", "", 0.8, 0.8, 4, 0, 1.0, -1, api_name="/chat")
+    assert "reply 4 tokens" in stats, stats
+    reply, stats = client.predict("hi", api_name="/chat")
+    assert reply and "tokens/s" in stats, stats
