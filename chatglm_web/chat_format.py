@@ -120,7 +120,7 @@ def merge_text(events: list) -> list:
     return merged
 
 
-def _plain_text(content) -> str:
+def plain_text(content) -> str:
     """Message content as plain text: a string, or Gradio 6 content blocks ([{"type": "text", "text": ...}])."""
     if isinstance(content, str):
         return content
@@ -144,7 +144,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     """Keep role/content (+ChatGLM3 metadata/tools), flatten content to text."""
     out = []
     for message in messages:
-        item = {"role": message.get("role"), "content": _plain_text(message.get("content"))}
+        item = {"role": message.get("role"), "content": plain_text(message.get("content"))}
         for key in ("metadata", "tools"):
             if message.get(key) and isinstance(message.get(key), (str, list)):
                 item[key] = message[key]

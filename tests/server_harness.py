@@ -300,21 +300,24 @@ def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]
 
 
 def page_turn_handlers(config: dict) -> dict[str, int]:
-    """The page's handlers of a turn started with Enter in the message box: begin (no queue), then the reply
-    (the queued step that runs after begin succeeded), then finish (the step after the reply)."""
+    """The page's handlers of a turn started with Enter in the message box: begin (no queue: checks the
+    message, keeps it in States), show (no queue: the message in the chat, Stop), respond (queued: the reply),
+    finish (no queue: Send back, the conversation stored)."""
     [textbox] = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "chat-input"]
     [begin] = [i for i, dep in enumerate(config["dependencies"])
                if [textbox, "submit"] in dep["targets"] and dep.get("backend_fn")]
     dependencies = {dep["id"]: (i, dep) for i, dep in enumerate(config["dependencies"])}
 
-    def after(parent_id: int, **wanted) -> int:
-        found = [i for i, dep in dependencies.values() if dep["trigger_after"] == parent_id and dep["backend_fn"]
-                 and not dep["trigger_only_on_failure"] and all(dep[k] == v for k, v in wanted.items())]
-        assert len(found) == 1, f"{len(found)} steps after step {parent_id} match {wanted}"
+    def after(index: int) -> int:
+        parent = config["dependencies"][index]["id"]
+        found = [i for i, dep in dependencies.values() if dep["trigger_after"] == parent and dep["backend_fn"]
+                 and not dep["trigger_only_on_failure"]]
+        assert len(found) == 1, f"{len(found)} steps after step {parent}"
         return found[0]
 
-    respond = after(config["dependencies"][begin]["id"], queue=True)
-    return {"begin": begin, "respond": respond, "finish": after(config["dependencies"][respond]["id"])}
+    show = after(begin)
+    respond = after(show)
+    return {"begin": begin, "show": show, "respond": respond, "finish": after(respond)}
 
 
 def page_turn(http, history: list, message: str, session_hash: str, *, max_new_tokens: int = 8, seed: int = 3):
@@ -335,5 +338,7 @@ def page_turn(http, history: list, message: str, session_hash: str, *, max_new_t
 
     begin = config["dependencies"][handlers["begin"]]
     began = run_fn(http, handlers["begin"], [value(i) for i in begin["inputs"]], session_hash)
+    show = config["dependencies"][handlers["show"]]
+    run_fn(http, handlers["show"], [value(i) for i in show["inputs"]], session_hash)
     respond = config["dependencies"][handlers["respond"]]
     return began, run_queued(http, handlers["respond"], [value(i) for i in respond["inputs"]], session_hash)

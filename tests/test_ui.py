@@ -30,7 +30,7 @@ from chatglm_web.generation import Finished, option
 from chatglm_web.transcript import LEGACY_DOWNLOADS, to_json, to_markdown
 from chatglm_web.page import STORAGE_KEY, build_page, stats_markdown
 from chatglm_web.page.strings import I18N, STRINGS
-from server_harness import running_server
+from server_harness import page_turn_handlers, run_queued, running_server
 
 SYSTEM = "You are a test assistant."
 WAITING = "⏳"
@@ -95,43 +95,6 @@ def call_handler(http, fn_index: int, data: list, session_hash: str = "ui-test")
     whatever is sent for it)."""
     return http.post("gradio_api/run/predict",
                      json={"data": data, "fn_index": fn_index, "session_hash": session_hash})
-
-
-def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]:
-    """Run a queued handler of the page as the browser does: join the queue, read the session's event stream
-    until the event completes. Returns the stream's messages; the last is ``process_completed``."""
-    joined = http.post("gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
-                                                       "session_hash": session_hash, "event_data": None})
-    assert joined.status_code == 200, joined.text
-    event_id, seen = joined.json()["event_id"], []
-    with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
-        for line in stream.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            message = json.loads(line[len("data:"):])
-            if message.get("event_id") != event_id:
-                continue
-            seen.append(message)
-            if message.get("msg") == "process_completed":
-                return seen
-    raise AssertionError(f"the event stream ended before the event completed: {seen}")
-
-
-def turn_handlers(config: dict) -> dict[str, int]:
-    """The page's handlers of a turn started with Enter in the message box: begin (no queue), then the reply
-    (the queued step that runs after begin succeeded), then finish (the step after the reply)."""
-    textbox = component(config, elem_id="chat-input")["id"]
-    begin = handler(config, textbox, "submit")
-    dependencies = {dep["id"]: dep for dep in config["dependencies"]}
-
-    def after(parent: int, **wanted) -> int:
-        found = [i for i, dep in dependencies.items() if dep["trigger_after"] == parent and dep["backend_fn"]
-                 and not dep["trigger_only_on_failure"] and all(dep[k] == v for k, v in wanted.items())]
-        assert len(found) == 1, f"{len(found)} steps after step {parent} match {wanted}"
-        return found[0]
-
-    respond = after(config["dependencies"][begin]["id"], queue=True)
-    return {"begin": begin, "respond": respond, "finish": after(respond)}
 
 
 def sampling_inputs(max_new_tokens: int, *, system=SYSTEM, seed=-1, mode="Chat") -> list:
@@ -250,13 +213,15 @@ def test_a_waiting_line_kept_by_an_earlier_version_is_not_sent_as_history(server
     the page starts from that chat leaves it out of the prompt (the page's own handlers, as the browser calls
     them: begin without the queue, the reply through it, then finish)."""
     config = page_config(server)
-    steps = turn_handlers(config)
+    steps = page_turn_handlers(config)
     session = "legacy-conversation"
     history = [text_message("user", "Earlier question"),
                text_message("assistant", f"{WAITING} Waiting for a free slot… (position 3 in the queue)")]
     begun = call_handler(http, steps["begin"], ["Next question", history, None, None], session_hash=session)
     assert begun.status_code == 200, begun.text
-    shown = begun.json()["data"][0]["value"]  # the chat with the new message, as the browser then shows it
+    showing = call_handler(http, steps["show"], [None, None], session_hash=session)
+    assert showing.status_code == 200, showing.text
+    shown = showing.json()["data"][0]["value"]  # the chat with the new message, as the browser then shows it
     assert [m["role"] for m in shown] == ["user", "assistant", "user"], shown
     prompts = []
     submit = server.engine.submit

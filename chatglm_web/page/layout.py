@@ -63,8 +63,9 @@ REFOCUS_JS = "() => { document.querySelector('#chat-input textarea')?.focus(); }
 
 
 def model_title(info: ModelInfo) -> str:
-    """The answering model's short name: the last part of a Hub id or folder."""
-    return info.name.rstrip("/").split("/")[-1] or info.name
+    """The answering model's short name: the last part of a Hub id or folder, without a note in brackets."""
+    name = info.name.split(" (")[0].rstrip("/")
+    return name.split("/")[-1] or info.name
 
 
 def top_bar_html(info: ModelInfo, lang: str) -> str:
@@ -288,7 +289,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             return {lang: chosen, **updates}
 
         page.load(restore, [saved, saved_settings], _unique([lang, chatbot, *relabel_outputs, *settings]), queue=False,
-                  api_visibility="undocumented")
+                  show_progress="hidden", api_visibility="undocumented")
 
         # -- the /chat API endpoint (API clients only; stateless per call apart from its session's history) --
         _api_endpoint(backend, toolbox)
@@ -319,7 +320,7 @@ def _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, tex
                 settings) -> None:
     """Send / Enter / an example / Retry / Edit all begin a turn the same way; Stop ends any of them."""
     controls = [busy, send, stop_button]
-    begin_outputs = [chatbot, textbox, pending, stats, *controls]
+    before = gr.State(None)   # the conversation before the turn being begun
     quiet = dict(queue=False, show_progress="hidden", api_visibility="undocumented")
     stops = turns.StopSignals()
 
@@ -345,9 +346,10 @@ def _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, tex
         (chatbot.edit, begin.edit, [chatbot, busy, lang]),
     ]
     for trigger, begin_turn, inputs in starts:
-        began = trigger(begin_turn, inputs, begin_outputs, **quiet)
+        began = trigger(begin_turn, inputs, [before, pending], **quiet)
         began.failure(begin.refused, [lang], [stats], **quiet)   # refused: why, in the statistics line
-        reply = began.success(respond, [pending, chatbot, *settings, lang], [chatbot, stats, textbox],
+        shown = began.success(turns.show, [before, pending], [chatbot, textbox, stats, *controls], **quiet)
+        reply = shown.success(respond, [pending, chatbot, *settings, lang], [chatbot, stats, textbox],
                               show_progress="hidden", api_visibility="undocumented")
         reply.then(finish, [chatbot], [chatbot, *controls, saved], **quiet).then(None, js=REFOCUS_JS)
     stop_button.click(turns.stopper(stops), None, None, **quiet)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+from ..chat_format import plain_text
 from .strings import text
 
 SYMBOLS = {"stopped": "⏹", "length": "✂", "failed": "⚠", "interrupted": "⚠"}
@@ -27,11 +28,12 @@ def marker(kind: str, lang: str, error: str = "") -> dict:
 
 
 def is_marker(content) -> bool:
-    return isinstance(content, str) and _MARKER.fullmatch(content.strip()) is not None
+    """``content``: a string or Gradio's content parts (what the browser sends back)."""
+    return content is not None and _MARKER.fullmatch(plain_text(content).strip()) is not None
 
 
 def _content(message) -> object:
-    return message.get("content") if isinstance(message, dict) else None
+    return message.get("content") if isinstance(message, dict) and message.get("role") == "assistant" else None
 
 
 def unmarked(history: list) -> list:

@@ -23,9 +23,9 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #topbar > * { min-width: 0; }
 #model-title { flex: 1 1 0 !important; min-width: 0 !important; overflow: hidden; }
 .topbar-title { display: flex; align-items: baseline; gap: 10px; min-width: 0; }
-.topbar-title h1 { margin: 0; font-size: 1.15rem; line-height: 1.3; white-space: nowrap; overflow: hidden;
+#model-title .topbar-title h1 { margin: 0; font-size: 1.15rem; line-height: 1.3; white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; min-width: 0; }
-.topbar-subtitle { margin: 0; font-size: 0.85rem; color: var(--body-text-color-subdued);
+#model-title .topbar-subtitle { margin: 0; font-size: 0.85rem; color: var(--body-text-color-subdued);
   white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 #language-switch, #open-settings { flex: 0 0 auto; min-height: 36px; }
 

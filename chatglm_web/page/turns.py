@@ -23,6 +23,7 @@ from contextlib import aclosing, suppress
 
 import gradio as gr
 
+from ..chat_format import plain_text
 from ..generation import BackendBusy, Finished, InvalidRequest
 from .chat import check_text, printable, start_turn
 from .markers import mark, while_streaming
@@ -134,22 +135,29 @@ class Refusals:
         return self._messages.pop(getattr(request, "session_hash", None) or "", "")
 
 
-def _begin(history: list, message, lang: str, refusals: Refusals, request):
-    """(chatbot, textbox, pending, stats, busy, send, stop) for a turn answering ``message``; ``Refused``
-    (the chain stops, the reason goes to the statistics line) when it cannot start."""
-    if not isinstance(message, str) or not message.strip():
+def _accept(history: list, message, lang: str, refusals: Refusals, request):
+    """(the conversation before the turn, the message to answer); ``Refused`` (the chain stops, the reason goes
+    to the statistics line) when the turn cannot start."""
+    message = plain_text(message) if message is not None else ""
+    if not message.strip():
         raise refusals.refuse(request, text("empty_message", lang))
     try:
         check_text(message, None, None)
     except InvalidRequest as error:
         raise refusals.refuse(request, translate_error(str(error), lang)) from None
-    shown = list(history or [])
-    shown.append({"role": "user", "content": message})
-    return (_chat(shown, True), gr.Textbox(value=""), message, "", *Controls.running())
+    return list(history or []), message
+
+
+def show(before, message):
+    """The accepted turn on the page: its message in the chat, the box emptied, Stop instead of Send.
+    Outputs (chatbot, textbox, stats, busy, send, stop)."""
+    return (_chat([*before, {"role": "user", "content": message}], True), gr.Textbox(value=""), "",
+            *Controls.running())
 
 
 class Begin:
-    """The first step of every way to start a turn; each refuses while a reply streams."""
+    """The first step of every way to start a turn: outputs only States (before, pending), so that a refusal,
+    raised as an error, marks nothing visible; ``show`` follows when it succeeded."""
 
     def __init__(self, refusals: Refusals):
         self.refusals = refusals
@@ -160,33 +168,38 @@ class Begin:
 
     def send(self, message, history, busy, lang, request: gr.Request):
         self._idle(busy, lang, request)
-        return _begin(history, message, lang, self.refusals, request)
+        return _accept(history, message, lang, self.refusals, request)
 
     def example(self, history, busy, lang, selected: gr.SelectData, request: gr.Request):
         self._idle(busy, lang, request)
         value = selected.value
-        return _begin(history, value.get("text") if isinstance(value, dict) else value, lang, self.refusals,
-                      request)
+        return _accept(history, value.get("text") if isinstance(value, dict) else value, lang, self.refusals,
+                       request)
 
     def retry(self, history, busy, lang, retry: gr.RetryData, request: gr.Request):
         """Answer the user message before the retried reply again (the reply and what followed go)."""
         self._idle(busy, lang, request)
         history = list(history or [])
-        index = min(retry.index, len(history) - 1)
-        while index >= 0 and history[index].get("role") != "user":
-            index -= 1
+        index = _user_at_or_before(history, retry.index)
         if index < 0:
             raise self.refusals.refuse(request, text("nothing_to_retry", lang))
-        return _begin(history[:index], history[index]["content"], lang, self.refusals, request)
+        return _accept(history[:index], history[index]["content"], lang, self.refusals, request)
 
     def edit(self, history, busy, lang, edit: gr.EditData, request: gr.Request):
         """Answer the edited user message; the turns after it go."""
         self._idle(busy, lang, request)
-        return _begin(list(history or [])[:edit.index], edit.value, lang, self.refusals, request)
+        return _accept(list(history or [])[:edit.index], edit.value, lang, self.refusals, request)
 
     def refused(self, lang, request: gr.Request):
         """The failure step after a refused begin: the reason, once, in the statistics line."""
         return text("error", lang, error=self.refusals.pop(request) or text("server_error", lang))
+
+
+def _user_at_or_before(history: list, index: int) -> int:
+    index = min(index, len(history) - 1)
+    while index >= 0 and not (isinstance(history[index], dict) and history[index].get("role") == "user"):
+        index -= 1
+    return index
 
 
 def undo(history, busy, undone: gr.UndoData):
@@ -194,13 +207,11 @@ def undo(history, busy, undone: gr.UndoData):
     if busy:
         return gr.skip(), gr.skip(), gr.skip()
     history = list(history or [])
-    index = min(undone.index, len(history) - 1)
-    while index >= 0 and history[index].get("role") != "user":
-        index -= 1
+    index = _user_at_or_before(history, undone.index)
     if index < 0:
         return gr.skip(), gr.skip(), gr.skip()
     kept = history[:index]
-    return kept, gr.Textbox(value=printable(history[index]["content"])), kept
+    return kept, gr.Textbox(value=printable(plain_text(history[index]["content"]))), kept
 
 
 async def respond(pending, history, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty,
@@ -263,8 +274,15 @@ async def _respond(pending, history, system_prompt, temperature, top_p, max_new_
                 # the line only when it changes: a refusal written there meanwhile stays readable
                 yield _chat(shown, True), line if line != stats else gr.skip(), gr.skip()
                 stats = line
+    except (InvalidRequest, BackendBusy) as error:   # refused when the stream began (too long, busy)
+        if shown is history:
+            yield given_back(str(error))
+        else:
+            yield _chat(mark(shown, "failed", lang, str(error)), True), \
+                text("error", lang, error=translate_error(str(error), lang)), gr.skip()
     except Stopped:   # the generation was cancelled with the turn's stream (aclosing)
-        yield _chat(mark(shown, "stopped", lang), True), stats, gr.skip()
+        waiting = stats.startswith("⏳")   # stopped while waiting for a slot: that line goes
+        yield _chat(mark(shown, "stopped", lang), True), "" if waiting else gr.skip(), gr.skip()
     except Exception:
         log.exception("chat request failed")
         yield _chat(mark(shown, "failed", lang, text("server_error", lang)), True), \
