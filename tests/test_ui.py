@@ -332,3 +332,43 @@ def test_the_chat_endpoint_keeps_its_defaults(server):
     assert "reply 4 tokens" in stats, stats
     reply, stats = client.predict("hi", api_name="/chat")
     assert reply and "tokens/s" in stats, stats
+
+
+def test_modes_the_model_cannot_serve_are_not_offered_and_the_page_says_why():
+    """A chat-template model (the offline demo) cannot call tools: only Chat, with the reason under the selector."""
+    from types import SimpleNamespace
+
+    from chatglm_web.generation import ModelInfo
+    from chatglm_web.toolbox import Toolbox
+
+    def mode_radio(tools: bool) -> gr.Radio:
+        info = ModelInfo(name="HuggingFaceTB/SmolLM2-135M-Instruct (offline demo model)", precision="fp32",
+                         device="cpu", context_length=2048, offline_demo=not tools, tools=tools)
+        page = build_page(SimpleNamespace(info=info), load_branding(), toolbox=Toolbox(registry=lambda: None))
+        [radio] = [b for b in page.blocks.values() if isinstance(b, gr.Radio) and b.elem_id == "mode"]
+        return radio
+
+    demo = mode_radio(tools=False)
+    assert [value for _, value in demo.choices] == ["Chat"] and not demo.interactive
+    assert "SmolLM2-135M-Instruct cannot call tools" in demo.info
+    chatglm3 = mode_radio(tools=True)
+    assert [value for _, value in chatglm3.choices] == ["Chat", "Tools"] and chatglm3.interactive
+
+
+def test_the_demo_banner_is_for_visitors_and_the_operators_hint_goes_to_the_log(caplog):
+    from chatglm_web.generation import ModelInfo
+    from chatglm_web.page.layout import banner_html, top_bar_html
+
+    info = ModelInfo(name="SmolLM2-135M-Instruct (offline demo model, GGUF Q4_1)", precision="fp32", device="cpu",
+                     context_length=2048, offline_demo=True,
+                     notes=["start with `python app.py --model /path/to/chatglm3-6b`"])
+    assert "Demo model SmolLM2-135M-Instruct is answering; chatglm3-6b is not available on this server." in \
+        banner_html(info, "en")
+    assert "当前由演示模型 SmolLM2-135M-Instruct 回答" in banner_html(info, "zh-CN")
+    assert ">SmolLM2-135M-Instruct</h1>" in top_bar_html(info, "en")
+    from types import SimpleNamespace
+
+    with caplog.at_level(logging.WARNING):
+        page = build_page(SimpleNamespace(info=info), load_branding())
+    assert "--model /path/to/chatglm3-6b" in caplog.text
+    assert "--model" not in page.config["components"].__repr__()   # not on the page
