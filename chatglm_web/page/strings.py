@@ -87,11 +87,19 @@ STRINGS: dict[str, tuple[str, str]] = {
     "empty_message": ("Type a message first.", "请先输入消息。"),
 }
 
-#: Known error texts of the backend, as patterns, and their Chinese wording (numbers are kept).
+#: The backend's errors a visitor meets most, as patterns, and their Chinese wording (numbers are kept);
+#: any other error is shown as the backend wrote it.
 ERRORS_ZH = [
-    (re.compile(r"(?i)the server is busy.*"), "服务器繁忙，请稍后再试。"),
-    (re.compile(r"(?i).*too long.*?(\d[\d,]*).*?(\d[\d,]*).*"), r"消息太长（\1 超过上限 \2）。"),
-    (re.compile(r"(?i)all (\d+) code interpreter kernels are running code; try again in about (\d+) s"),
+    (re.compile(r"The server is busy: (\d+) replies are being written and (\d+) are waiting.*", re.S),
+     r"服务器繁忙：\1 条回复正在生成，\2 条在排队。请稍后再试。"),
+    (re.compile(r"(?:The system prompt|A message) is too long: ([\d,]+) characters, the limit is ([\d,]+)\..*", re.S),
+     r"消息太长：\1 个字符，上限是 \2。请缩短或分成几条发送。"),
+    (re.compile(r"The message is too long: the prompt needs (\d+) tokens but only (\d+) fit.*", re.S),
+     r"消息太长：提示需要 \1 个 token，但只能容纳 \2 个（模型上下文减去回复所需空间）。请缩短消息或调低最大生成长度。"),
+    (re.compile(r"The message is empty\."), "消息为空。"),
+    (re.compile(r"The (\w[\w ]*) contains an invalid character.*", re.S),
+     "文本中有无效字符（不成对的 UTF-16 代理项，例如从表情符号中间截断的文字）；请删除后重试。"),
+    (re.compile(r"all (\d+) code interpreter kernels are running code; try again in about (\d+) s"),
      r"全部 \1 个代码解释器内核都在运行代码；请约 \2 秒后再试。"),
 ]
 

@@ -2,6 +2,7 @@
 
 * one scroll: the page is exactly the viewport; the chat takes what the top bar and composer leave;
 * the composer is second in the DOM (after the top bar, for the Tab order) and shown under the chat;
+* the chat's Clear button sits in a row of its own, never over a message;
 * while a reply streams (``.busy``) Retry, Undo and Edit are disabled in look and to the pointer;
 * touch targets of at least 44 px (buttons) and 32 px (a message's icons) on phones;
 * messages may contain HTML (sanitized: no scripts, but inline styles stay). Containment makes each
@@ -45,6 +46,12 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #chatbot.busy button[aria-label="Retry"], #chatbot.busy button[aria-label="Undo"],
 #chatbot.busy button[aria-label="Edit"], #chatbot.busy button[aria-label="Clear"] {
   pointer-events: none; opacity: 0.35; }
+
+/* the chat's own buttons (Clear) get a row of their own instead of floating over the messages */
+#chatbot .wrapper > .icon-button-wrapper.top-panel { position: static !important; display: flex; align-self: flex-end;
+  justify-content: flex-end; margin: 0 !important; padding: 2px 4px; }
+#chatbot .wrapper { display: flex; flex-direction: column; }
+#chatbot .wrapper > :not(.icon-button-wrapper) { flex: 1 1 0; min-height: 0; }
 
 #chatbot [data-testid="user"], #chatbot [data-testid="bot"] { contain: layout paint; isolation: isolate;
   overflow: auto; }
