@@ -36,6 +36,20 @@ class RunningServer:
 
 
 @contextmanager
+def gradio_temp_dir(path):
+    """GRADIO_TEMP_DIR (Gradio's upload and cache folder, read when an app is built) set to ``path`` while inside."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(path)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+@contextmanager
 def running_server(**settings):
     # the engine in this process (tests look at its counters and patch it); app_process() and
     # tests/test_engine_process.py run the engine in its own process, as app.py does by default

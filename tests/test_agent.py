@@ -154,7 +154,7 @@ def test_chat_mode_is_unchanged_and_an_unknown_mode_is_refused(server, script):
     engine = script([("", "Hello there.")])
     reply, _ = ask(Client(server.url, verbose=False), "hi", mode="Chat")
     assert reply == "Hello there." and "Answer the following" not in engine.prompt_text(0)
-    with pytest.raises(Exception, match="not in the list of choices"):
+    with pytest.raises(Exception, match="does not offer the mode .Code interpreter.; choose one of Chat, Tools"):
         ask(Client(server.url, verbose=False), "hi", mode="Code interpreter")  # not started with the flag
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import chat_args, chat_over_http, dir_bytes, page_turn, run_fn, running_server
+from server_harness import chat_args, chat_over_http, dir_bytes, gradio_temp_dir, page_turn, run_fn, running_server
 
 BATCH, QUEUE = 2, 4  # --max-batch-size, --max-queue of the test server
 LIMIT = 3000  # --max-input-chars of the test server
@@ -51,14 +51,8 @@ DOWNLOADS = Path(tempfile.gettempdir()) / "chatglm-web-downloads"  # the app's d
 @pytest.fixture(scope="module")
 def gradio_temp(tmp_path_factory):
     """A fresh GRADIO_TEMP_DIR for this module's server (read by Gradio when the app is built)."""
-    path = tmp_path_factory.mktemp("gradio-temp")
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with gradio_temp_dir(tmp_path_factory.mktemp("gradio-temp")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from gradio_client import Client
 
 from chatglm_web.http_guard import (LOGIN_WINDOW_SECONDS, MAX_FAILED_LOGINS, MAX_TRACKED_CLIENTS, LoginThrottle,
                                     logged_in_user)
-from server_harness import raw_exchange, running_server
+from server_harness import gradio_temp_dir, raw_exchange, running_server
 
 USER, PASSWORD = "alice", "s3cret-pass"
 
@@ -24,14 +24,8 @@ USER, PASSWORD = "alice", "s3cret-pass"
 @pytest.fixture(scope="module")
 def upload_dir(tmp_path_factory):
     """A fresh GRADIO_TEMP_DIR (Gradio's upload folder) for this module's servers."""
-    path = tmp_path_factory.mktemp("gradio-uploads")
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with gradio_temp_dir(tmp_path_factory.mktemp("gradio-uploads")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,9 @@ def clean_env(**extra) -> dict:
     return {**env, "HF_HUB_OFFLINE": "1", **extra}
 
 
-def process_group(pgid: int) -> list[int]:
-    """The app and every process it started (``app_process`` gives it a process group of its own)."""
+def processes_where(field: int, value: int) -> list[int]:
+    """Pids whose /proc/PID/stat ``field`` (counted after the command name: 0 state, 1 parent, 2 process group)
+    is ``value``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -34,9 +35,14 @@ def process_group(pgid: int) -> list[int]:
                 stat = (entry / "stat").read_bytes()
             except OSError:
                 continue
-            if int(stat[stat.rindex(b")") + 2:].split()[2]) == pgid:  # field 5: the process group
+            if int(stat[stat.rindex(b")") + 2:].split()[field]) == value:
                 pids.append(int(entry.name))
     return pids
+
+
+def process_group(pgid: int) -> list[int]:
+    """The app and every process it started (``app_process`` gives it a process group of its own)."""
+    return processes_where(2, pgid)
 
 
 def visible(pid: int) -> dict[str, bytes]:
@@ -116,16 +122,7 @@ def test_tool_workers_get_no_secret(monkeypatch):
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_bytes()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:  # field 4: the parent
-                out.append(int(entry.name))
-    return out
+    return processes_where(1, pid)
 
 
 def test_the_engine_process_is_handed_no_secret():

@@ -184,8 +184,8 @@ def test_the_app_started_as_a_zero_gpu_space_listens_where_spaces_route(long_rep
         listening = {c.laddr for c in psutil.Process(app.pid).net_connections("tcp") if c.status == "LISTEN"}
         assert ("0.0.0.0", port) in listening, listening
         config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=30).json()
-        header = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-info"][0]
-        assert "**Device** cpu · " in header and "ZeroGPU mode" in header
+        header = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-title"][0]
+        assert "fp32 · cpu · " in header and "ZeroGPU mode" in header   # the top bar: precision · device
         reply, stats = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
             "Hello", "", 0.8, 0.8, 6, 0, 1.0, 1, api_name="/chat")
         assert reply and "reply 6 tokens" in stats

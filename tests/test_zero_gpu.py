@@ -304,8 +304,8 @@ def wait_until(condition, what: str):
 def test_the_page_runs_each_reply_in_a_gpu_call_with_the_visitors_quota(page, gpu_calls, backends):
     assert isinstance(page.engine, ZeroGPUEngine)
     header = [c for c in httpx.get(page.url + "config", timeout=TIMEOUT).json()["components"]
-              if c["props"].get("elem_id") == "model-info"]
-    assert "**Device** cpu · " in header[0]["props"]["value"] and "ZeroGPU mode" in header[0]["props"]["value"]
+              if c["props"].get("elem_id") == "model-title"]
+    assert "fp32 · cpu · " in header[0]["props"]["value"] and "ZeroGPU mode" in header[0]["props"]["value"]
     client = Client(page.url, verbose=False, headers={"X-IP-Token": "visitor-token"})
     reply, stats = client.predict(*chat_args("Hello", max_new_tokens=12, seed=9), api_name="/chat")
     assert "reply 12 tokens" in stats
@@ -419,9 +419,9 @@ def zero_gpu_space(long_reply_checkpoint, tmp_path_factory):
 
 def test_on_zerogpu_the_model_loads_as_zerogpu_requires_and_the_header_shows_the_hardware(zero_gpu_space):
     config = httpx.get(zero_gpu_space.url + "config", timeout=TIMEOUT).json()
-    header = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-info"][0]
+    header = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "model-title"][0]
     # precision from the hardware spaces describes (an H200 slice), weights moved "to the GPU" at start-up
-    assert "**Precision** bf16" in header and "**Device** ZeroGPU · NVIDIA H200" in header
+    assert "bf16 · ZeroGPU · NVIDIA H200" in header   # the top bar: precision · device
     assert zero_gpu_space.api.requests("/startup-report"), "spaces did not report the decorated function at launch"
 
 
