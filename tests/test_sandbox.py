@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from chatglm_web.tools import cgroup as cgroup_module
+from chatglm_web.tools import sandbox as sandbox_module
 from chatglm_web.tools import sandbox_launcher
 from chatglm_web.tools.cgroup import KernelCgroup
 from waiting import wait_until
 
 from chatglm_web.tools.sandbox import (CodeSandbox, SandboxBusy, SandboxClosed, SandboxLimits, SandboxPool,
-                                       SandboxUnavailable, check_sandbox_support)
+                                       SandboxUnavailable, check_sandbox_support, sandboxes_dir)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = SandboxLimits(wall_seconds=3, interrupt_grace_seconds=5, startup_seconds=60)  # a busy machine
@@ -165,6 +166,8 @@ def test_network_is_refused(make_sandbox):
 
 def test_writes_confined_to_scratch_and_app_secrets_hidden(make_sandbox, monkeypatch, tmp_path):
     monkeypatch.setenv("CHATGLM_SANDBOX_TEST_SECRET", "s3cret")
+    # the whole temporary directory is hidden, unless the Python installation is in it (then only the sandboxes)
+    tmp_hidden = os.path.realpath(tempfile.gettempdir()) in sandbox_module._covered_paths()
     box = make_sandbox()
     targets = [f"/tmp/chatglm-sandbox-escape-{os.getpid()}", os.path.expanduser("~/sandbox-escape"),
                str(REPO / "sandbox-escape"), str(tmp_path / "escape"), "/etc/sandbox-escape",
@@ -194,7 +197,7 @@ def test_writes_confined_to_scratch_and_app_secrets_hidden(make_sandbox, monkeyp
         lines = result.text.splitlines()
         # refused by Landlock, or not there at all (the temporary directory is an empty tmpfs in its namespace)
         assert [line.rsplit(" ", 1) for line in lines[:len(targets)]] == [
-            [path, "FileNotFoundError" if path.startswith(str(tmp_path)) else "PermissionError"]
+            [path, "FileNotFoundError" if path.startswith(str(tmp_path)) and tmp_hidden else "PermissionError"]
             for path in targets]
         assert lines[len(targets):] == ["no secret", "app environ FileNotFoundError"]   # no app in its /proc
         assert not any(os.path.exists(path) for path in targets)
@@ -455,15 +458,16 @@ def test_kernel_and_its_children_die_with_the_app():
         app.kill()
         app.wait()
     SandboxPool(FAST).close_all()   # what the next app does: its leftovers are removed
-    assert not list(Path(tempfile.gettempdir()).glob(f"chatglm-sandbox-{app.pid}-*"))
+    assert not list(sandboxes_dir().glob(f"chatglm-sandbox-{app.pid}-*"))
 
 
 def test_startup_removes_what_a_dead_app_left():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     name = f"chatglm-sandbox-{int(dead.stdout)}-leftover"
-    stale_dir = Path(tempfile.gettempdir()) / name
-    live_dir = Path(tempfile.mkdtemp(prefix=f"chatglm-sandbox-{os.getppid()}-"))
+    sandboxes_dir().mkdir(exist_ok=True)
+    stale_dir = sandboxes_dir() / name
+    live_dir = Path(tempfile.mkdtemp(prefix=f"chatglm-sandbox-{os.getppid()}-", dir=sandboxes_dir()))
     (stale_dir / "scratch").mkdir(parents=True)
     group = KernelCgroup.create(name, memory_bytes=64 << 20, max_tasks=8)
     orphan = subprocess.Popen(["sleep", "600"])   # a process left in the dead app's group

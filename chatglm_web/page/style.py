@@ -42,6 +42,8 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #reply-stats { order: 4; flex: 0 0 auto; font-size: 0.85rem; min-height: 1.4em; }
 #reply-stats p { margin: 0; }
 #send, #stop { min-height: 44px; }
+#chat-input textarea { border: 1px solid var(--border-color-primary) !important; border-radius: 12px !important;
+  padding: 10px 12px !important; }
 
 #chatbot.busy button[aria-label="Retry"], #chatbot.busy button[aria-label="Undo"],
 #chatbot.busy button[aria-label="Edit"], #chatbot.busy button[aria-label="Clear"] {

@@ -149,19 +149,31 @@ def _readable_paths() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def sandboxes_dir() -> Path:
+    """Where every kernel's directory is made: one folder, so that it can be hidden as a whole."""
+    return Path(tempfile.gettempdir()) / "chatglm-sandboxes"
+
+
+def _make_root() -> Path:
+    base = sandboxes_dir()
+    base.mkdir(mode=0o711, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=base))
+
+
 def _covered_paths() -> list[str]:
-    """Shared directories hidden behind an empty tmpfs in the kernel's mount namespace: other kernels'
-    directories (in the temporary directory) and unix sockets of the host (/run, /dev/shm)."""
-    tmp = os.path.realpath(tempfile.gettempdir())
+    """Shared directories hidden behind an empty tmpfs in the kernel's mount namespace: the temporary
+    directory (other kernels' directories are in it; only their folder when the Python installation is
+    there too) and the host's runtime directories with their unix sockets (/run, /dev/shm, /var/tmp)."""
     readable = [os.path.realpath(p) for p in _readable_paths()]
-    if tmp == "/" or any(p == tmp or p.startswith(tmp + "/") for p in readable):
-        raise SandboxUnavailable(f"code interpreter sandbox: the temporary directory {tmp} holds the Python "
-                                 "installation, so it cannot be hidden from the kernel; set TMPDIR elsewhere")
-    covered = [tmp]
+
+    def holds_readable(path: str) -> bool:
+        return path == "/" or any(p == path or p.startswith(path + "/") for p in readable)
+
+    tmp = os.path.realpath(tempfile.gettempdir())
+    covered = [tmp if not holds_readable(tmp) else os.path.realpath(sandboxes_dir())]
     for path in ("/run", "/dev/shm", "/var/tmp"):
         real = os.path.realpath(path)
-        if (os.path.isdir(path) and not os.path.islink(path) and real not in covered
-                and not any(p == real or p.startswith(real + "/") for p in readable)):
+        if os.path.isdir(path) and not os.path.islink(path) and real not in covered and not holds_readable(real):
             covered.append(real)
     return covered
 
@@ -239,7 +251,7 @@ open('probe.txt', 'w').write('ok')
 
 def check_sandbox_support() -> None:
     """Raise SandboxUnavailable naming what is missing, after setting up every layer for a probe."""
-    root = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
+    root = _make_root()
     try:
         (root / "scratch").mkdir()
         try:
@@ -344,7 +356,7 @@ def _remove_leftovers() -> None:
     with _live_lock:
         ours = {sandbox._root.name for sandbox in _live}
     removed = remove_stale_groups(_DIR_PREFIX, lambda name: name in ours or _app_alive(name))
-    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+    for path in sandboxes_dir().glob(f"{_DIR_PREFIX}*-*"):
         if path.name in ours or path.stat().st_uid != os.getuid() or _app_alive(path.name):
             continue
         shutil.rmtree(path, ignore_errors=True)
@@ -358,7 +370,7 @@ class CodeSandbox:
 
     def __init__(self, limits: SandboxLimits | None = None):
         self.limits = limits or SandboxLimits()
-        self._root = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
+        self._root = _make_root()
         self.scratch_dir = self._root / "scratch"   # the kernel's cwd (a tmpfs in its mount namespace)
         self._run_dir = self._root / "run"          # connection file, sockets, kernel log
         self.scratch_dir.mkdir()
