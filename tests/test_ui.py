@@ -372,3 +372,32 @@ def test_the_demo_banner_is_for_visitors_and_the_operators_hint_goes_to_the_log(
         page = build_page(SimpleNamespace(info=info), load_branding())
     assert "--model /path/to/chatglm3-6b" in caplog.text
     assert "--model" not in page.config["components"].__repr__()   # not on the page
+
+
+def test_turn_controls_are_refused_while_busy():
+    """While a reply streams, Send, an example, Retry and Edit refuse to begin a turn (the reason goes to the
+    statistics line) and Undo changes nothing; idle, the same calls begin the turn."""
+    from types import SimpleNamespace
+
+    from chatglm_web.page import turns
+
+    history = [{"role": "user", "content": [{"type": "text", "text": "earlier"}]},
+               {"role": "assistant", "content": "reply"}]
+    request = SimpleNamespace(session_hash="busy-test")
+    begin = turns.Begin(turns.Refusals())
+    calls = {
+        "send": lambda busy: begin.send("new", history, busy, "en", request),
+        "example": lambda busy: begin.example(history, busy, "en", SimpleNamespace(value={"text": "ex"}), request),
+        "retry": lambda busy: begin.retry(history, busy, "en", SimpleNamespace(index=1), request),
+        "edit": lambda busy: begin.edit(history, busy, "en", SimpleNamespace(index=0, value="edited"), request),
+    }
+    for name, call in calls.items():
+        with pytest.raises(turns.Refused):
+            call(True)
+        assert "A reply is still being written" in begin.refused("en", request), name
+        before, message = call(False)
+        assert message == {"send": "new", "example": "ex", "retry": "earlier", "edit": "edited"}[name]
+        assert before == (history if name in ("send", "example") else []), name
+    assert turns.undo(history, True, SimpleNamespace(index=1)) == (gr.skip(), gr.skip(), gr.skip())
+    kept, box, stored = turns.undo(history, False, SimpleNamespace(index=1))
+    assert kept == [] and stored == [] and box.value == "earlier"   # content parts read as text
