@@ -78,8 +78,8 @@ def check_text(message, system_prompt, history) -> None:
     """Reject unpaired surrogates with a message that says where they are (raises ``InvalidRequest``): Gradio
     would fail to send such text back, with a bare ``{"error": null}``."""
     for what, value in (("message", message), ("system prompt", system_prompt), ("conversation", history)):
-        for text in _strings(value):
-            check_valid_text(text, what)
+        for piece in _strings(value):
+            check_valid_text(piece, what)
 
 
 def conversation(system_prompt, history, message, system_message: dict | None = None) -> list[dict]:

@@ -180,14 +180,14 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         saved_settings = gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=secret)
 
         with gr.Row(elem_id="topbar", equal_height=True):
-            title = labels(gr.HTML(top_bar_html(info, "en"), elem_id="model-title"),
+            labels(gr.HTML(top_bar_html(info, "en"), elem_id="model-title"),
                            value=lambda lg: top_bar_html(info, lg))
             switch = labels(gr.Button(LANGUAGE_NAMES["zh-CN"], size="sm", elem_id="language-switch", scale=0,
                                       min_width=64),
                             value=lambda lg: LANGUAGE_NAMES["en" if lg == "zh-CN" else "zh-CN"])
             open_drawer = labels(gr.Button(i18n("open_settings"), size="sm", elem_id="open-settings", scale=0,
                                            min_width=96), value="open_settings")
-        banner = labels(gr.HTML(banner_html(info, "en"), elem_id="banner", visible=info.offline_demo),
+        labels(gr.HTML(banner_html(info, "en"), elem_id="banner", visible=info.offline_demo),
                         value=lambda lg: banner_html(info, lg))
 
         with gr.Column(elem_id="main", scale=1):
@@ -214,7 +214,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
 
         with labels(gr.Sidebar(label=i18n("settings"), open=False, position="right", elem_id="settings-drawer",
                                width=360), label="settings") as drawer:
-            details = labels(gr.Markdown(details_markdown(info, "en"), elem_id="model-details"),
+            labels(gr.Markdown(details_markdown(info, "en"), elem_id="model-details"),
                              value=lambda lg: details_markdown(info, lg))
             mode = labels(gr.Radio(mode_choices("en"), value=CHAT, label=i18n("mode"), info=mode_info("en"),
                                    elem_id="mode", interactive=len(modes) > 1, visible=len(offered) > 1),
