@@ -25,6 +25,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from chatglm_web.branding import load_branding
 from chatglm_web.page import STORAGE_KEY
+from waiting import wait_until  # noqa: F401  (the browser tests import it from here)
 from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import STRINGS
 
@@ -117,15 +118,6 @@ def messages(page, role: str) -> list[str]:
     prefix = f"{role}'s message: "
     assert all(label.startswith(prefix) for label in labels), labels
     return [label[len(prefix):] for label in labels]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    assert predicate(), f"timed out after {timeout} s waiting for {what}"
 
 
 def wait_for_page_load(page):

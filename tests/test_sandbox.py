@@ -552,7 +552,7 @@ def test_when_every_kernel_runs_code_the_busy_message_says_when_to_retry(make_po
     worker = threading.Thread(target=alice.execute, args=("time.sleep(2)",))
     worker.start()
     try:
-        wait_until(lambda: pool.running_code() == 1, "alice's code to run")
+        wait_until(lambda: pool.running_code() == 1, 30, "alice's code to run")
         with pytest.raises(SandboxBusy, match=r"all 1 code interpreter kernels are running code; "
                                               r"try again in about \d+ s"):
             pool.session("bob", "10.0.0.2").execute("print('bob')")
@@ -572,7 +572,7 @@ def test_each_client_has_a_cap(make_pool):
     worker = threading.Thread(target=second.execute, args=("import time; time.sleep(2)",))
     worker.start()
     try:
-        wait_until(lambda: pool.running_code() == 1, "the second tab's code to run")
+        wait_until(lambda: pool.running_code() == 1, 30, "the second tab's code to run")
         with pytest.raises(SandboxBusy, match="you already have 1 code interpreter kernels running code"):
             first.execute("print(1)")
     finally:
@@ -584,6 +584,6 @@ def test_idle_kernels_are_closed(make_pool):
     session = pool.session("alice", "10.0.0.1")
     session.execute("x = 1")
     assert len(pool) == 1
-    wait_until(lambda: len(pool) == 0, "the idle kernel to be closed")
+    wait_until(lambda: len(pool) == 0, 30, "the idle kernel to be closed")
     again = session.execute("print('fresh')")
     assert again.text == SandboxPool.REPLACED + "fresh\n"

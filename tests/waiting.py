@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 
-def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.02) -> None:
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05) -> None:
     """Return once ``condition()`` is true; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+    while time.monotonic() < deadline:
+        if condition():
+            return
         time.sleep(interval)
+    assert condition(), f"timed out after {timeout} s waiting for {what}"

@@ -1,8 +1,10 @@
 """The page's turn controls: send, stop, retry, undo, edit, clear (and its undo), as plain functions.
 
-Every way to start a reply goes through the same three steps (wired in ``layout.py``)::
+Every way to start a reply goes through the same four steps (wired in ``layout.py``)::
 
-    begin   (no queue)  checks the message, shows it, switches Send to Stop, marks the chat busy
+    begin   (no queue)  checks the message; outputs only States, so a refusal marks nothing visible
+                        (``.failure`` then writes the reason in the statistics line)
+    show    (no queue)  shows the message, switches Send to Stop, marks the chat busy
     respond (queued)    streams the reply into the chat and the statistics line
     finish  (no queue)  switches Stop back to Send, stores the conversation as it ended
 
@@ -48,7 +50,7 @@ class Controls:
 
 class StopSignals:
     """Stop requests per browser session. ``respond`` waits on its session's signal beside the reply; a Stop
-    that comes before ``respond`` has started is kept until it starts (``begin`` forgets an old one)."""
+    that comes before ``respond`` has started is kept until it starts (``finish`` forgets one that came too late)."""
 
     def __init__(self):
         self._events: dict[str, asyncio.Event] = {}
