@@ -9,11 +9,19 @@ Both give: ``prompt_ids(messages)``, ``stop_token_ids``, ``text_stream()`` -> an
 ChatGLM3 message's metadata line once it is known (``ReplyEvents`` turns that into ``TextDelta`` /
 ``ReplyMetadata`` events, through the request's stop strings), and, for fitting a long
 conversation into the context one message at a time, ``message_tokens(message)`` (what one message
-adds to the prompt: exact for ChatGLM3, an estimate for templates) and ``fixed_tokens`` (what every
-prompt has besides its messages).
+adds to the prompt: exact for ChatGLM3, an estimate for templates; remembered for the last
+``MESSAGE_COUNT_CACHE`` messages measured, as a conversation is measured again on every request and
+every preview) and ``fixed_tokens`` (what every prompt has besides its messages). For showing a prompt:
+``prompt_text(messages, ids)`` (the prompt as text, special tokens written out) and
+``prompt_split(messages, ids)`` ((system, history, new) tokens, summing to ``len(ids)``).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
 
 from .chatglm3.reply import ReplyTextFilter
 from .chatglm3.tokenizer import ChatGLM3Tokenizer
@@ -152,10 +160,57 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+MESSAGE_COUNT_CACHE = 4096  # messages whose token counts a format remembers
+
+
+class MessageCounts:
+    """Token counts of the last ``size`` messages measured, least recently used forgotten first; thread-safe.
+
+    Keyed by a 16-byte digest of the normalized message (role, content, metadata, tools), so the
+    memory stays small however long the messages are.
+    """
+
+    def __init__(self, size: int = MESSAGE_COUNT_CACHE):
+        self.size = size
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(message: dict) -> bytes:
+        text = json.dumps([message.get(k) for k in ("role", "content", "metadata", "tools")], ensure_ascii=False,
+                          default=repr)
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def get(self, message: dict, count) -> int:
+        """The count of ``message`` (normalized), from ``count(message)`` the first time."""
+        key = self.key(message)
+        with self._lock:
+            if key in self._counts:
+                self._counts.move_to_end(key)
+                return self._counts[key]
+        value = count(message)  # outside the lock: tokenizing may take a while, other threads go on
+        with self._lock:
+            self._counts[key] = value
+            self._counts.move_to_end(key)
+            while len(self._counts) > self.size:
+                self._counts.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __getstate__(self) -> dict:   # a format travels to the engine process: the counts start afresh there
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["size"])
+
+
 class ChatGLM3Format:
     def __init__(self, tokenizer: ChatGLM3Tokenizer):
         self.tokenizer = tokenizer
         self.stop_token_ids = list(tokenizer.stop_token_ids)
+        self._counts = MessageCounts()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.tokenizer.build_chat_input(normalize_messages(messages))
@@ -166,7 +221,27 @@ class ChatGLM3Format:
 
     def message_tokens(self, message: dict) -> int:
         """Exact: ChatGLM3 prompts are the concatenation of independently encoded messages."""
-        return len(self.tokenizer.build_chat_input(normalize_messages([message]), add_generation_prompt=False)) - 2
+        return self._counts.get(normalize_messages([message])[0], self._count)
+
+    def _count(self, message: dict) -> int:
+        prefix = len(self.tokenizer.prefix_ids)
+        return len(self.tokenizer.build_chat_input([message], add_generation_prompt=False)) - prefix
+
+    def prompt_text(self, messages: list[dict], ids: list[int]) -> str:
+        """The prompt ``ids`` as text, special tokens written out: ``[gMASK]sop<|user|>\\n hi<|assistant|>``."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def prompt_split(self, messages: list[dict], ids: list[int]) -> tuple[int, int, int]:
+        """(system, history, new) tokens of ``ids``, the prompt of ``messages``: ``[gMASK] sop`` and the system
+        message; the messages between; the last message and ``<|assistant|>``. Exact, and checked: the
+        messages' counts and the fixed tokens must make up ``ids``."""
+        counts = [self.message_tokens(m) for m in messages]
+        if not counts or self.fixed_tokens + sum(counts) != len(ids):
+            raise ValueError(f"{len(ids)} prompt ids are not the prompt of these {len(messages)} messages")
+        prefix = len(self.tokenizer.prefix_ids)
+        system = prefix + (counts[0] if messages[0].get("role") == "system" and len(messages) > 1 else 0)
+        new = counts[-1] + self.fixed_tokens - prefix
+        return system, len(ids) - system - new, new
 
     def text_stream(self) -> _TextStream:
         return _ChatGLM3TextStream(self.tokenizer)
@@ -178,21 +253,46 @@ class TemplateFormat:
             raise ValueError("this tokenizer has no chat template, so it is not a chat model")
         self.tokenizer = tokenizer
         self.stop_token_ids = list(stop_token_ids)
+        self._counts = MessageCounts()
 
     fixed_tokens = 0  # the template's own text is counted per message (and checked on the final prompt)
     _PER_MESSAGE = 8  # role markers and separators of a typical template
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
+    def _render(self, messages: list[dict], *, tokenize: bool, add_generation_prompt: bool = True):
         messages = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):  # BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=tokenize)
+        if tokenize and hasattr(out, "keys"):  # BatchEncoding
+            out = out["input_ids"]
+        return list(out) if tokenize else out
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self._render(messages, tokenize=True)
 
     def message_tokens(self, message: dict) -> int:
         """An estimate (the content's tokens plus the usual markers); the final prompt is measured exactly."""
-        content = normalize_messages([message])[0]["content"]
-        return len(self.tokenizer.encode(content, add_special_tokens=False)) + self._PER_MESSAGE
+        return self._counts.get(normalize_messages([message])[0], self._estimate)
+
+    def _estimate(self, message: dict) -> int:
+        return len(self.tokenizer.encode(message["content"], add_special_tokens=False)) + self._PER_MESSAGE
+
+    def prompt_text(self, messages: list[dict], ids: list[int]) -> str:
+        """The chat template's text for ``messages`` (what ``ids`` encode), its markers written out."""
+        return self._render(messages, tokenize=False)
+
+    def prompt_split(self, messages: list[dict], ids: list[int]) -> tuple[int, int, int]:
+        """(system, history, new) tokens of ``ids``, the prompt of ``messages``, by rendering the conversation up
+        to the system message and up to the last message: the template's text before a message goes with it
+        (without a system message, any fixed start goes with the first message). Sums to ``len(ids)``."""
+        total = len(ids)
+        has_system = messages[0].get("role") == "system" and len(messages) > 1
+        system = len(self._render(messages[:1], tokenize=True, add_generation_prompt=False)) if has_system else 0
+        system = min(system, total)
+        before_new = system
+        if len(messages) > (2 if has_system else 1):  # there is history
+            before_new = len(self._render(messages[:-1], tokenize=True, add_generation_prompt=False))
+        before_new = min(max(before_new, system), total)
+        return system, before_new - system, total - before_new
 
     def text_stream(self) -> _TextStream:
         return _TextStream(self.tokenizer)

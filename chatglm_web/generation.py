@@ -16,6 +16,10 @@ message with a non-empty metadata line, and before every message after the first
 with ""): the text that follows belongs to a new message. A consumer that only wants the answer's
 text (a plain chat) can ignore it.
 
+``preview(messages, params)`` tells without generating what such a request would send: its prompt
+tokens (split into system prompt, history and new message), the messages dropped to fit the context
+and the prompt's text (``PromptPreview``).
+
 ``LocalBackend`` (``local_backend.py``) runs the model in this process; a remote
 OpenAI-compatible server (vLLM, SGLang) can implement the same protocol.
 """
@@ -206,6 +210,42 @@ class Finished:
 ChatEvent = Queued | ReplyMetadata | TextDelta | Finished
 
 
+@dataclass(frozen=True)
+class PromptPreview:
+    """What the model would be shown for a request, before it is sent (``ChatBackend.preview``).
+
+    ``total`` is the number of prompt tokens, equal to ``Finished.prompt_tokens`` of ``stream_chat`` for the
+    same messages and params when ``exact``. It is split into ``system`` (the prompt's fixed start and the
+    system message), ``new`` (the last message and what the format appends after it, e.g. the assistant's
+    generation prompt) and ``history`` (the kept messages between them); the three sum to ``total``.
+    ``budget`` is what the prompt may use (the context minus room for the reply), ``reply_budget`` the
+    reply's token budget as the request would send it, ``dropped_messages`` the oldest non-system
+    messages left out to fit (as in ``Finished.dropped_messages``). ``text`` is the prompt as text with
+    the special (role) tokens written out.
+
+    ``exact`` is False only where the backend cannot know what the model sees (a remote server that applies
+    its own chat template): then ``total`` and the split are counted with the local tokenizer on the kept
+    messages, or estimated from their characters when there is no tokenizer here at all, and ``text`` is
+    the local rendering of those messages.
+    """
+
+    total: int
+    system: int
+    history: int
+    new: int
+    context_length: int
+    budget: int
+    reply_budget: int
+    dropped_messages: int
+    text: str
+    exact: bool = True
+
+    def __post_init__(self):
+        parts = (self.system, self.history, self.new)
+        if min(parts) < 0 or sum(parts) != self.total:
+            raise ValueError(f"the prompt's parts {parts} do not add up to its {self.total} tokens")
+
+
 @dataclass
 class ModelInfo:
     """What the page header shows about the loaded model."""
@@ -227,6 +267,15 @@ class ChatBackend(Protocol):
 
         Raises ``InvalidRequest`` for bad input and ``BackendBusy`` when the queue is full, before
         anything is yielded. Closing the iterator early cancels the generation.
+        """
+        ...
+
+    def preview(self, messages: list[dict], params: SamplingParams) -> PromptPreview:
+        """What ``stream_chat(messages, params)`` would send: token counts, dropped messages, the prompt's text.
+
+        Synchronous and CPU-bound (it tokenizes and fits the conversation as ``stream_chat`` does): run it in
+        a thread off the event loop. Raises ``InvalidRequest`` exactly where ``stream_chat`` would for the
+        same input (bad messages or settings, a message too long for the context); never ``BackendBusy``.
         """
         ...
 

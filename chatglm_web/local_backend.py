@@ -7,6 +7,9 @@ messages -> checked (roles, characters per message) before any tokenizing
          -> prompt ids (the model family's ``ChatFormat``) -> the shared ``Engine``
          -> generated ids -> visible text pieces (and ChatGLM3 metadata lines) -> ``ChatEvent``s
 Every request ends with one log line: its outcome, token counts and duration.
+
+``preview(messages, params)`` runs the same checks and fitting (``prepare``) and describes the prompt ids
+instead of submitting them (``PromptPreview``), so its counts are the request's own.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import AsyncIterator
 
 from .chat_format import ReplyEvents, merge_text
 from .engine import Engine
-from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
-                         check_valid_text)
+from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
+                         SamplingParams, check_valid_text)
 
 log = logging.getLogger("chatglm_web.requests")
 
@@ -85,6 +88,22 @@ def fit_to_context(messages: list[dict], chat_format, budget: int) -> tuple[list
         start = later[0]
 
 
+def kept_messages(messages: list[dict], dropped: int) -> list[dict]:
+    """The messages a prompt holds after ``fit_to_context`` dropped ``dropped``: the leading system message
+    (if any) and the rest from the ``dropped``-th non-system message on."""
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    return system + messages[len(system) + dropped:]
+
+
+def describe_prompt(chat_format, messages: list[dict], ids: list[int], *, dropped: int, context_length: int,
+                    budget: int, reply_budget: int, exact: bool = True) -> PromptPreview:
+    """The ``PromptPreview`` of ``ids``, the prompt ``chat_format`` made of the kept ``messages``."""
+    system, history, new = chat_format.prompt_split(messages, ids)
+    return PromptPreview(total=len(ids), system=system, history=history, new=new, context_length=context_length,
+                         budget=budget, reply_budget=reply_budget, dropped_messages=dropped,
+                         text=chat_format.prompt_text(messages, ids), exact=exact)
+
+
 class LocalBackend:
     def __init__(self, engine: Engine, chat_format, info: ModelInfo, *, max_input_tokens: int | None = None,
                  max_new_tokens: int | None = None, max_input_chars: int | None = None):
@@ -110,20 +129,29 @@ class LocalBackend:
         params.validated(self.max_new_tokens)
         check_messages(messages, self.max_input_chars)
 
+    def prompt_budget(self, params: SamplingParams) -> int:
+        """The tokens a prompt may use: the context minus room for the reply (the requested max_new_tokens,
+        or half the context when more is asked for), at most ``max_input_tokens``."""
+        context = self.info.context_length
+        budget = context - min(params.max_new_tokens, context // 2)
+        return min(budget, self.max_input_tokens) if self.max_input_tokens else budget
+
     def prepare(self, messages: list[dict], params: SamplingParams) -> tuple[list[int], int, int]:
         """Validate and fit: (prompt ids, dropped message count, reply budget); raises InvalidRequest.
 
-        The prompt may use the context minus room for the reply: the requested max_new_tokens, or
-        half the context when more is asked for. The reply budget is what the context then leaves,
-        at most the requested max_new_tokens.
+        The prompt may use ``prompt_budget(params)`` tokens. The reply budget is what the context then
+        leaves, at most the requested max_new_tokens.
         """
         self.validate(messages, params)
-        context = self.info.context_length
-        budget = context - min(params.max_new_tokens, context // 2)
-        if self.max_input_tokens:
-            budget = min(budget, self.max_input_tokens)
-        ids, dropped = fit_to_context(messages, self.format, budget)
-        return ids, dropped, min(params.max_new_tokens, context - len(ids))
+        ids, dropped = fit_to_context(messages, self.format, self.prompt_budget(params))
+        return ids, dropped, min(params.max_new_tokens, self.info.context_length - len(ids))
+
+    def preview(self, messages: list[dict], params: SamplingParams) -> PromptPreview:
+        """What ``stream_chat`` would submit, from the same ``prepare`` (see ``ChatBackend.preview``); exact."""
+        ids, dropped, reply_budget = self.prepare(messages, params)
+        return describe_prompt(self.format, kept_messages(messages, dropped), ids, dropped=dropped,
+                               context_length=self.info.context_length, budget=self.prompt_budget(params),
+                               reply_budget=reply_budget)
 
     async def stream_chat(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[ChatEvent]:
         started = time.perf_counter()

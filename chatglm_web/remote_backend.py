@@ -10,6 +10,10 @@ messages -> checked and fitted to the server's context exactly as ``LocalBackend
   others   -> the kept messages -> ``POST /v1/chat/completions`` (the server's chat template)
          -> ``TextDelta``s and one ``Finished``; one log line per request.
 
+``preview(messages, params)`` builds the same request without sending it: exact for ChatGLM3 (the ids
+are what is sent); for other families counted with the local tokenizer and chat template on the kept
+messages, and estimated from their characters when there is no tokenizer here (``exact=False``).
+
 Failures of the server never raise out of ``stream_chat``: unreachable, connection closed, an
 HTTP error status or silence past the read timeout end the reply with ``Finished(reason="error",
 error=<one plain sentence naming the server>)``, which the page shows as "Generation failed: ...".
@@ -30,6 +34,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import time
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -39,9 +44,9 @@ import httpx
 
 from .chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_messages
 from .admission import AdmissionLine
-from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, Queued, SamplingParams,
-                         TextDelta)
-from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend
+from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
+                         SamplingParams, TextDelta)
+from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, describe_prompt, kept_messages
 from .settings import StartupError
 from .streaming_text import StopStrings
 
@@ -49,6 +54,8 @@ log = logging.getLogger("chatglm_web.requests")
 
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 300.0  # silence (no token) longer than this ends a reply with an error
+CHARS_PER_TOKEN_ESTIMATE = 4  # without a tokenizer here: about 4 characters of English text per token
+MARKER_TOKENS_ESTIMATE = 8  # and the role markers and separators a chat template adds to each message
 
 
 class RemoteBackendError(StartupError, ConnectionError):
@@ -257,6 +264,7 @@ class RemoteBackend:
 
     # the same checks, context fitting and reply budget as the local model
     validate = LocalBackend.validate
+    prompt_budget = LocalBackend.prompt_budget
     prepare = LocalBackend.prepare
 
     def _request(self, messages: list[dict], params: SamplingParams) -> tuple[str, dict, list[int] | None, int, int]:
@@ -277,10 +285,25 @@ class RemoteBackend:
             body.update(prompt=ids, stop_token_ids=self.format.stop_token_ids, detokenize=False,
                         return_token_ids=True)
             return "/v1/completions", body, ids, dropped, budget
-        system = messages[:1] if messages[0].get("role") == "system" else []
-        kept = system + messages[len(system) + dropped:]
+        kept = kept_messages(messages, dropped)
         body["messages"] = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(kept)]
         return "/v1/chat/completions", body, ids, dropped, budget
+
+    def preview(self, messages: list[dict], params: SamplingParams) -> PromptPreview:
+        """What ``stream_chat`` would send, from the same ``_request`` (see ``ChatBackend.preview``).
+
+        Exact when the app sends the prompt ids (ChatGLM3). Sent as chat messages, the server applies its own
+        chat template (``exact=False``): the kept messages are counted and shown with the local tokenizer and
+        template of the same model, or, with no tokenizer here, estimated at ``CHARS_PER_TOKEN_ESTIMATE``
+        characters a token plus ``MARKER_TOKENS_ESTIMATE`` for each message, and shown as plain text.
+        """
+        _, _, ids, dropped, reply_budget = self._request(messages, params)
+        kept = kept_messages(messages, dropped)
+        sizes = {"dropped": dropped, "context_length": self.info.context_length,
+                 "budget": self.prompt_budget(params), "reply_budget": reply_budget}
+        if ids is not None:
+            return describe_prompt(self.format, kept, ids, exact=self.uses_token_ids, **sizes)
+        return _estimated_preview(kept, **sizes)
 
     async def stream_chat(self, messages: list[dict], params: SamplingParams) -> AsyncIterator[ChatEvent]:
         request_id, started = next(self._ids), time.perf_counter()
@@ -388,6 +411,19 @@ class RemoteBackend:
 
     def shutdown(self) -> None:
         """Nothing to stop: each request's connection is closed when it ends (for symmetry with the engine)."""
+
+
+def _estimated_preview(messages: list[dict], *, dropped: int, context_length: int, budget: int,
+                       reply_budget: int) -> PromptPreview:
+    """A ``PromptPreview`` without a tokenizer: each message's characters / ``CHARS_PER_TOKEN_ESTIMATE`` (rounded
+    up) plus ``MARKER_TOKENS_ESTIMATE``; the text is each role's name on a line of its own, then its content."""
+    messages = normalize_messages(messages)
+    counts = [math.ceil(len(m["content"]) / CHARS_PER_TOKEN_ESTIMATE) + MARKER_TOKENS_ESTIMATE for m in messages]
+    system = counts[0] if messages[0]["role"] == "system" and len(messages) > 1 else 0
+    text = "\n\n".join(f"{m['role']}:\n{m['content']}" for m in messages)
+    return PromptPreview(total=sum(counts), system=system, history=sum(counts) - system - counts[-1], new=counts[-1],
+                         context_length=context_length, budget=budget, reply_budget=reply_budget,
+                         dropped_messages=dropped, text=text, exact=False)
 
 
 def build_remote_backend(settings) -> RemoteBackend:

@@ -22,6 +22,9 @@ import html
 import json
 import logging
 from contextlib import aclosing
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 
@@ -29,10 +32,18 @@ from ..branding import Branding
 from ..browser_secret import browser_state_secret
 from ..generation import ChatBackend, ModelInfo, option
 from ..settings import DEFAULT_MODEL
+from ..conversations.browser_store import BrowserStore, ops
+from ..conversations.share import ShareLinks
+from ..conversations.tree import Conversation, from_history
 from ..toolbox import CHAT, INTERPRETER, TOOLS
-from ..transcript import remove_legacy_downloads, to_json, to_markdown
+from ..transcript import remove_legacy_downloads, to_markdown
 from . import turns
 from .chat import make_chat_fn
+from .conversation_list import (ALL_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
+                                list_update, rows_state, saved_note)
+from .conversation_view import is_nav, view
+from .meter import DEBOUNCE_JS, make_meter
+from .sharing import LINK_JS, Sharing
 from .strings import I18N, LANGUAGE_NAMES, LANGUAGES, i18n, language_of, text
 
 log = logging.getLogger(__name__)
@@ -43,6 +54,7 @@ LATEX = [
     {"left": "\\(", "right": "\\)", "display": False},
     {"left": "\\[", "right": "\\]", "display": True},
 ]
+#: Where versions before the conversation list kept their one conversation (read once, moved into the list).
 STORAGE_KEY = "chatglm-web-conversation"
 SETTINGS_KEY = "chatglm-web-settings"
 #: Largest upload Gradio takes (the page has no upload control, and the HTTP guard refuses uploads anyway).
@@ -60,6 +72,8 @@ FOCUS_INPUT_JS = """() => {
   focus(600);
 }"""
 REFOCUS_JS = "() => { document.querySelector('#chat-input textarea')?.focus(); }"
+VERSION_JS = "(request, ...rest) => [window.chatglmStore.pendingVersion, ...rest]"
+STORE_JS = Path(__file__).with_name("store.js").read_text(encoding="utf-8")
 
 
 def model_title(info: ModelInfo) -> str:
@@ -132,17 +146,16 @@ def _download_js(filename: str, mime: str) -> str:
 }}"""
 
 
-def _download_button(labels: Labels, key: str, elem_id: str, render_text, chatbot, filename: str, mime: str):
+def _download_button(labels: Labels, key: str, elem_id: str, render_text, source, holder, filename: str, mime: str):
     button = labels(gr.Button(i18n(key), size="sm", elem_id=elem_id), value=key)
-    holder = gr.Textbox(visible=False)
-    button.click(render_text, [chatbot], [holder], queue=False, show_progress="hidden",
-                 api_visibility="undocumented").then(None, [holder], None, js=_download_js(filename, mime))
+    button.click(render_text, [source], [holder], **QUIET).then(None, [holder], None, js=_download_js(filename, mime),
+                                                                 **QUIET)
     return button
 
 
 def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048,
                state_secret: str | None = None, toolbox=None) -> gr.Blocks:
-    """The chat page. ``state_secret`` encrypts what the browser keeps; by default
+    """The chat page. ``state_secret`` seals what the browser keeps and what share links carry; by default
     ``browser_secret.browser_state_secret()`` ($CHATGLM_WEB_STATE_SECRET or a key file made once).
     ``toolbox`` (``toolbox.Toolbox``) adds the Tools and, when it has a sandbox, Code interpreter modes,
     offered only when the model can call tools."""
@@ -153,7 +166,10 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
     offered = toolbox.modes if toolbox is not None else (CHAT,)
     modes = offered if info.tools else (CHAT,)
     secret = state_secret if state_secret is not None else browser_state_secret()
+    store = BrowserStore(secret)
+    sharing = Sharing(ShareLinks(secret), backend, toolbox)
     labels = Labels()
+    p = SimpleNamespace()
 
     def examples(mode: str, lang: str) -> list[dict]:
         kind = {TOOLS: "tool_examples", INTERPRETER: "interpreter_examples"}.get(mode, "examples")
@@ -172,50 +188,103 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
 
     with gr.Blocks(title=f"{model_title(info)} · {branding.title}", analytics_enabled=False, fill_height=True,
                    delete_cache=DELETE_CACHE) as page:
-        lang = gr.State("en")
-        busy = gr.State(False)
-        pending = gr.State(None)
-        cleared = gr.State(None)
-        saved = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)
+        p.lang = gr.State("en")
+        p.busy = gr.State(False)
+        p.plan = gr.State(None)
+        p.tree = gr.State(lambda: Conversation())  # this tab's conversation (conversations/tree.py): the truth
+        p.shown = gr.State([])           # which tree node each of the chat's messages shows
+        p.rows = gr.State([])            # the conversation list as last read from the browser
+        p.deleted = gr.State(None)       # the conversation Delete took, until Undo or the next delete
+        p.readonly = gr.State(False)     # a share link's view
+        p.shared_about = gr.State({})    # what the shared conversation was made with
+        legacy = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)   # before the list: one conversation
         saved_settings = gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=secret)
+        with gr.Group(visible=False):
+            p.stored_in = gr.JSON(None)  # what store.js read, for the step it precedes
+            p.store_ops = gr.JSON(None)  # what a step wants store.js to write
+            holder = gr.Textbox()
+            share_token = gr.Textbox()
 
         with gr.Row(elem_id="topbar", equal_height=True):
             labels(gr.HTML(top_bar_html(info, "en"), elem_id="model-title"),
-                           value=lambda lg: top_bar_html(info, lg))
+                   value=lambda lg: top_bar_html(info, lg))
             switch = labels(gr.Button(LANGUAGE_NAMES["zh-CN"], size="sm", elem_id="language-switch", scale=0,
                                       min_width=64),
                             value=lambda lg: LANGUAGE_NAMES["en" if lg == "zh-CN" else "zh-CN"])
             open_drawer = labels(gr.Button(i18n("open_settings"), size="sm", elem_id="open-settings", scale=0,
                                            min_width=96), value="open_settings")
         labels(gr.HTML(banner_html(info, "en"), elem_id="banner", visible=info.offline_demo),
-                        value=lambda lg: banner_html(info, lg))
+               value=lambda lg: banner_html(info, lg))
+        p.share_banner = gr.HTML("", elem_id="share-banner", visible=False)
+        with gr.Row(elem_id="share-actions", visible=False) as share_actions:
+            replay = labels(gr.Button(i18n("replay"), size="sm", elem_id="replay", scale=0), value="replay")
+            continue_shared = labels(gr.Button(i18n("continue_shared"), size="sm", variant="primary",
+                                               elem_id="continue-shared", scale=0), value="continue_shared")
+        replay_result = gr.HTML("", elem_id="replay-result", visible=False)
 
         with gr.Column(elem_id="main", scale=1):
-            with gr.Row(elem_id="composer", equal_height=True):
-                textbox = labels(gr.Textbox(label=i18n("message_label"), show_label=False, elem_id="chat-input",
-                                            placeholder=i18n("input_placeholder_plain"), lines=1,
-                                            max_lines=8, autofocus=True, scale=1, container=False,
-                                            html_attributes=gr.InputHTMLAttributes(enterkeyhint="send")),
-                                 label="message_label",
-                                 placeholder=lambda lg: text("input_placeholder", lg, model=model_title(info)))
-                send = labels(gr.Button(i18n("send"), variant="primary", elem_id="send", scale=0, min_width=88),
-                              value="send")
-                stop_button = labels(gr.Button(i18n("stop"), variant="stop", elem_id="stop", scale=0, min_width=88,
-                                               visible=False), value="stop")
+            with gr.Column(elem_id="composer-area") as composer_area:
+                with gr.Row(elem_id="composer", equal_height=True):
+                    textbox = labels(gr.Textbox(label=i18n("message_label"), show_label=False, elem_id="chat-input",
+                                                placeholder=i18n("input_placeholder_plain"), lines=1,
+                                                max_lines=8, autofocus=True, scale=1, container=False,
+                                                html_attributes=gr.InputHTMLAttributes(enterkeyhint="send")),
+                                     label="message_label",
+                                     placeholder=lambda lg: text("input_placeholder", lg, model=model_title(info)))
+                    send = labels(gr.Button(i18n("send"), variant="primary", elem_id="send", scale=0, min_width=88),
+                                  value="send")
+                    stop_button = labels(gr.Button(i18n("stop"), variant="stop", elem_id="stop", scale=0,
+                                                   min_width=88, visible=False), value="stop")
+                with gr.Row(elem_id="meter-row", equal_height=True):
+                    meter_line = gr.HTML("", elem_id="token-meter")
+                    view_prompt = labels(gr.Button(i18n("view_prompt"), size="sm", elem_id="view-prompt", scale=0,
+                                                   min_width=64), value="view_prompt")
             chatbot = labels(gr.Chatbot(label=i18n("chat_label"), show_label=False, elem_id="chatbot", scale=1,
                                         height="100%", latex_delimiters=LATEX, buttons=["copy"], sanitize_html=True,
                                         render_markdown=True, editable="user", feedback_options=None,
                                         placeholder=text("empty_chat", "en"), examples=examples(CHAT, "en"),
                                         autoscroll=True),
                              label="chat_label", placeholder="empty_chat")
-            undo_clear_button = labels(gr.Button(i18n("undo_clear"), size="sm", elem_id="undo-clear", visible=False),
-                                       value="undo_clear")
-            stats = gr.Markdown("", elem_id="reply-stats")
+            p.stats = gr.Markdown("", elem_id="reply-stats")
+            version_go = gr.Button("versions", elem_id="version-go", elem_classes=["hidden-helper"])
+
+        with labels(gr.Sidebar(label=i18n("conversations"), open=True, position="left",
+                               elem_id="conversations-sidebar", width=280), label="conversations"):
+            new_chat = labels(gr.Button(i18n("new_chat"), variant="primary", elem_id="new-chat"), value="new_chat")
+            p.search = labels(gr.Textbox(show_label=False, label=i18n("search_conversations"), container=False,
+                                         placeholder=i18n("search_conversations"), elem_id="search-conversations"),
+                              label="search_conversations", placeholder="search_conversations")
+            p.conversation_list = labels(gr.Radio([], value=None, show_label=False, label=i18n("conversations"),
+                                                  elem_id="conversation-list", container=False),
+                                         label="conversations")
+            p.list_note = gr.Markdown("", elem_id="list-note")
+            p.undo_delete = labels(gr.Button(i18n("undo_delete"), size="sm", elem_id="undo-delete", visible=False),
+                                   value="undo_delete")
+            with labels(gr.Accordion(i18n("this_conversation"), open=True, elem_id="this-conversation"),
+                        label="this_conversation"):
+                p.title_box = labels(gr.Textbox(label=i18n("conversation_title"), elem_id="conversation-title",
+                                                info=i18n("conversation_title_info"), max_length=200),
+                                     label="conversation_title", info="conversation_title_info")
+                with gr.Row():
+                    share = labels(gr.Button(i18n("share"), size="sm", elem_id="share"), value="share")
+                    delete = labels(gr.Button(i18n("delete_conversation"), size="sm", variant="stop",
+                                              elem_id="delete-conversation"), value="delete_conversation")
+                p.share_link = labels(gr.Textbox(label=i18n("share_link"), elem_id="share-link", visible=False,
+                                                 buttons=["copy"], interactive=False),
+                                      label="share_link")
+                with gr.Row():
+                    _download_button(labels, "download_md", "download-md", _markdown_of, p.tree, holder,
+                                     "conversation.md", "text/markdown")
+                    _download_button(labels, "download_json", "download-json", _json_of, p.tree, holder,
+                                     "conversation.json", "application/json")
+            with gr.Row():
+                export_all = labels(gr.Button(i18n("export_all"), size="sm", elem_id="export-all"), value="export_all")
+                import_all = labels(gr.Button(i18n("import"), size="sm", elem_id="import"), value="import")
 
         with labels(gr.Sidebar(label=i18n("settings"), open=False, position="right", elem_id="settings-drawer",
                                width=360), label="settings") as drawer:
             labels(gr.Markdown(details_markdown(info, "en"), elem_id="model-details"),
-                             value=lambda lg: details_markdown(info, lg))
+                   value=lambda lg: details_markdown(info, lg))
             mode = labels(gr.Radio(mode_choices("en"), value=CHAT, label=i18n("mode"), info=mode_info("en"),
                                    elem_id="mode", interactive=len(modes) > 1, visible=len(offered) > 1),
                           label="mode", info=mode_info, choices=mode_choices)
@@ -226,30 +295,85 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                                      if name == "max_new_tokens" else None) for name in SAMPLING}
             seed = labels(gr.Number(-1, label=i18n("seed"), info=i18n("seed_info"), precision=0, elem_id="seed"),
                           label="seed", info="seed_info")
-            with gr.Group():
-                labels(gr.Markdown(f"**{text('downloads', 'en')}**", elem_id="downloads-title"),
-                       value=lambda lg: f"**{text('downloads', lg)}**")
-                with gr.Row():
-                    _download_button(labels, "download_md", "download-md", to_markdown, chatbot, "conversation.md",
-                                     "text/markdown")
-                    _download_button(labels, "download_json", "download-json", to_json, chatbot,
-                                     "conversation.json", "application/json")
+            with labels(gr.Accordion(i18n("view_prompt"), open=False, elem_id="prompt-accordion"),
+                        label="view_prompt") as prompt_accordion:
+                prompt_text = labels(gr.Code("", label=i18n("prompt_text"), elem_id="prompt-text", interactive=False,
+                                             wrap_lines=True, max_lines=30), label="prompt_text")
 
         settings = [system_prompt, *sliders.values(), seed, mode]
         setting_names = ["system_prompt", *SAMPLING, "seed", "mode"]
-        _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, textbox, send, stop_button, stats,
-                    settings)
-        _wire_clear(chatbot, saved, cleared, undo_clear_button)
+        p.chatbot, p.textbox = chatbot, textbox
+        quiet = QUIET
+
+        def show_conversation(tree, lang):
+            chat, shown = turns.chat_update(tree, lang, False)
+            return {chatbot: chat, p.shown: shown, p.stats: ""}
+
+        lists = ConversationList(store, p, show_conversation)
+        meter = make_meter(backend, toolbox)
+        meter_inputs = [textbox, p.tree, *settings, p.lang]
+
+        def measuring(dependency):
+            return dependency.then(meter, meter_inputs, [meter_line, prompt_text], **quiet)
+
+        # -- turns ------------------------------------------------------------------------------------------
+        _wire_turns(backend, toolbox, lists, measuring, p, send, stop_button, settings, version_go)
+
+        # -- the conversation list --------------------------------------------------------------------------
+        chat_outputs = [chatbot, p.shown, p.stats]
+        showing = [p.tree, p.store_ops, p.title_box, p.undo_delete, p.share_link, p.conversation_list, *chat_outputs]
+        switched = p.conversation_list.input(lists.switch, [p.conversation_list, p.stored_in, p.tree, p.busy, p.lang,
+                                                            p.readonly], showing, js=READ_CHOSEN_JS, **quiet)
+        measuring(lists.writing(switched))
+        for trigger in (new_chat.click, chatbot.clear):
+            measuring(lists.writing(trigger(lists.new, [p.busy, p.lang, p.readonly], showing, **quiet)))
+        p.search.input(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
+                       trigger_mode="always_last", **quiet)
+        for trigger in (p.title_box.submit, p.title_box.blur):
+            lists.saving(trigger(lists.rename, [p.title_box, p.tree, p.busy, p.readonly], [p.title_box], **quiet))
+        deleted = delete.click(lists.delete, [p.tree, p.busy, p.lang, p.readonly],
+                               [*showing, p.deleted, p.list_note], **quiet)
+        measuring(lists.writing(deleted.then(lists.after_delete, [p.rows, p.deleted, p.search, p.lang],
+                                             [p.rows, p.conversation_list], **quiet)))
+        measuring(lists.saving(lists.writing(p.undo_delete.click(
+            lists.undo_delete, [p.deleted, p.busy, p.lang, p.readonly], [*showing, p.deleted], **quiet))))
+        export_all.click(lists.export, [p.stored_in], [holder], js=ALL_JS, **quiet).then(
+            None, [holder], None, js=_download_js("conversations.json", "application/json"), **quiet)
+        lists.writing(import_all.click(lists.import_file, [p.stored_in, p.tree, p.lang, p.search],
+                                       [p.store_ops, p.rows, p.list_note, p.conversation_list], js=PICK_JS, **quiet))
+
+        # -- share links --------------------------------------------------------------------------------------
+        share.click(sharing.make_link, [p.tree, p.lang], [share_token, p.share_link, p.stats], **quiet).then(
+            None, [share_token], [p.share_link], js=LINK_JS, **quiet)
+        replay.click(sharing.replay, [p.tree, p.shared_about, p.lang], [replay_result], show_progress="hidden",
+                     api_visibility="undocumented")
+
+        def continue_it(tree, lang):
+            tree = sharing.continued(tree)
+            if tree is None:
+                return {}
+            return {**lists.showing(tree, lang), p.readonly: False, p.shared_about: {},
+                    p.share_banner: gr.HTML(visible=False), share_actions: gr.Row(visible=False),
+                    replay_result: gr.HTML(visible=False), composer_area: gr.Column(visible=True),
+                    p.store_ops: {**ops(tab=tree.id), "leave_share": True}}
+
+        measuring(lists.saving(lists.writing(continue_shared.click(
+            continue_it, [p.tree, p.lang], [*showing, p.readonly, p.shared_about, p.share_banner, share_actions,
+                                            replay_result, composer_area], **quiet))))
 
         # -- settings and language: kept in the browser, restored on load ----------------------------------
         def settings_dict(current_lang, *values):
             return {"lang": current_lang, **dict(zip(setting_names, values))}
 
         for component in settings:   # every change, also the ones restore and the language switch make
-            component.change(settings_dict, [lang, *settings], [saved_settings], queue=False, show_progress="hidden",
-                             trigger_mode="always_last", api_visibility="undocumented")
+            component.change(settings_dict, [p.lang, *settings], [saved_settings], queue=False,
+                             show_progress="hidden", trigger_mode="always_last", api_visibility="undocumented")
+        textbox.input(meter, meter_inputs, [meter_line, prompt_text], js=DEBOUNCE_JS, trigger_mode="always_last",
+                      **quiet)
+        for component in (system_prompt, sliders["max_new_tokens"], mode):
+            component.change(meter, meter_inputs, [meter_line, prompt_text], trigger_mode="always_last", **quiet)
 
-        def relabelled(current_lang, mode_value, system_value) -> dict:
+        def relabelled(current_lang, mode_value, system_value, tree=None) -> dict:
             updates = labels.updates(current_lang)
             updates[chatbot]["examples"] = examples(mode_value, current_lang)
             other = "en" if current_lang == "zh-CN" else "zh-CN"
@@ -257,39 +381,66 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                 updates[system_prompt]["value"] = default_system(current_lang)
             return {component: gr.update(**props) for component, props in updates.items()}
 
-        def switch_language(current_lang, *values):
+        def switch_language(current_lang, tree, rows, query, readonly, about, *values):
             new = "en" if current_lang == "zh-CN" else "zh-CN"
             updates = relabelled(new, values[-1], values[0])
             stored = settings_dict(new, *values)
             if system_prompt in updates and "value" in updates[system_prompt]:
                 stored["system_prompt"] = updates[system_prompt]["value"]
-            return {lang: new, saved_settings: stored, **updates}
+            chat, shown = turns.chat_update(tree, new, False)   # markers and version links in the new language
+            updates[chatbot] = gr.update(**{**updates[chatbot], "value": chat["value"]})
+            extra = {p.shown: shown,
+                     p.conversation_list: list_update(rows or [], query, new, tree.id if tree is not None else None)}
+            if readonly:
+                extra[p.share_banner] = gr.HTML(banner_html_shared(about, new))
+            return {p.lang: new, saved_settings: stored, **updates, **extra}
 
         relabel_outputs = labels.components
-        switch.click(switch_language, [lang, *settings], _unique([lang, saved_settings, *relabel_outputs]), queue=False,
-                     show_progress="hidden", api_visibility="undocumented")
-        mode.change(lambda value, current_lang: gr.Chatbot(examples=examples(value, current_lang)), [mode, lang],
-                    [chatbot], queue=False, show_progress="hidden", api_visibility="undocumented")
-        open_drawer.click(lambda: gr.Sidebar(open=True), None, [drawer], queue=False, show_progress="hidden",
-                          api_visibility="undocumented")
+        measuring(switch.click(switch_language, [p.lang, p.tree, p.rows, p.search, p.readonly, p.shared_about,
+                                                 *settings],
+                               _unique([p.lang, saved_settings, *relabel_outputs, p.shown, p.conversation_list,
+                                        p.share_banner]), **quiet))
+        mode.change(lambda value, current_lang: gr.Chatbot(examples=examples(value, current_lang)), [mode, p.lang],
+                    [chatbot], **quiet)
+        open_drawer.click(lambda: gr.Sidebar(open=True), None, [drawer], **quiet)
+        view_prompt.click(lambda: (gr.Sidebar(open=True), gr.Accordion(open=True)), None,
+                          [drawer, prompt_accordion], **quiet)
 
-        def restore(history, stored, request: gr.Request):
-            stored = stored if isinstance(stored, dict) else {}
-            chosen = stored.get("lang")
+        def restore(snapshot, old_history, stored_settings, request: gr.Request):
+            stored_settings = stored_settings if isinstance(stored_settings, dict) else {}
+            chosen = stored_settings.get("lang")
             if chosen not in LANGUAGES:
                 chosen = language_of(request.headers.get("accept-language") if request else None)
-            values = {name: stored[name] for name in setting_names if name in stored}
+            values = {name: stored_settings[name] for name in setting_names if name in stored_settings}
             updates = relabelled(chosen, values.get("mode", CHAT) if values.get("mode") in modes else CHAT,
                                  values.get("system_prompt", default_system("en")))
             for component, name in zip(settings, setting_names):
                 if name in values and _fits(component, values[name], modes):
                     updates[component] = gr.update(**{**updates.get(component, {}), "value": values[name]})
-            if isinstance(history, list) and history:   # nothing readable: show nothing, write nothing
-                updates[chatbot] = gr.update(**{**updates.get(chatbot, {}), "value": history})
-            return {lang: chosen, **updates}
+            snapshot = snapshot if isinstance(snapshot, dict) else {}
+            found = _restored(store, sharing, snapshot, old_history, chosen)
+            tree = found["tree"]
+            chat, shown = turns.chat_update(tree, chosen, False)
+            updates[chatbot] = gr.update(**{**updates.get(chatbot, {}), "value": chat["value"]})
+            rows = found["rows"]
+            out = {p.lang: chosen, p.tree: tree, p.shown: shown, p.rows: rows, p.store_ops: found["ops"],
+                   p.conversation_list: list_update(rows, "", chosen, tree.id),
+                   p.list_note: found["note"] or count_line(store, rows, chosen),
+                   p.title_box: gr.Textbox(value=tree.title), p.stats: found["error"], **updates}
+            if found["migrated"]:
+                out[legacy] = None
+            if found["about"]:
+                out.update({p.readonly: True, p.shared_about: found["about"],
+                            p.share_banner: gr.HTML(banner_html_shared(found["about"], chosen), visible=True),
+                            share_actions: gr.Row(visible=True), composer_area: gr.Column(visible=False)})
+            return out
 
-        page.load(restore, [saved, saved_settings], _unique([lang, chatbot, *relabel_outputs, *settings]), queue=False,
-                  show_progress="hidden", api_visibility="undocumented")
+        loaded = page.load(restore, [p.stored_in, legacy, saved_settings],
+                           _unique([p.lang, p.tree, p.shown, p.rows, p.store_ops, p.conversation_list, p.list_note,
+                                    p.title_box, p.stats, legacy, p.readonly, p.shared_about, p.share_banner,
+                                    share_actions, composer_area, chatbot, *relabel_outputs, *settings]),
+                           js=SNAPSHOT_JS, **quiet)
+        measuring(lists.writing(loaded))
 
         # -- the /chat API endpoint (API clients only; stateless per call apart from its session's history) --
         _api_endpoint(backend, toolbox)
@@ -299,6 +450,47 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
 
             page.unload(end_session)
     return page
+
+
+def banner_html_shared(about: dict, lang: str) -> str:
+    from .sharing import banner_html as shared_banner
+
+    return shared_banner(about, lang)
+
+
+def _restored(store: BrowserStore, sharing: Sharing, snapshot: dict, old_history, lang: str) -> dict:
+    """What a page load shows: a share link's conversation (read-only), this tab's conversation, the old
+    single stored conversation (moved into the list once), or a new one."""
+    found = {"rows": rows_state(store.rows(snapshot.get("metas"))), "ops": None, "note": "", "error": "",
+             "about": {}, "migrated": False}
+    token = snapshot.get("share")
+    if isinstance(token, str) and token:
+        tree, about, error = sharing.open(token, lang)
+        if tree is not None:
+            return {**found, "tree": tree, "about": about}
+        found["error"] = text("error", lang, error=error)
+    tab = snapshot.get("tab") if isinstance(snapshot.get("tab"), str) else None
+    tree = store.open_or_none(snapshot.get("data"), tab)
+    if isinstance(old_history, list) and old_history:   # kept by a version before the list: it joins the list
+        migrated = from_history(old_history)
+        if not migrated.empty:
+            saved = store.save(migrated, {"metas": snapshot.get("metas")}, tab=tree is None)
+            found.update(rows=rows_state(saved.rows), ops=saved.ops, migrated=True,
+                         note=saved_note(store, saved, rows_state(saved.rows), lang))
+            tree = tree or migrated
+    if tree is None:
+        tree = Conversation()
+        found["ops"] = found["ops"] or ops(tab=tree.id)
+    return {**found, "tree": tree}
+
+
+def _markdown_of(tree) -> str:
+    messages, _ = view(tree, "en")
+    return to_markdown([m for m in messages if not is_nav(m)])
+
+
+def _json_of(tree) -> str:
+    return json.dumps(tree.to_dict() if tree is not None else {}, ensure_ascii=False, indent=2)
 
 
 def _unique(components: list) -> list:
@@ -316,52 +508,54 @@ def _fits(component, value, modes) -> bool:
     return isinstance(value, str)
 
 
-def _wire_turns(page, backend, toolbox, lang, busy, pending, saved, chatbot, textbox, send, stop_button, stats,
-                settings) -> None:
-    """Send / Enter / an example / Retry / Edit all begin a turn the same way; Stop ends any of them."""
-    controls = [busy, send, stop_button]
-    before = gr.State(None)   # the conversation before the turn being begun
-    quiet = dict(queue=False, show_progress="hidden", api_visibility="undocumented")
+def _wire_turns(backend, toolbox, lists: ConversationList, measuring, p, send, stop_button, settings,
+                version_go) -> None:
+    """Send / Enter / an example / Retry / Edit all begin a turn the same way; Stop ends any of them. Every
+    change of the conversation is then stored (``lists.saving``) and the meter measured again."""
+    chatbot, textbox = p.chatbot, p.textbox
+    controls = [p.busy, send, stop_button]
+    quiet = QUIET
     stops = turns.StopSignals()
 
-    async def respond(pending_message, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                      repetition_penalty, seed, mode, current_lang, request: gr.Request):
-        async with aclosing(turns.respond(pending_message, history, system_prompt, temperature, top_p,
-                                          max_new_tokens, top_k, repetition_penalty, seed, mode, current_lang,
-                                          toolbox=toolbox, backend=backend, stops=stops,
+    async def respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty,
+                      seed, mode, current_lang, request: gr.Request):
+        async with aclosing(turns.respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k,
+                                          repetition_penalty, seed, mode, current_lang, toolbox=toolbox,
+                                          backend=backend, stops=stops,
                                           request=request)) as updates:   # a visitor who leaves ends it
             async for update in updates:
                 yield update
 
-    def finish(history, request: gr.Request):
+    def finish(tree, lang, request: gr.Request):
         stops.forget(getattr(request, "session_hash", None))   # a Stop that came too late
-        return turns.finish(history)
+        return turns.finish(tree, lang)
 
+    show = partial(turns.show, info=backend.info)
     begin = turns.Begin(turns.Refusals())
+    state = [p.busy, p.readonly, p.lang]
     starts = [
-        (textbox.submit, begin.send, [textbox, chatbot, busy, lang]),
-        (send.click, begin.send, [textbox, chatbot, busy, lang]),
-        (chatbot.example_select, begin.example, [chatbot, busy, lang]),
-        (chatbot.retry, begin.retry, [chatbot, busy, lang]),
-        (chatbot.edit, begin.edit, [chatbot, busy, lang]),
+        (textbox.submit, begin.send, [textbox, p.tree, *state]),
+        (send.click, begin.send, [textbox, p.tree, *state]),
+        (chatbot.example_select, begin.example, [p.tree, *state]),
+        (chatbot.retry, begin.retry, [p.tree, p.shown, *state]),
+        (chatbot.edit, begin.edit, [p.tree, p.shown, *state]),
     ]
     for trigger, begin_turn, inputs in starts:
-        began = trigger(begin_turn, inputs, [before, pending], **quiet)
-        began.failure(begin.refused, [lang], [stats], **quiet)   # refused: why, in the statistics line
-        shown = began.success(turns.show, [before, pending], [chatbot, textbox, stats, *controls], **quiet)
-        reply = shown.success(respond, [pending, chatbot, *settings, lang], [chatbot, stats, textbox],
-                              show_progress="hidden", api_visibility="undocumented")
-        reply.then(finish, [chatbot], [chatbot, *controls, saved], **quiet).then(None, js=REFOCUS_JS)
+        began = trigger(begin_turn, inputs, [p.plan], **quiet)
+        began.failure(begin.refused, [p.lang], [p.stats], **quiet)   # refused: why, in the statistics line
+        shown = lists.saving(began.success(show, [p.plan, p.tree, p.lang, *settings],
+                                           [chatbot, p.shown, textbox, p.stats, p.plan, *controls], **quiet))
+        reply = shown.then(respond, [p.plan, p.tree, *settings, p.lang], [chatbot, p.shown, p.stats, textbox],
+                           show_progress="hidden", api_visibility="undocumented")
+        finished = lists.saving(reply.then(finish, [p.tree, p.lang], [chatbot, p.shown, *controls], **quiet))
+        measuring(finished).then(None, js=REFOCUS_JS, **quiet)
     stop_button.click(turns.stopper(stops), None, None, **quiet)
-    chatbot.undo(turns.undo, [chatbot, busy], [chatbot, textbox, saved], **quiet)
+    measuring(lists.saving(chatbot.undo(turns.undo, [p.tree, p.shown, p.busy, p.readonly, p.lang],
+                                        [chatbot, p.shown, textbox], **quiet)))
     # mid-reply, what is kept says "interrupted" (a reload then shows the partial reply for what it is)
-    chatbot.change(turns.store_while_streaming, [chatbot, busy, lang], [saved], trigger_mode="always_last", **quiet)
-
-
-def _wire_clear(chatbot, saved, cleared, undo_clear_button) -> None:
-    quiet = dict(queue=False, show_progress="hidden", api_visibility="undocumented")
-    chatbot.clear(turns.clear, [saved], [saved, cleared, undo_clear_button], **quiet)
-    undo_clear_button.click(turns.undo_clear, [cleared], [chatbot, saved, cleared, undo_clear_button], **quiet)
+    lists.saving(chatbot.change(lambda: None, None, None, trigger_mode="always_last", **quiet))
+    measuring(lists.saving(version_go.click(turns.navigate_versions, [p.stored_in, p.tree, p.busy, p.lang],
+                                            [chatbot, p.shown], js=VERSION_JS, **quiet)))
 
 
 def _api_endpoint(backend, toolbox) -> None:
@@ -418,5 +612,5 @@ def launch_kwargs(branding: Branding) -> dict:
 
     # The page's CSS goes in <head> as it is (Gradio scopes ``css`` to its container, and the footer and the
     # container itself are outside that scope); the branding's CSS is scoped as usual.
-    return {"theme": theme(branding), "css": branding.css, "head": f"<style>{PAGE_CSS}</style>",
+    return {"theme": theme(branding), "css": branding.css, "head": f"<style>{PAGE_CSS}</style><script>{STORE_JS}</script>",
             "max_file_size": MAX_FILE_SIZE, "i18n": I18N, "footer_links": ["api", "gradio"], "js": FOCUS_INPUT_JS}

@@ -49,3 +49,25 @@ def mark(history: list, kind: str, lang: str, error: str = "") -> list:
 
 def while_streaming(history: list, lang: str) -> list:
     return mark(history, "interrupted", lang) if history else history
+
+
+def marker_kind(content) -> str | None:
+    """Which end a marker message stands for ("stopped", "length", "failed", "interrupted"), or None."""
+    if not is_marker(content):
+        return None
+    words = plain_text(content).strip()
+    symbol = words[1]
+    if symbol == "⚠":
+        return "interrupted" if any(words == f"_{text('end_interrupted', lang)}_" for lang in ("en", "zh-CN")) \
+            else "failed"
+    return {"⏹": "stopped", "✂": "length"}[symbol]
+
+
+def failed_error(content) -> str:
+    """The error a "failed" marker names (its words without the "⚠ Failed: " around it)."""
+    words = plain_text(content).strip()[1:-1]
+    for lang in ("en", "zh-CN"):
+        prefix = text("end_failed", lang, error="")
+        if words.startswith(prefix):
+            return words[len(prefix):].strip()
+    return words.strip()

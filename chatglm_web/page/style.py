@@ -37,8 +37,39 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 
 #main { flex: 1 1 0 !important; min-height: 0; display: flex; flex-direction: column; gap: 8px; }
 #chatbot { order: 1; flex: 1 1 0 !important; min-height: 0 !important; height: auto !important; }
-#composer { order: 2; flex: 0 0 auto; align-items: flex-end; gap: 8px; flex-wrap: nowrap; }
-#undo-clear { order: 3; flex: 0 0 auto; align-self: center; }
+#composer-area { order: 2; flex: 0 0 auto !important; gap: 2px; }
+#composer { flex: 0 0 auto; align-items: flex-end; gap: 8px; flex-wrap: nowrap; }
+#meter-row { flex: 0 0 auto; align-items: center; gap: 8px; flex-wrap: nowrap; min-height: 0; }
+#token-meter { flex: 1 1 auto !important; min-width: 0 !important; }
+#token-meter .token-meter { margin: 0; font-size: 0.8rem; color: var(--body-text-color-subdued); white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+#view-prompt { flex: 0 0 auto !important; min-width: 0 !important; width: auto !important; white-space: nowrap;
+  font-size: 0.8rem; padding: 2px 8px; }
+.hidden-helper { display: none !important; }
+.visually-hidden { position: absolute !important; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0);
+  white-space: nowrap; }
+#share-banner .share-banner { margin: 0; padding: 6px 12px; border-radius: 8px; font-size: 0.9rem;
+  background: #e6f0ff; color: #0b2e66; border: 1px solid #8fb3ef; }
+.dark #share-banner .share-banner { background: #0f2547; color: #d6e6ff; border-color: #3b5f99; }
+#share-actions { flex: 0 0 auto; gap: 8px; }
+#replay-result { flex: 0 0 auto; max-height: 40vh; overflow: auto; }
+.replay-panel { padding: 6px 12px; border: 1px solid var(--border-color-primary); border-radius: 8px; font-size: 0.9rem; }
+.replay-panel del { background: #ffd7d5; color: #5c0a06; }
+.replay-panel ins { background: #d3f5dd; color: #073b17; }
+.dark .replay-panel del { background: #5c1410; color: #ffd9d6; }
+.dark .replay-panel ins { background: #0d3d1c; color: #d4f7de; }
+.version-nav { font-size: 0.85rem; color: var(--body-text-color-subdued); white-space: nowrap; }
+.version-nav a { text-decoration: none; padding: 2px 8px; border-radius: 6px; }
+.version-nav a:hover, .version-nav a:focus-visible { background: var(--background-fill-secondary); }
+.version-nav .nav-end { padding: 2px 8px; opacity: 0.35; }
+#chatbot .message-row:has(.version-nav) .message-buttons, #chatbot .message-wrap :has(> .version-nav) + .message-buttons
+  { display: none !important; }
+#conversation-list { max-height: 50vh; overflow-y: auto; }
+#conversation-list .wrap { display: flex; flex-direction: column; gap: 2px; }
+#conversation-list label { width: 100%; justify-content: flex-start; border-radius: 8px; padding: 6px 10px; }
+#conversation-list label span { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#list-note { font-size: 0.8rem; color: var(--body-text-color-subdued); }
+#list-note p { margin: 0 0 4px; }
 #reply-stats { order: 4; flex: 0 0 auto; font-size: 0.85rem; min-height: 1.4em; }
 #reply-stats p { margin: 0; }
 #send, #stop { min-height: 44px; }
@@ -61,7 +92,7 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 @media (max-width: 640px) {
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   .topbar-subtitle { display: none; }
-  #language-switch, #open-settings, #send, #stop, #undo-clear { min-height: 44px; min-width: 44px; }
+  #language-switch, #open-settings, #send, #stop, #new-chat, #undo-delete { min-height: 44px; min-width: 44px; }
   #chatbot button { min-width: 32px; min-height: 32px; }
   footer a { min-height: 28px !important; }
   #settings-drawer input[type="number"], #settings-drawer button { min-height: 32px !important; }

@@ -1,25 +1,28 @@
-"""The page's turn controls: send, stop, retry, undo, edit, clear (and its undo), as plain functions.
+"""The page's turn controls: send, stop, retry, undo, edit and the version links, as plain functions on the
+tab's conversation tree (``conversations/tree.py``), which is the truth: the chat shows it (``view``).
 
 Every way to start a reply goes through the same four steps (wired in ``layout.py``)::
 
-    begin   (no queue)  checks the message; outputs only States, so a refusal marks nothing visible
-                        (``.failure`` then writes the reason in the statistics line)
-    show    (no queue)  shows the message, switches Send to Stop, marks the chat busy
-    respond (queued)    streams the reply into the chat and the statistics line
-    finish  (no queue)  switches Stop back to Send, stores the conversation as it ended
+    begin   (no queue)  checks the message; outputs only the plan State, so a refusal marks nothing
+                        visible (``.failure`` then writes the reason in the statistics line)
+    show    (no queue)  adds the message (on Edit a new version of it) and an empty reply (on Retry a new
+                        version of the reply) to the tree; shows it, switches Send to Stop
+    respond (queued)    streams the reply into the tree and the chat, and the statistics line
+    finish  (no queue)  switches Stop back to Send; the page then stores the conversation
 
 ``stop`` asks the running ``respond`` of its browser session (whatever started it) to stop: ``respond``
 ends the generation, marks the reply stopped and returns, and ``finish`` runs as after any reply (no
 event cancellation, whose late chunks could overwrite the marked reply). While the chat is busy
 Retry, Undo and Edit do nothing and look disabled (the ``busy`` class). An error never shows twice: it
-is written in the statistics line only; a turn that failed before any text gives the message back to
-the input box and leaves the chat as it was, one that failed mid-reply keeps the text, marked failed.
+is written in the statistics line only; a turn that failed before any text is taken back out of the tree
+(a new message returns to the input box), one that failed mid-reply keeps the text, marked failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import OrderedDict
 from contextlib import aclosing, suppress
 
@@ -27,8 +30,9 @@ import gradio as gr
 
 from ..chat_format import plain_text
 from ..generation import BackendBusy, Finished, InvalidRequest
-from .chat import check_text, printable, start_turn
-from .markers import mark, while_streaming
+from ..conversations.tree import Conversation
+from .chat import check_text, printable, seed_value, start_turn
+from .conversation_view import is_nav, navigate, node_at, view
 from .strings import text, translate_error
 
 log = logging.getLogger(__name__)
@@ -107,10 +111,6 @@ async def _until_stopped(updates, stop: asyncio.Event):
             raise Stopped
 
 
-def _chat(history, busy: bool):
-    return gr.Chatbot(value=history, elem_classes=[BUSY_CLASS] if busy else [])
-
-
 class Refused(gr.Error):
     """A turn that does not start: the event chain ends here (no reply, no ``finish``), without a pop-up;
     the page's ``.failure`` step writes ``Refusals.pop(session)`` in the statistics line."""
@@ -137,9 +137,15 @@ class Refusals:
         return self._messages.pop(getattr(request, "session_hash", None) or "", "")
 
 
-def _accept(history: list, message, lang: str, refusals: Refusals, request):
-    """(the conversation before the turn, the message to answer); ``Refused`` (the chain stops, the reason goes
-    to the statistics line) when the turn cannot start."""
+def chat_update(tree: Conversation | None, lang: str, busy: bool, streaming: str | None = None):
+    """(the chat, which node each of its messages shows) for ``tree``; ``streaming``: the reply being written
+    (shown without its "interrupted" marker, which is only for storage)."""
+    messages, shown = view(tree, lang, streaming)
+    return gr.update(value=messages, elem_classes=[BUSY_CLASS] if busy else []), shown
+
+
+def _accept(message, lang: str, refusals: Refusals, request) -> str:
+    """The message to answer; ``Refused`` (the chain stops, the reason goes to the statistics line) otherwise."""
     message = plain_text(message) if message is not None else ""
     if not message.strip():
         raise refusals.refuse(request, text("empty_message", lang))
@@ -147,103 +153,162 @@ def _accept(history: list, message, lang: str, refusals: Refusals, request):
         check_text(message, None, None)
     except InvalidRequest as error:
         raise refusals.refuse(request, translate_error(str(error), lang)) from None
-    return list(history or []), message
-
-
-def show(before, message):
-    """The accepted turn on the page: its message in the chat, the box emptied, Stop instead of Send.
-    Outputs (chatbot, textbox, stats, busy, send, stop)."""
-    return (_chat([*before, {"role": "user", "content": message}], True), gr.Textbox(value=""), "",
-            *Controls.running())
+    return message
 
 
 class Begin:
-    """The first step of every way to start a turn: outputs only States (before, pending), so that a refusal,
-    raised as an error, marks nothing visible; ``show`` follows when it succeeded."""
+    """The first step of every way to start a turn: outputs only the ``plan`` State, so that a refusal, raised
+    as an error, marks nothing visible; ``show`` follows when it succeeded. A plan is ``{"parent": node,
+    "text": message}`` (a new message, or on Edit a new version of one) or ``{"user": node}`` (Retry: a new
+    version of the reply to that message)."""
 
     def __init__(self, refusals: Refusals):
         self.refusals = refusals
 
-    def _idle(self, busy, lang, request) -> None:
+    def _idle(self, busy, readonly, lang, request) -> None:
+        if readonly:
+            raise self.refusals.refuse(request, text("read_only", lang))
         if busy:
             raise self.refusals.refuse(request, text("busy_now", lang))
 
-    def send(self, message, history, busy, lang, request: gr.Request):
-        self._idle(busy, lang, request)
-        return _accept(history, message, lang, self.refusals, request)
+    def _after_last(self, tree: Conversation) -> str:
+        last = tree.last()
+        return last.parent if last.role == "user" else last.id   # (a message without a reply: a new version)
 
-    def example(self, history, busy, lang, selected: gr.SelectData, request: gr.Request):
-        self._idle(busy, lang, request)
+    def send(self, message, tree, busy, readonly, lang, request: gr.Request):
+        self._idle(busy, readonly, lang, request)
+        return {"parent": self._after_last(tree), "text": _accept(message, lang, self.refusals, request)}
+
+    def example(self, tree, busy, readonly, lang, selected: gr.SelectData, request: gr.Request):
+        self._idle(busy, readonly, lang, request)
         value = selected.value
-        return _accept(history, value.get("text") if isinstance(value, dict) else value, lang, self.refusals,
-                       request)
+        message = _accept(value.get("text") if isinstance(value, dict) else value, lang, self.refusals, request)
+        return {"parent": self._after_last(tree), "text": message}
 
-    def retry(self, history, busy, lang, retry: gr.RetryData, request: gr.Request):
-        """Answer the user message before the retried reply again (the reply and what followed go)."""
-        self._idle(busy, lang, request)
-        history = list(history or [])
-        index = _user_at_or_before(history, retry.index)
-        if index < 0:
+    def retry(self, tree, shown, busy, readonly, lang, retry: gr.RetryData, request: gr.Request):
+        """A new version of the reply to the message Retry was pressed on (the earlier one is kept)."""
+        self._idle(busy, readonly, lang, request)
+        node_id = node_at(tree, shown, retry.index)
+        if node_id is None or tree.nodes[node_id].role not in ("user", "assistant"):
             raise self.refusals.refuse(request, text("nothing_to_retry", lang))
-        return _accept(history[:index], history[index]["content"], lang, self.refusals, request)
+        node = tree.nodes[node_id]
+        return {"user": node.id if node.role == "user" else node.parent}
 
-    def edit(self, history, busy, lang, edit: gr.EditData, request: gr.Request):
-        """Answer the edited user message; the turns after it go."""
-        self._idle(busy, lang, request)
-        return _accept(list(history or [])[:edit.index], edit.value, lang, self.refusals, request)
+    def edit(self, tree, shown, busy, readonly, lang, edit: gr.EditData, request: gr.Request):
+        """A new version of the edited message, answered; the earlier version and its replies are kept."""
+        self._idle(busy, readonly, lang, request)
+        node_id = node_at(tree, shown, edit.index)
+        if node_id is None or tree.nodes[node_id].role != "user" or is_nav(_shown_message(tree, shown, edit.index)):
+            raise self.refusals.refuse(request, text("not_editable", lang))
+        return {"parent": tree.nodes[node_id].parent, "text": _accept(edit.value, lang, self.refusals, request)}
 
     def refused(self, lang, request: gr.Request):
         """The failure step after a refused begin: the reason, once, in the statistics line."""
         return text("error", lang, error=self.refusals.pop(request) or text("server_error", lang))
 
 
-def _user_at_or_before(history: list, index: int) -> int:
-    index = min(index, len(history) - 1)
-    while index >= 0 and not (isinstance(history[index], dict) and history[index].get("role") == "user"):
-        index -= 1
-    return index
+def _shown_message(tree, shown, index) -> dict | None:
+    messages, _ = view(tree, "en")
+    return messages[index] if isinstance(index, int) and 0 <= index < len(messages) else None
 
 
-def undo(history, busy, undone: gr.UndoData):
-    """Take back the last exchange: its message returns to the input box. Nothing while a reply streams."""
-    if busy:
+def generation_settings(system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed, mode,
+                        info=None) -> dict:
+    """What a reply is generated with, kept with it (a share link carries it; Replay uses it). A random seed
+    (-1) is drawn here, so that the seed actually used is known."""
+    seed = seed_value(seed)
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    settings = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "top_k": top_k,
+                "repetition_penalty": repetition_penalty, "seed": seed, "mode": mode,
+                "system_prompt": system_prompt or ""}
+    if info is not None:
+        settings.update(model=info.name, precision=info.precision)
+    return settings
+
+
+def show(plan, tree: Conversation, lang, system_prompt, temperature, top_p, max_new_tokens, top_k,
+         repetition_penalty, seed, mode, info=None):
+    """The accepted turn on the page: the message in the chat, the box emptied, Stop instead of Send; the tree
+    gets the message (or its new version) and an empty reply. Outputs (chatbot, shown, textbox, stats, plan,
+    busy, send, stop)."""
+    settings = (system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed, mode)
+    if "text" in plan:
+        user = tree.add_user(plan["parent"], plan["text"])
+    else:
+        user = tree.nodes[plan["user"]]
+    reply = tree.add_reply(user.id, generation_settings(*settings, info=info))
+    plan = {**plan, "user_node": user.id, "reply": reply.id}
+    chat, shown = chat_update(tree, lang, True, reply.id)
+    return (chat, shown, gr.Textbox(value=""), "", plan, *Controls.running())
+
+
+def undo(tree, shown, busy, readonly, lang, undone: gr.UndoData):
+    """Take back the last exchange shown: its message returns to the input box (other versions stay).
+    Nothing while a reply streams. Outputs (chatbot, shown, textbox)."""
+    node_id = node_at(tree, shown, undone.index)
+    if busy or readonly or node_id is None:
         return gr.skip(), gr.skip(), gr.skip()
-    history = list(history or [])
-    index = _user_at_or_before(history, undone.index)
-    if index < 0:
-        return gr.skip(), gr.skip(), gr.skip()
-    kept = history[:index]
-    return kept, gr.Textbox(value=printable(plain_text(history[index]["content"]))), kept
+    node = tree.nodes[node_id]
+    if node.role == "assistant":
+        node = tree.nodes[node.parent]
+    message = node.messages[0]["content"]
+    tree.remove(node.id)
+    chat, shown = chat_update(tree, lang, False)
+    return chat, shown, gr.Textbox(value=printable(plain_text(message)))
 
 
-async def respond(pending, history, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty,
-                  seed, mode, lang, toolbox=None, backend=None, stops: StopSignals | None = None,
-                  request: gr.Request | None = None):
-    """(chatbot, stats, textbox) updates of the reply to ``pending`` (the last message of ``history``)."""
-    if pending is None:   # begin refused it
-        yield gr.skip(), gr.skip(), gr.skip()
+def navigate_versions(request, tree, busy, lang):
+    """A ‹ or › of a message with versions: show that version (and the branch after it). Outputs (chatbot,
+    shown)."""
+    if busy or not navigate(tree, request):
+        return gr.skip(), gr.skip()
+    return chat_update(tree, lang, False)
+
+
+async def respond(plan, tree: Conversation, system_prompt, temperature, top_p, max_new_tokens, top_k,
+                  repetition_penalty, seed, mode, lang, toolbox=None, backend=None,
+                  stops: StopSignals | None = None, request: gr.Request | None = None):
+    """(chatbot, shown, stats, textbox) updates of the reply ``show`` added to the tree."""
+    if not plan or "reply" not in plan:   # begin refused it
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     session = getattr(request, "session_hash", None)
     stops = stops if stops is not None else StopSignals()
     stop = stops.watch(session)
     try:
-        async for update in _respond(pending, history, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                                     repetition_penalty, seed, mode, lang, toolbox, backend, stop, request):
+        async for update in _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k,
+                                     repetition_penalty, mode, lang, toolbox, backend, stop, request):
             yield update
     finally:
         stops.done(session)
 
 
-async def _respond(pending, history, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty,
-                   seed, mode, lang, toolbox, backend, stop: asyncio.Event, request):
-    history = list(history or [])
-    before = history[:-1]
+async def _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, mode,
+                   lang, toolbox, backend, stop: asyncio.Event, request):
+    reply_id, user_id = plan["reply"], plan["user_node"]
+    user = tree.nodes[user_id]
+    path = [node.id for node in tree.path()]
+    history = [m for node_id in path[:path.index(user_id)] for m in tree.nodes[node_id].messages]
+    message = user.messages[0]["content"]
+    seed = tree.nodes[reply_id].generation.get("seed")
+
+    def update(stats=gr.skip(), box=gr.skip(), streaming=True):
+        chat, shown = chat_update(tree, lang, True, reply_id if streaming else None)
+        return chat, shown, stats, box
 
     def given_back(error: str):
-        return _chat(before, True), text("error", lang, error=translate_error(error, lang)), gr.Textbox(value=pending)
+        """Nothing came: the turn is taken back (a new message returns to the input box)."""
+        if reply_id in tree.nodes:
+            tree.remove(user_id if "text" in plan else reply_id)
+        return update(text("error", lang, error=translate_error(error, lang)),
+                      gr.Textbox(value=plan["text"]) if "text" in plan else gr.skip(), False)
+
+    def ended(end, error=""):
+        tree.set_reply(reply_id, tree.nodes[reply_id].messages, end, error)
 
     try:
-        turn = await start_turn(backend, toolbox, pending, before, system_prompt, mode, request, lang,
+        turn = await start_turn(backend, toolbox, message, history, system_prompt, mode, request, lang,
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed)
     except (InvalidRequest, BackendBusy) as error:
@@ -253,47 +318,57 @@ async def _respond(pending, history, system_prompt, temperature, top_p, max_new_
         log.exception("chat request failed")
         yield given_back(text("server_error", lang))
         return
-    shown, stats = history, ""
+    got, stats = False, ""
     try:
         async with aclosing(turn) as updates:
-            async for update in _until_stopped(updates, stop):
-                if isinstance(update, Finished):
-                    if update.reason == "error":
-                        error = text("generation_failed", lang, error=translate_error(update.error, lang))
-                        if shown is history:   # nothing came: the message goes back to the box
-                            yield given_back(text("generation_failed", "en", error=update.error))
-                        else:
-                            yield _chat(mark(shown, "failed", lang, update.error), True), \
-                                text("error", lang, error=error), gr.skip()
-                    elif update.reason == "length":
-                        yield _chat(mark(shown, "length", lang), True), stats, gr.skip()
+            async for event in _until_stopped(updates, stop):
+                if isinstance(event, Finished):
+                    if event.reason == "error":
+                        if not got:   # nothing came: the message goes back to the box
+                            yield given_back(text("generation_failed", "en", error=event.error))
+                            return
+                        ended("failed", event.error)
+                        yield update(text("error", lang, error=text("generation_failed", lang,
+                                                                      error=translate_error(event.error, lang))),
+                                     streaming=False)
+                        return
+                    ended("length" if event.reason == "length" else None)
                     continue
-                reply, line = update
+                reply, line = event
                 if isinstance(reply, str):
-                    shown = history + [{"role": "assistant", "content": reply}] if reply else history
-                elif reply:
-                    shown = history + list(reply)
+                    messages = [{"role": "assistant", "content": reply}] if reply else []
+                else:
+                    messages = [dict(m) for m in reply]
+                if messages:
+                    got = True
+                    tree.set_reply(reply_id, messages, "interrupted")
                 # the line only when it changes: a refusal written there meanwhile stays readable
-                yield _chat(shown, True), line if line != stats else gr.skip(), gr.skip()
+                yield update(line if line != stats else gr.skip())
                 stats = line
+        if tree.nodes[reply_id].end == "interrupted":   # the stream ended without its Finished
+            ended(None)
+        yield update(streaming=False)
     except (InvalidRequest, BackendBusy) as error:   # refused when the stream began (too long, busy)
-        if shown is history:
+        if not got:
             yield given_back(str(error))
         else:
-            yield _chat(mark(shown, "failed", lang, str(error)), True), \
-                text("error", lang, error=translate_error(str(error), lang)), gr.skip()
+            ended("failed", str(error))
+            yield update(text("error", lang, error=translate_error(str(error), lang)), streaming=False)
     except Stopped:   # the generation was cancelled with the turn's stream (aclosing)
+        ended("stopped")
         waiting = stats.startswith("⏳")   # stopped while waiting for a slot: that line goes
-        yield _chat(mark(shown, "stopped", lang), True), "" if waiting else gr.skip(), gr.skip()
+        yield update("" if waiting else gr.skip(), streaming=False)
     except Exception:
         log.exception("chat request failed")
-        yield _chat(mark(shown, "failed", lang, text("server_error", lang)), True), \
-            text("error", lang, error=text("server_error", lang)), gr.skip()
+        ended("failed", text("server_error", lang))
+        yield update(text("error", lang, error=text("server_error", lang)), streaming=False)
 
 
-def finish(history):
-    """After ``respond`` (or its refusal): Send is back, the chat not busy, the conversation stored as it ended."""
-    return (gr.Chatbot(elem_classes=[]), *Controls.idle(), history if history else gr.skip())
+def finish(tree, lang):
+    """After ``respond`` (or its refusal): Send is back, the chat not busy. Outputs (chatbot, shown, busy, send,
+    stop); the page stores the conversation next."""
+    chat, shown = chat_update(tree, lang, False)
+    return (chat, shown, *Controls.idle())
 
 
 def stopper(stops: StopSignals):
@@ -302,22 +377,3 @@ def stopper(stops: StopSignals):
         stops.request(getattr(request, "session_hash", None))
 
     return stop
-
-
-def store_while_streaming(history, busy, lang):
-    """What the browser keeps after each change of the chat: mid-reply, the reply marked interrupted (a reload
-    then shows it so); an empty chat is never written (only Clear empties the stored conversation)."""
-    if not history:
-        return gr.skip()
-    return while_streaming(history, lang) if busy else history
-
-
-def clear(saved):
-    """Clear pressed (Gradio has emptied the chat): keep the conversation so that it can be brought back."""
-    return [], saved if saved else None, gr.Button(visible=bool(saved))
-
-
-def undo_clear(cleared):
-    if not cleared:
-        return gr.skip(), gr.skip(), None, gr.Button(visible=False)
-    return cleared, cleared, None, gr.Button(visible=False)

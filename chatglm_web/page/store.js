@@ -1,0 +1,55 @@
+// The browser half of the conversation list (the server half: chatglm_web/conversations/browser_store.py).
+// It only moves sealed text between localStorage and the page's events: the server seals and opens it.
+//   localStorage   chatglm-web:conversation:<id>  the sealed tree     chatglm-web:meta:<id>  its sealed title/time
+//   sessionStorage chatglm-web:tab                the conversation this tab shows (kept across a reload)
+// Clicks on a message's version links (#version:<node>:<step>) go to the server through a hidden button.
+window.chatglmStore = (() => {
+  const DATA = "chatglm-web:conversation:", META = "chatglm-web:meta:", TAB = "chatglm-web:tab";
+  const ids = () => Object.keys(localStorage).filter((k) => k.startsWith(META)).map((k) => k.slice(META.length));
+  const get = (key) => { try { return localStorage.getItem(key); } catch (e) { return null; } };
+  const store = {
+    tab: () => sessionStorage.getItem(TAB),
+    read: (id) => (id ? get(DATA + id) : null),
+    metas: () => ids().map((id) => [id, get(META + id), (get(DATA + id) || "").length + (get(META + id) || "").length]),
+    all: () => ids().map((id) => [id, get(DATA + id)]).filter((entry) => entry[1]),
+    // what a save sends: the stored copy of this tab's conversation (to merge) and the list
+    current: () => ({ data: store.read(store.tab()), metas: store.metas() }),
+    snapshot: () => {
+      const hash = location.hash || "";
+      return { data: store.read(store.tab()), metas: store.metas(), tab: store.tab(),
+               share: hash.startsWith("#share=") ? hash.slice(7) : null };
+    },
+    apply: (ops) => {
+      if (!ops || typeof ops !== "object") return [];
+      for (const id of ops.remove || []) { localStorage.removeItem(DATA + id); localStorage.removeItem(META + id); }
+      for (const [id, data, meta] of ops.put || []) {
+        try { localStorage.setItem(DATA + id, data); localStorage.setItem(META + id, meta); }
+        catch (error) { console.warn("chatglm-web: the browser refused to store a conversation", error); }
+      }
+      if (ops.tab) sessionStorage.setItem(TAB, ops.tab);
+      if (ops.leave_share && location.hash.startsWith("#share=")) history.replaceState(null, "", location.pathname + location.search);
+      return [];
+    },
+    pickFile: () => new Promise((resolve) => {
+      const input = Object.assign(document.createElement("input"), { type: "file", accept: ".json,application/json" });
+      input.addEventListener("change", () => {
+        const file = input.files && input.files[0];
+        if (!file) return resolve(null);
+        if (file.size > 8 * 1024 * 1024) return resolve({ error: "too_large", size: file.size });
+        file.text().then((text) => resolve({ text }), () => resolve(null));
+      });
+      input.addEventListener("cancel", () => resolve(null));
+      input.click();
+    }),
+    pendingVersion: null,
+  };
+  document.addEventListener("click", (event) => {
+    const link = event.target.closest && event.target.closest('#chatbot a[href^="#version:"]');
+    if (!link) return;
+    event.preventDefault();
+    event.stopPropagation();
+    store.pendingVersion = link.getAttribute("href").slice("#version:".length);
+    document.querySelector("#version-go")?.click();
+  }, true);
+  return store;
+})();
