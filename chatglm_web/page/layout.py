@@ -72,6 +72,7 @@ FOCUS_INPUT_JS = """() => {
   focus(600);
 }"""
 REFOCUS_JS = "() => { document.querySelector('#chat-input textarea')?.focus(); }"
+READONLY_CLASS = "readonly"
 VERSION_JS = "(request, ...rest) => [window.chatglmStore.pendingVersion, ...rest]"
 STORE_JS = Path(__file__).with_name("store.js").read_text(encoding="utf-8")
 
@@ -197,6 +198,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         p.deleted = gr.State(None)       # the conversation Delete took, until Undo or the next delete
         p.readonly = gr.State(False)     # a share link's view
         p.shared_about = gr.State({})    # what the shared conversation was made with
+        p.wide = gr.State(False)         # a wide window: the list stays open beside the chat (a sheet on phones)
         legacy = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)   # before the list: one conversation
         saved_settings = gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=secret)
         with gr.Group(visible=False):
@@ -248,8 +250,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             p.stats = gr.Markdown("", elem_id="reply-stats")
             version_go = gr.Button("versions", elem_id="version-go", elem_classes=["hidden-helper"])
 
-        with labels(gr.Sidebar(label=i18n("conversations"), open=True, position="left",
-                               elem_id="conversations-sidebar", width=280), label="conversations"):
+        with labels(gr.Sidebar(label=i18n("conversations"), open=False, position="left",
+                               elem_id="conversations-sidebar", width=280), label="conversations") as sidebar:
             new_chat = labels(gr.Button(i18n("new_chat"), variant="primary", elem_id="new-chat"), value="new_chat")
             p.search = labels(gr.Textbox(show_label=False, label=i18n("search_conversations"), container=False,
                                          placeholder=i18n("search_conversations"), elem_id="search-conversations"),
@@ -324,9 +326,13 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         showing = [p.tree, p.store_ops, p.title_box, p.undo_delete, p.share_link, p.conversation_list, *chat_outputs]
         switched = p.conversation_list.input(lists.switch, [p.conversation_list, p.stored_in, p.tree, p.busy, p.lang,
                                                             p.readonly], showing, js=READ_CHOSEN_JS, **quiet)
-        measuring(lists.writing(switched))
+        def close_on_phones(wide):   # on a phone the list is a sheet over the chat: it goes once a choice is made
+            return gr.skip() if wide else gr.Sidebar(open=False)
+
+        measuring(lists.writing(switched)).then(close_on_phones, [p.wide], [sidebar], **quiet)
         for trigger in (new_chat.click, chatbot.clear):
-            measuring(lists.writing(trigger(lists.new, [p.busy, p.lang, p.readonly], showing, **quiet)))
+            measuring(lists.writing(trigger(lists.new, [p.busy, p.lang, p.readonly], showing, **quiet))).then(
+                close_on_phones, [p.wide], [sidebar], **quiet)
         p.search.input(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
                        trigger_mode="always_last", **quiet)
         for trigger in (p.title_box.submit, p.title_box.blur):
@@ -388,7 +394,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             if system_prompt in updates and "value" in updates[system_prompt]:
                 stored["system_prompt"] = updates[system_prompt]["value"]
             chat, shown = turns.chat_update(tree, new, False)   # markers and version links in the new language
-            updates[chatbot] = gr.update(**{**updates[chatbot], "value": chat["value"]})
+            updates[chatbot] = gr.update(**{**updates[chatbot], "value": chat["value"],
+                                            "elem_classes": [READONLY_CLASS] if readonly else []})
             extra = {p.shown: shown,
                      p.conversation_list: list_update(rows or [], query, new, tree.id if tree is not None else None)}
             if readonly:
@@ -421,12 +428,16 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             found = _restored(store, sharing, snapshot, old_history, chosen)
             tree = found["tree"]
             chat, shown = turns.chat_update(tree, chosen, False)
-            updates[chatbot] = gr.update(**{**updates.get(chatbot, {}), "value": chat["value"]})
+            updates[chatbot] = gr.update(**{**updates.get(chatbot, {}), "value": chat["value"],
+                                            "elem_classes": [READONLY_CLASS] if found["about"] else []})
             rows = found["rows"]
+            wide = bool(snapshot.get("wide"))
             out = {p.lang: chosen, p.tree: tree, p.shown: shown, p.rows: rows, p.store_ops: found["ops"],
+                   p.wide: wide,
                    p.conversation_list: list_update(rows, "", chosen, tree.id),
                    p.list_note: found["note"] or count_line(store, rows, chosen),
                    p.title_box: gr.Textbox(value=tree.title), p.stats: found["error"], **updates}
+            out[sidebar] = gr.update(**{**updates.get(sidebar, {}), "open": wide})
             if found["migrated"]:
                 out[legacy] = None
             if found["about"]:
@@ -436,7 +447,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             return out
 
         loaded = page.load(restore, [p.stored_in, legacy, saved_settings],
-                           _unique([p.lang, p.tree, p.shown, p.rows, p.store_ops, p.conversation_list, p.list_note,
+                           _unique([p.lang, p.tree, p.shown, p.rows, p.store_ops, p.wide, sidebar, p.conversation_list,
+                                    p.list_note,
                                     p.title_box, p.stats, legacy, p.readonly, p.shared_about, p.share_banner,
                                     share_actions, composer_area, chatbot, *relabel_outputs, *settings]),
                            js=SNAPSHOT_JS, **quiet)

@@ -17,7 +17,7 @@ window.chatglmStore = (() => {
     snapshot: () => {
       const hash = location.hash || "";
       return { data: store.read(store.tab()), metas: store.metas(), tab: store.tab(),
-               share: hash.startsWith("#share=") ? hash.slice(7) : null };
+               share: hash.startsWith("#share=") ? hash.slice(7) : null, wide: window.innerWidth > 900 };
     },
     apply: (ops) => {
       if (!ops || typeof ops !== "object") return [];

@@ -79,6 +79,10 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #chatbot.busy button[aria-label="Retry"], #chatbot.busy button[aria-label="Undo"],
 #chatbot.busy button[aria-label="Edit"], #chatbot.busy button[aria-label="Clear"] {
   pointer-events: none; opacity: 0.35; }
+/* a shared conversation is read-only: only Copy stays */
+#chatbot.readonly button[aria-label="Retry"], #chatbot.readonly button[aria-label="Undo"],
+#chatbot.readonly button[aria-label="Edit"], #chatbot.readonly button[aria-label="Clear"],
+#chatbot.readonly .version-nav a { display: none !important; }
 
 /* the chat's own buttons (Clear) get a row of their own instead of floating over the messages */
 #chatbot .wrapper > .icon-button-wrapper.top-panel { position: static !important; display: flex; align-self: flex-end;
