@@ -1,6 +1,7 @@
 """Take the README screenshots: start the app in-process, hold a short conversation in headless
 Chromium in each view (desktop 1280×800 / phone 390×844, English / Chinese, light / dark) and save
-the page as PNGs.
+the page as PNGs. Each view first holds an earlier conversation (so the list has two), and retries the
+last reply (so it shows its versions, ‹ 2 / 2 ›).
 
     python tools/screenshot.py                       # offline demo model (SmolLM2), assets/screenshots/*.png
     python tools/screenshot.py --model /path/to/chatglm3-6b --output /tmp/shots
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 QUESTIONS = {"en": ["What is the capital of France?", "Name two famous museums there."],
              "zh": ["法国的首都是哪里？", "那里有哪两座著名的博物馆？"]}
+EARLIER = {"en": "Write a haiku about autumn.", "zh": "写一首关于秋天的俳句。"}
 VIEWS = ["desktop-en-light", "desktop-zh-dark", "phone-en-dark", "phone-zh-light"]
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
 LOCALES = {"en": "en-US", "zh": "zh-CN"}
@@ -130,12 +132,23 @@ def main(argv=None) -> None:
                 if system_prompt is not None:
                     controls["system-prompt"] = system_prompt
                 set_controls(page, controls)
-                for question in args.questions or QUESTIONS[lang]:
+
+                def ask(question):
                     logging.info("%s: asking %s", view, question)
                     before = sum(backend.engine.finished.values())
                     page.locator("#chat-input textarea").fill(question)
                     page.locator("#chat-input textarea").press("Enter")
                     wait_for_reply(page, backend.engine, before, args.timeout)
+
+                ask(EARLIER[lang])
+                page.locator("#chatbot button[aria-label='Clear']").click()   # a new conversation; that one is listed
+                page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=bot]')", timeout=30_000)
+                for question in args.questions or QUESTIONS[lang]:
+                    ask(question)
+                before = sum(backend.engine.finished.values())
+                page.locator("#chatbot button[aria-label='Retry']").last.click()   # a second version of the reply
+                wait_for_reply(page, backend.engine, before, args.timeout)
+                page.wait_for_function("() => !!document.querySelector('#chatbot .version-nav')", timeout=30_000)
                 page.mouse.move(0, 0)  # no hover effects in the picture
                 page.locator("#chat-input textarea").blur()
                 page.wait_for_timeout(500)

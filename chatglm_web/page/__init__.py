@@ -1,14 +1,18 @@
 """The Gradio page: what a visitor sees and does. Nothing here knows a model family.
 
 ``layout``   the page, composed from public Gradio Blocks parts; ``build_page`` and ``launch_kwargs``
-``turns``    send, stop, retry, undo, edit, clear: the page's turn controls as plain functions
+``turns``    send, stop, retry, undo, edit, version links: the page's turn controls as plain functions
 ``chat``     one turn from the page's inputs to streamed updates, and the ``/chat`` API endpoint
+``conversation_view``  a conversation tree as the chat shows it (markers, ‹ 2 / 3 › version links)
+``conversation_list``  the list in the sidebar, and saving (``store.js`` is its browser half)
+``sharing``  share links, the read-only view, Replay
+``meter``    the token meter and the exact prompt
 ``markers``  how a reply ended (stopped, cut off, failed, interrupted), kept with the conversation
 ``strings``  every string in English and Chinese (``gr.I18n`` and the server's own lookups)
 ``style``    the page's CSS (layout, contrast, touch targets, message containment)
 
 May import the backend interface (``generation``), ``agent``, ``steps``, ``toolbox``, ``transcript``,
-``branding`` and ``browser_secret``; nothing imports the page but ``server``.
+``conversations``, ``branding`` and ``browser_secret``; nothing imports the page but ``server``.
 """
 
 from .chat import conversation, stats_markdown

@@ -1,19 +1,26 @@
 """The chat page, composed from public Gradio Blocks parts. It knows nothing about models: it talks to a
 ``ChatBackend`` and shows its ``ModelInfo``.
 
+    list (left; open beside the chat on wide windows, a sheet on phones): New, search, the conversations,
+    │   this conversation (title, share link, delete, downloads), export all, import
     ┌ top bar: the model that answers (name, precision · device · context) ····· [中文] [⚙ Settings] ┐
-    │ banner, only for the offline demo model                                                         │
+    │ banner, only for the offline demo model; a shared conversation's banner, Replay, Continue       │
     │ the chat (the page's one scroll; examples in the visitor's language while it is empty)          │
     │ [ message box, focused on load ..................................... ] [Send | Stop]           │
+    │ token meter ·································································· [What the model sees] │
     └ statistics line / errors                                                                        ┘
-    drawer (right; a sheet on phones): about the model, mode, system prompt, sampling, downloads
+    drawer (right; a sheet on phones): about the model, mode, system prompt, sampling, the exact prompt
 
-In the DOM the message box comes right after the top bar's two buttons (CSS puts it under the chat),
-so it is the third Tab stop from the top of the page, ahead of every message's buttons.
+In the DOM the message box comes right after the top bar's two buttons (CSS puts it under the chat, and
+the list is declared after the chat), so it is the third Tab stop from the top of the page.
+
+State: the tab's conversation is a tree on the server (``p.tree``, ``conversations/tree.py``); the chat
+shows it (``conversation_view.py``). Every change ends with ``ConversationList.saving``: the browser's
+stored copy is read (``store.js``), merged, sealed and written back, one conversation per entry.
 
 Language: labels are ``gr.I18n`` keys (the browser's language on first paint); the page's own texts and
 the language switch use ``strings.text`` (every component re-labelled). Settings and the language are
-kept in the browser with the conversation (``gr.BrowserState``, encrypted), and restored on load.
+kept in the browser (``gr.BrowserState``, encrypted), and restored on load.
 """
 
 from __future__ import annotations
