@@ -252,7 +252,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                                         height="100%", latex_delimiters=LATEX, buttons=["copy"], sanitize_html=True,
                                         render_markdown=True, editable="user", feedback_options=None,
                                         placeholder=text("empty_chat", "en"), examples=examples(CHAT, "en"),
-                                        autoscroll=True),
+                                        autoscroll=True, group_consecutive_messages=False),
                              label="chat_label", placeholder="empty_chat")
             p.stats = gr.Markdown("", elem_id="reply-stats")
             version_go = gr.Button("versions", elem_id="version-go", elem_classes=["hidden-helper"])

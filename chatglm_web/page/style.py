@@ -62,8 +62,13 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 .version-nav a { text-decoration: none; padding: 2px 8px; border-radius: 6px; }
 .version-nav a:hover, .version-nav a:focus-visible { background: var(--background-fill-secondary); }
 .version-nav .nav-end { padding: 2px 8px; opacity: 0.35; }
-#chatbot .message-row:has(.version-nav) .message-buttons, #chatbot .message-wrap :has(> .version-nav) + .message-buttons
-  { display: none !important; }
+/* a message's version links: a plain line under it, not a bubble of its own, without Copy and Edit (Retry and
+   Undo stay: under the last message they are the chat's own) */
+#chatbot .message:has(.version-nav), #chatbot .message:has(.version-nav) > div { background: transparent !important;
+  border: none !important; box-shadow: none !important; padding: 0 !important; min-height: 0 !important; }
+#chatbot .message-row:has(.version-nav) { margin-top: -6px !important; margin-bottom: 0 !important; }
+#chatbot .message-row:has(.version-nav) + .message-buttons button[aria-label="Copy message"],
+#chatbot .message-row:has(.version-nav) + .message-buttons button[aria-label="Edit"] { display: none !important; }
 #conversation-list { max-height: 50vh; overflow-y: auto; }
 #conversation-list .wrap { display: flex; flex-direction: column; gap: 2px; }
 #conversation-list label { width: 100%; justify-content: flex-start; border-radius: 8px; padding: 6px 10px; }
