@@ -932,3 +932,37 @@ def test_node_at_finds_the_node_of_a_chat_message():
     assert node_at(tree, shown, "0") is None and node_at(None, shown, 0) is None
     tree.remove(tree.path()[2].id)
     assert node_at(tree, shown, len(shown) - 1) is None        # the chat shows what the tree no longer has
+
+
+def test_the_limits_the_readme_states_are_the_ones_in_force():
+    """README "Conversations" names the bounds a visitor meets; they are the defaults the page runs with."""
+    from pathlib import Path
+
+    from chatglm_web.conversations import browser_store, share
+    from chatglm_web.page.conversation_list import MAX_IMPORT_BYTES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Conversations"):readme.index("## Security model")]
+    store = BrowserStore("secret")
+    assert f"At most {store.max_conversations} conversations" in section
+    assert f"{store.max_chars / 1_000_000:.1f} MB of sealed text per browser" in section
+    assert f"one\nconversation at most {store.max_conversation_chars / 1_000_000:.1f} MB" in section
+    assert f"would pass {ShareLinks('secret').max_chars:,} characters" in section
+    assert (store.max_conversations, store.max_chars) == (browser_store.MAX_CONVERSATIONS,
+                                                         browser_store.MAX_STORED_CHARS)
+    assert share.MAX_TOKEN_CHARS == 32_000 and MAX_IMPORT_BYTES == 8 * 1024 * 1024
+
+
+def test_a_conversation_at_the_default_per_conversation_bound_is_refused_and_the_list_is_kept():
+    """With the page's own bounds: a conversation whose sealed text passes 1.5 MB is not put (nothing stored is
+    dropped for it), while a normal one beside it is stored."""
+    store = BrowserStore("secret")
+    big = Conversation()
+    reply = big.add_reply(big.add_user(ROOT, "dump").id)
+    big.set_reply(reply.id, [{"role": "assistant", "content": secrets.token_urlsafe(1_200_000)}])   # hardly compressible
+    small = Conversation()
+    small.add_user(ROOT, "hello")
+    kept = store.save(small, {})
+    saved = store.save(big, {"metas": kept.ops["put"] and [[small.id, kept.ops["put"][0][2], 100]]})
+    assert saved.too_large and saved.ops["put"] == [] and saved.ops["remove"] == []
+    assert [row.id for row in saved.rows] == [small.id]
