@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 QUESTIONS = {"en": ["What is the capital of France?", "Name two famous museums there."],
              "zh": ["法国的首都是哪里？", "那里有哪两座著名的博物馆？"]}
+CLEAR = "#chatbot button[aria-label='Clear'], #chatbot button[aria-label='清空对话']"
+RETRY = "#chatbot button[aria-label='Retry'], #chatbot button[aria-label='重试']"
 EARLIER = {"en": "Write a haiku about autumn.", "zh": "写一首关于秋天的俳句。"}
 VIEWS = ["desktop-en-light", "desktop-zh-dark", "phone-en-dark", "phone-zh-light"]
 SIZES = {"desktop": (1280, 800), "phone": (390, 844)}
@@ -141,12 +143,12 @@ def main(argv=None) -> None:
                     wait_for_reply(page, backend.engine, before, args.timeout)
 
                 ask(EARLIER[lang])
-                page.locator("#chatbot button[aria-label='Clear']").click()   # a new conversation; that one is listed
+                page.locator(CLEAR).click()   # a new conversation; that one is listed
                 page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=bot]')", timeout=30_000)
                 for question in args.questions or QUESTIONS[lang]:
                     ask(question)
                 before = sum(backend.engine.finished.values())
-                page.locator("#chatbot button[aria-label='Retry']").last.click()   # a second version of the reply
+                page.locator(RETRY).last.click()   # a second version of the reply
                 wait_for_reply(page, backend.engine, before, args.timeout)
                 page.wait_for_function("() => !!document.querySelector('#chatbot .version-nav')", timeout=30_000)
                 page.mouse.move(0, 0)  # no hover effects in the picture

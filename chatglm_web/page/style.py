@@ -10,6 +10,15 @@
   the page.
 """
 
+#: The chat's own buttons, by their accessible names in each language Gradio's front end labels them in.
+CHAT_BUTTONS = {"retry": ("Retry", "重试"), "undo": ("Undo", "撤销"), "edit": ("Edit", "编辑"),
+                "clear": ("Clear", "清空对话")}
+
+
+def _buttons(prefix: str, *names: str) -> str:
+    return ",\n".join(f'{prefix} button[aria-label="{label}"]' for name in names for label in CHAT_BUTTONS[name])
+
+
 PAGE_CSS = """
 html, body { height: 100%; }
 body { overflow: hidden; }
@@ -68,7 +77,8 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
   border: none !important; box-shadow: none !important; padding: 0 !important; min-height: 0 !important; }
 #chatbot .message-row:has(.version-nav) { margin-top: -6px !important; margin-bottom: 0 !important; }
 #chatbot .message-row:has(.version-nav) + .message-buttons button[aria-label="Copy message"],
-#chatbot .message-row:has(.version-nav) + .message-buttons button[aria-label="Edit"] { display: none !important; }
+#chatbot .message-row:has(.version-nav) + .message-buttons button[title="Copy message"],
+{nav_edit} { display: none !important; }
 #conversation-list { max-height: 50vh; overflow-y: auto; }
 #conversation-list .wrap { display: flex; flex-direction: column; gap: 2px; }
 #conversation-list label { width: 100%; justify-content: flex-start; border-radius: 8px; padding: 6px 10px; }
@@ -81,12 +91,10 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #chat-input textarea { border: 1px solid var(--border-color-primary) !important; border-radius: 12px !important;
   padding: 10px 12px !important; }
 
-#chatbot.busy button[aria-label="Retry"], #chatbot.busy button[aria-label="Undo"],
-#chatbot.busy button[aria-label="Edit"], #chatbot.busy button[aria-label="Clear"] {
+{busy} {
   pointer-events: none; opacity: 0.35; }
 /* a shared conversation is read-only: only Copy stays */
-#chatbot.readonly button[aria-label="Retry"], #chatbot.readonly button[aria-label="Undo"],
-#chatbot.readonly button[aria-label="Edit"], #chatbot.readonly button[aria-label="Clear"],
+{readonly},
 #chatbot.readonly .version-nav a { display: none !important; }
 
 /* the chat's own buttons (Clear) get a row of their own instead of floating over the messages */
@@ -107,4 +115,6 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
   #settings-drawer input[type="number"], #settings-drawer button { min-height: 32px !important; }
   #settings-drawer input[type="range"] { padding: 10px 0 !important; box-sizing: content-box !important; }
 }
-"""
+""".replace("{nav_edit}", _buttons("#chatbot .message-row:has(.version-nav) + .message-buttons", "edit")) \
+    .replace("{busy}", _buttons("#chatbot.busy", "retry", "undo", "edit", "clear")) \
+    .replace("{readonly}", _buttons("#chatbot.readonly", "retry", "undo", "edit", "clear"))
