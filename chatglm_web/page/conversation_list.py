@@ -95,6 +95,12 @@ class ConversationList:
     def writing(self, dependency):
         return dependency.then(None, [self.p.store_ops], None, js=APPLY_JS, **QUIET)
 
+    def refresh(self, stored, tree, lang, query):
+        """The list read again (another tab changed it). Outputs (rows, list, note)."""
+        rows = rows_state(self.store.rows((stored or {}).get("metas")))
+        return rows, list_update(rows, query, lang, tree.id if tree is not None else None), \
+            count_line(self.store, rows, lang)
+
     # -- the list's own steps ------------------------------------------------------------------------------------
     def switch(self, chosen, stored, tree, busy, lang, readonly):
         """Show the conversation chosen in the list. Outputs (tree, ops, title, deleted-undo, *chat updates)."""

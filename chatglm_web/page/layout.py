@@ -46,7 +46,7 @@ from ..toolbox import CHAT, INTERPRETER, TOOLS
 from ..transcript import remove_legacy_downloads, to_markdown
 from . import turns
 from .chat import make_chat_fn
-from .conversation_list import (ALL_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
+from .conversation_list import (ALL_JS, CURRENT_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
                                 list_update, rows_state, saved_note)
 from .conversation_view import is_nav, view
 from .meter import DEBOUNCE_JS, make_meter
@@ -256,6 +256,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                              label="chat_label", placeholder="empty_chat")
             p.stats = gr.Markdown("", elem_id="reply-stats")
             version_go = gr.Button("versions", elem_id="version-go", elem_classes=["hidden-helper"])
+            list_refresh = gr.Button("list", elem_id="list-refresh", elem_classes=["hidden-helper"])
 
         with labels(gr.Sidebar(label=i18n("conversations"), open=False, position="left",
                                elem_id="conversations-sidebar", width=280), label="conversations") as sidebar:
@@ -340,6 +341,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         for trigger in (new_chat.click, chatbot.clear):
             measuring(lists.writing(trigger(lists.new, [p.busy, p.lang, p.readonly], showing, **quiet))).then(
                 close_on_phones, [p.wide], [sidebar], **quiet)
+        list_refresh.click(lists.refresh, [p.stored_in, p.tree, p.lang, p.search], [p.rows, p.conversation_list,
+                                                                                  p.list_note], js=CURRENT_JS, **quiet)
         p.search.input(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
                        trigger_mode="always_last", **quiet)
         for trigger in (p.title_box.submit, p.title_box.blur):

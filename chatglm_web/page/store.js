@@ -51,5 +51,12 @@ window.chatglmStore = (() => {
     store.pendingVersion = link.getAttribute("href").slice("#version:".length);
     document.querySelector("#version-go")?.click();
   }, true);
+  // another tab changed the list: this tab's list is read again (once the burst of writes is over)
+  let refresh = null;
+  window.addEventListener("storage", (event) => {
+    if (event.key !== null && !event.key.startsWith(META)) return;
+    clearTimeout(refresh);
+    refresh = setTimeout(() => document.querySelector("#list-refresh")?.click(), 300);
+  });
   return store;
 })();
