@@ -4,12 +4,16 @@ Gradio draws a random key per process when none is given; after a restart or an 
 conversation could no longer be decrypted and was lost. The key comes from ``$CHATGLM_WEB_STATE_SECRET``
 when set, else from a file created once in the app's cache directory and read by every later start.
 
-The key travels to the browser in the page's configuration (Gradio encrypts in the browser): it keeps
-one app's stored data apart from another's, it is not a password.
+The key never leaves the server: it seals the conversations kept in browsers and the share links
+(``conversations/sealed.py``), so whoever had it could forge both. Gradio serves a ``gr.BrowserState``'s
+secret to every visitor in the page's configuration; the page's settings BrowserState gets
+``browser_state_key(secret)``, derived one way from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import secrets
@@ -30,6 +34,11 @@ def take_from_environ() -> bool:
     if value is not None:
         _taken = value
     return value is not None
+
+
+def browser_state_key(secret: str) -> str:
+    """The key for a ``gr.BrowserState`` (served to every visitor): nothing about ``secret`` follows from it."""
+    return hmac.new(secret.encode(), b"chatglm-web/gradio-browser-state", hashlib.sha256).hexdigest()
 
 
 def secret_path(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -3,7 +3,9 @@
     GET  /v1/models             the one model
     POST /v1/chat/completions   streamed (SSE) or not; temperature, top_p, max_tokens, seed, stop,
                                 plus top_k and repetition_penalty; ``usage`` in the reply; ``tools``
-                                and ``tool_choice`` ("auto" / "none"): see ``api_tools.py``
+                                and ``tool_choice`` ("auto" / "none"): see ``api_tools.py``; documents as
+                                user messages' ``file`` parts, reported in a ``documents`` field: see
+                                ``api_documents.py``
     GET  /healthz               200 when the model is loaded (or the backend reachable) and the engine alive
     GET  /metrics               Prometheus text format
 
@@ -38,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from . import strict_json
+from .api_documents import attach_documents
 from .api_tools import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
 from .generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
 from .http_guard import HttpGuard, LoginThrottle, body_limit, failed_logins_message
@@ -161,14 +164,21 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
         authorize(request)
         raw = await request.body()  # at most http_guard.body_limit() bytes: HttpGuard stops a longer one
         chat, params, tools, messages = await run_in_threadpool(parse_chat_request, raw, max_new_tokens)
+        try:
+            attached = await attach_documents(backend, chat.messages, tools, params)
+        except (InvalidRequest, BackendBusy) as error:
+            raise _request_error(error) from None
+        extra = {}
+        if attached is not None:
+            messages, extra = attached.messages, {"documents": attached.report}
         stream = backend.stream_chat(messages, params)
         first = await _first_event(stream)  # bad input or busy is an HTTP error, not a broken stream
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_sse(stream, first, completion_id, model_id, include_usage, bool(tools)),
+            return StreamingResponse(_sse(stream, first, completion_id, model_id, include_usage, bool(tools), extra),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _complete(stream, first, completion_id, model_id, bool(tools))
+        return await _complete(stream, first, completion_id, model_id, bool(tools), extra)
 
     @router.get("/healthz")
     async def healthz():
@@ -245,14 +255,18 @@ async def _first_event(stream):
     """The stream's first event; InvalidRequest/BackendBusy become API errors (nothing was sent yet)."""
     try:
         return await anext(stream)
-    except InvalidRequest as error:
+    except (InvalidRequest, BackendBusy) as error:
         await stream.aclose()
-        raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
-    except BackendBusy as error:
-        await stream.aclose()
-        raise APIError(429, str(error), kind="server_busy", code="server_busy") from None
+        raise _request_error(error) from None
     except StopAsyncIteration:
         raise APIError(500, "the backend ended without a reply", kind="server_error") from None
+
+
+def _request_error(error: InvalidRequest | BackendBusy) -> APIError:
+    """A request refused before anything was sent: 400 for bad input, 429 when busy."""
+    if isinstance(error, BackendBusy):
+        return APIError(429, str(error), kind="server_busy", code="server_busy")
+    return APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param))
 
 
 def _api_wording(message: str) -> str:
@@ -273,7 +287,7 @@ async def _events(stream, first):
             yield event
 
 
-async def _complete(stream, first, completion_id: str, model_id: str, tools: bool) -> JSONResponse:
+async def _complete(stream, first, completion_id: str, model_id: str, tools: bool, extra: dict) -> JSONResponse:
     reply, done = ReplyParts(), None
     async for event in _events(stream, first):
         reply.add(event)
@@ -291,12 +305,14 @@ async def _complete(stream, first, completion_id: str, model_id: str, tools: boo
     return JSONResponse({
         "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
-        "usage": _usage(done),
+        "usage": _usage(done), **extra,
     })
 
 
-async def _sse(stream, first, completion_id: str, model_id: str, include_usage: bool, tools: bool = False):
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation.
+async def _sse(stream, first, completion_id: str, model_id: str, include_usage: bool, tools: bool = False,
+               extra: dict | None = None):
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation. The first
+    chunk also carries ``extra`` (the request's ``documents``).
 
     With ``tools``, the text of a ChatGLM3 message that is a call (a metadata line came first) is held
     back and sent at the end as one ``tool_calls`` delta (finish reason ``tool_calls``)."""
@@ -307,7 +323,7 @@ async def _sse(stream, first, completion_id: str, model_id: str, include_usage: 
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"role": "assistant", "content": ""}, **(extra or {}))
     reply = ReplyParts()
     async for event in _events(stream, first):
         reply.add(event)

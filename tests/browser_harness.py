@@ -9,9 +9,16 @@ Selectors (Gradio 6.31 DOM, chatglm_web/page/layout.py):
   * Retry / Undo / Clear / Edit: ``#chatbot button[aria-label="Retry"|"Undo"|"Clear"|"Edit"]``.
   * Send / Stop: ``#send`` / ``#stop`` (one of them is shown); the message box ``#chat-input textarea``.
   * The drawer ``#settings-drawer`` (``#open-settings`` opens it): ``#max-new-tokens``, ``#seed``, ``#mode``,
-    ``#system-prompt``, the downloads.
+    ``#system-prompt``, ``#prompt-accordion`` (``#view-prompt`` under the message box opens it).
   * The statistics line and errors (prefixed "⚠️", never a toast): ``#reply-stats``.
-  * After Clear: ``#undo-clear``.
+  * The conversation list, the left sidebar ``#conversations-sidebar`` (open beside the chat on a window wider
+    than 900 px, a sheet on phones): ``#new-chat``, ``#search-conversations``, ``#conversation-list`` (one
+    radio per conversation, labelled with its title), ``#undo-delete``; this conversation's ``#conversation-title``,
+    ``#share``, ``#delete-conversation``, ``#download-md``, ``#download-json``. Clear (the chat's trash button)
+    starts a new conversation; the old one stays in the list.
+  * What the page keeps (``chatglm_web/page/store.js``): each conversation sealed in localStorage
+    (``chatglm-web:conversation:<id>``, ``chatglm-web:meta:<id>``), this tab's conversation id in
+    sessionStorage (``chatglm-web:tab``).
 """
 
 from __future__ import annotations
@@ -24,9 +31,9 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from chatglm_web.branding import load_branding
-from chatglm_web.page import STORAGE_KEY
+from chatglm_web.page import STORAGE_KEY  # noqa: F401  (where pages before the list kept their one conversation)
 from waiting import wait_until  # noqa: F401  (the browser tests import it from here)
-from chatglm_web.page.markers import marker
+from chatglm_web.page.markers import is_marker, marker
 from chatglm_web.page.strings import STRINGS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,7 +46,13 @@ SEND = "#send"
 STOP = "#stop"
 OPEN_SETTINGS = "#open-settings"
 DRAWER = "#settings-drawer"
-UNDO_CLEAR = "#undo-clear"
+SIDEBAR = "#conversations-sidebar"
+NEW_CHAT = "#new-chat"
+CONVERSATION_LIST = "#conversation-list"
+UNDO_DELETE = "#undo-delete"
+DELETE = "#delete-conversation"
+#: store.js's keys
+CONVERSATION_PREFIX, META_PREFIX, TAB_KEY = "chatglm-web:conversation:", "chatglm-web:meta:", "chatglm-web:tab"
 MAX_NEW_TOKENS = '#max-new-tokens input[data-testid="number-input"]'
 RETRY = '#chatbot button[aria-label="Retry"]'
 UNDO = '#chatbot button[aria-label="Undo"]'
@@ -48,6 +61,8 @@ EDIT = '#chatbot button[aria-label="Edit"]'
 STATS = "#reply-stats"
 SEED = "#seed input"
 TOAST = ".toast-body"
+#: the ‹ n / m › links after a message with several versions (a message of its own, after it)
+VERSION_NAV = "#chatbot .version-nav"
 MESSAGES = '#chatbot [data-testid="user"], #chatbot [data-testid="bot"]'
 #: how a reply ended, as the raw text of the bot message after it (English)
 STOPPED = marker("stopped", "en")["content"]
@@ -240,8 +255,57 @@ def wait_for_replies(page, server, before: int, count: int = 1):
 
 
 def saved_conversation(page) -> str:
-    """The conversation as gr.BrowserState stored it (encrypted: only its length and changes tell)."""
-    return page.evaluate("key => localStorage.getItem(key)", STORAGE_KEY) or ""
+    """This tab's conversation as store.js keeps it (sealed: only its length and changes tell); "" when none is."""
+    return page.evaluate("""([tab, prefix]) => {
+      const id = sessionStorage.getItem(tab);
+      return id ? localStorage.getItem(prefix + id) : null;
+    }""", [TAB_KEY, CONVERSATION_PREFIX]) or ""
+
+
+def tab_conversation(page) -> str | None:
+    """The id of the conversation this tab shows (store.js keeps it across a reload)."""
+    return page.evaluate("key => sessionStorage.getItem(key)", TAB_KEY)
+
+
+def stored_conversations(page) -> dict[str, str]:
+    """Every conversation entry in localStorage: id -> sealed text."""
+    return page.evaluate("""(prefix) => Object.fromEntries(Object.keys(localStorage).filter(k => k.startsWith(prefix))
+      .map(k => [k.slice(prefix.length), localStorage.getItem(k)]))""", CONVERSATION_PREFIX)
+
+
+def listed(page) -> list[str]:
+    """The titles in the conversation list, as shown (newest first)."""
+    return [t.strip() for t in page.locator(f"{CONVERSATION_LIST} label").all_inner_texts()]
+
+
+def chosen(page) -> str | None:
+    """The title of the conversation the list marks as this tab's (None when none is)."""
+    found = page.locator(f"{CONVERSATION_LIST} label.selected")
+    return found.inner_text().strip() if found.count() else None
+
+
+def sidebar_is_open(page) -> bool:
+    """Whether the conversation list is in view (closed, it lies beside the viewport, like the drawer)."""
+    return page.locator(SIDEBAR).evaluate(
+        "el => { const r = el.getBoundingClientRect(); return r.width > 0 && r.right > 0 && r.left < innerWidth; }")
+
+
+def open_conversations(page):
+    """Open the conversation list (on a wide window it is open already) and wait until it has slid in."""
+    if not sidebar_is_open(page):
+        page.locator(f"{SIDEBAR} button.toggle-button").click()
+    page.wait_for_function("""(selector) => {
+      const box = document.querySelector(selector).getBoundingClientRect();
+      return box.width > 0 && box.left >= 0 && box.right <= window.innerWidth + 1;
+    }""", arg=SIDEBAR)
+    settle(page)
+
+
+def pick_conversation(page, title: str):
+    """Choose the conversation ``title`` in the list and wait until the chat shows it."""
+    open_conversations(page)
+    page.locator(f"{CONVERSATION_LIST} label", has_text=title).click()
+    expect(page.locator(f"{CONVERSATION_LIST} label.selected")).to_have_text(title)
 
 
 def wait_for_saved_conversation(page, previous: str, timeout: float = 3.0):
@@ -286,9 +350,18 @@ def inside(inner: dict, outer: dict, slack: float = 1.0) -> bool:
             and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + slack)
 
 
+def is_version_nav(text: str) -> bool:
+    return text.startswith('<span class="version-nav"')
+
+
+def without_version_navs(texts: list[str]) -> list[str]:
+    """The messages without the version links' messages."""
+    return [text for text in texts if not is_version_nav(text)]
+
+
 def replies(bots: list[str]) -> list[str]:
-    """The bot messages that are replies (not how a reply ended)."""
-    return [text for text in bots if text not in (STOPPED, CUT_OFF)]
+    """The bot messages that are replies (not how a reply ended, nor version links)."""
+    return [text for text in without_version_navs(bots) if not is_marker(text)]
 
 
 def short_exchange(page, server, text: str, max_new_tokens: int = 8):

@@ -313,46 +313,294 @@ def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]
     raise AssertionError(f"the event stream ended before the event completed: {seen}")
 
 
+def _followers(config: dict, parent_id: int) -> list[int]:
+    return [i for i, dep in enumerate(config["dependencies"]) if dep["trigger_after"] == parent_id]
+
+
 def page_turn_handlers(config: dict) -> dict[str, int]:
     """The page's handlers of a turn started with Enter in the message box: begin (no queue: checks the
-    message, keeps it in States), show (no queue: the message in the chat, Stop), respond (queued: the reply),
-    finish (no queue: Send back, the conversation stored)."""
+    message, outputs the plan), show (no queue: the message in the tree and the chat, Stop), respond (queued:
+    the reply), finish (no queue: Send back); between them the steps that store the conversation."""
     [textbox] = [c["id"] for c in config["components"] if c["props"].get("elem_id") == "chat-input"]
     [begin] = [i for i, dep in enumerate(config["dependencies"])
                if [textbox, "submit"] in dep["targets"] and dep.get("backend_fn")]
-    dependencies = {dep["id"]: (i, dep) for i, dep in enumerate(config["dependencies"])}
+    chain, index = [begin], begin
+    while True:   # the steps that follow when begin succeeded, in order (a refusal's failure step left out)
+        found = [i for i in _followers(config, config["dependencies"][index]["id"])
+                 if not config["dependencies"][i]["trigger_only_on_failure"]]
+        if not found:
+            break
+        assert len(found) == 1, f"{len(found)} steps after step {index}"
+        index = found[0]
+        chain.append(index)
+    backend = [i for i in chain if config["dependencies"][i]["backend_fn"]]
+    [respond] = [i for i in backend if config["dependencies"][i].get("queue") is not False]
+    return {"begin": begin, "show": backend[1], "respond": respond, "finish": backend[backend.index(respond) + 1]}
 
-    def after(index: int) -> int:
-        parent = config["dependencies"][index]["id"]
-        found = [i for i, dep in dependencies.values() if dep["trigger_after"] == parent and dep["backend_fn"]
-                 and not dep["trigger_only_on_failure"]]
-        assert len(found) == 1, f"{len(found)} steps after step {parent}"
-        return found[0]
 
-    show = after(begin)
-    respond = after(show)
-    return {"begin": begin, "show": show, "respond": respond, "finish": after(respond)}
+# -- the page as a browser drives it -------------------------------------------------------------------------------
+
+#: localStorage / sessionStorage keys of ``chatglm_web/page/store.js``
+CONVERSATION_PREFIX, META_PREFIX, TAB_KEY = "chatglm-web:conversation:", "chatglm-web:meta:", "chatglm-web:tab"
+
+
+def _value(output):
+    """What an output of a handler sets: an update's value (``NOTHING`` when it leaves the value as it is)."""
+    if isinstance(output, dict) and output.get("__type__") == "update":
+        return output.get("value", NOTHING)
+    return output
+
+
+NOTHING = object()
+
+
+@dataclass
+class Step:
+    index: int            # the dependency's index in the page's config (its fn_index)
+    ok: bool              # whether it succeeded (a refusal is an error the page's failure step explains)
+    data: list | None     # its outputs, as the browser got them (None for a front-end step)
+    response: object = None   # the HTTP response (unqueued) or the event stream's messages (queued)
+    updates: list = field(default_factory=list)   # a queued step's streamed outputs, each in full
+
+
+class PageClient:
+    """One browser tab on the page, over Gradio's HTTP API: every handler is called as the front end calls it,
+    with the values the page shows, and the part of ``store.js`` (``localStorage`` and this tab's
+    ``sessionStorage`` entry, read before a step and written after one) played by two plain dicts. The
+    server reads them exactly as it reads a browser's, so a test can also put anything there."""
+
+    def __init__(self, http, session_hash: str | None = None, *, config: dict | None = None,
+                 local: dict | None = None, wide: bool = True):
+        import uuid
+
+        from chatglm_web.page.conversation_list import APPLY_JS
+
+        self.http = http
+        self.session = session_hash or uuid.uuid4().hex
+        self.config = config if config is not None else page_config(http)
+        self.components = {c["id"]: c for c in self.config["components"]}
+        self.dependencies = self.config["dependencies"]
+        self.local: dict[str, str] = local if local is not None else {}   # localStorage, shared by a browser's tabs
+        self.tab: str | None = None                                        # sessionStorage chatglm-web:tab
+        self.wide = wide
+        self.values: dict[int, object] = {}   # what the page shows now, where a handler or the visitor set it
+        self.props: dict[int, dict] = {}      # the other properties handlers set (a list's choices, visible ...)
+        self.apply_js = APPLY_JS
+        [self.store_ops] = {dep["inputs"][0] for dep in self.dependencies if dep.get("js") == APPLY_JS}
+
+    # -- the page's parts --
+    def element(self, elem_id: str) -> int:
+        [found] = [i for i, c in self.components.items() if c["props"].get("elem_id") == elem_id]
+        return found
+
+    def handler(self, elem_id: str, event: str) -> int:
+        target = self.element(elem_id)
+        [found] = [i for i, dep in enumerate(self.dependencies) if [target, event] in dep["targets"]
+                   and dep["backend_fn"]]
+        return found
+
+    def load_handler(self) -> int:
+        [found] = [i for i, dep in enumerate(self.dependencies) if "chatglmStore.snapshot()" in (dep.get("js") or "")]
+        return found
+
+    def set(self, elem_id: str, value) -> PageClient:
+        """The visitor typed or chose ``value`` in the component ``elem_id``."""
+        self.values[self.element(elem_id)] = value
+        return self
+
+    def shown(self, elem_id: str):
+        component = self.element(elem_id)
+        return self.values.get(component, self.components[component]["props"].get("value"))
+
+    # -- store.js --
+    def metas(self) -> list:
+        ids = [key[len(META_PREFIX):] for key in self.local if key.startswith(META_PREFIX)]
+        return [[i, self.local.get(META_PREFIX + i), len(self.local.get(CONVERSATION_PREFIX + i) or "")
+                 + len(self.local.get(META_PREFIX + i) or "")] for i in ids]
+
+    def stored(self, conversation_id: str | None = None) -> str | None:
+        """The sealed entry of a conversation (this tab's by default), as localStorage holds it."""
+        conversation_id = conversation_id if conversation_id is not None else self.tab
+        return self.local.get(CONVERSATION_PREFIX + conversation_id) if conversation_id else None
+
+    def snapshot(self, share: str | None = None) -> dict:
+        return {"data": self.stored(), "metas": self.metas(), "tab": self.tab, "share": share, "wide": self.wide}
+
+    def current(self) -> dict:
+        return {"data": self.stored(), "metas": self.metas()}
+
+    def apply(self, ops) -> None:
+        if not isinstance(ops, dict):
+            return
+        for conversation_id in ops.get("remove") or []:
+            self.local.pop(CONVERSATION_PREFIX + conversation_id, None)
+            self.local.pop(META_PREFIX + conversation_id, None)
+        for conversation_id, data, meta in ops.get("put") or []:
+            self.local[CONVERSATION_PREFIX + conversation_id] = data
+            self.local[META_PREFIX + conversation_id] = meta
+        if ops.get("tab"):
+            self.tab = ops["tab"]
+
+    # -- running the page's steps --
+    def _input(self, component: int, dep: dict, given: dict):
+        if component in given:
+            return given[component]
+        js = dep.get("js") or ""
+        if dep["inputs"] and component == dep["inputs"][0] and "chatglmStore.current()" in js:
+            return self.current()
+        if self.components[component]["type"] == "state":
+            return None   # the server keeps the session's own
+        return self.values.get(component, self.components[component]["props"].get("value"))
+
+    def _take(self, dep: dict, data: list) -> None:
+        for component, output in zip(dep["outputs"], data or []):
+            value = _value(output)
+            if value is not NOTHING and self.components[component]["type"] != "state":
+                self.values[component] = value
+            if isinstance(output, dict) and output.get("__type__") == "update":
+                self.props.setdefault(component, {}).update(
+                    {k: v for k, v in output.items() if k not in ("__type__", "value")})
+
+    def prop(self, elem_id: str, name: str):
+        """A property of the component ``elem_id`` as the page shows it now (a handler's last word on it)."""
+        component = self.element(elem_id)
+        return self.props.get(component, {}).get(name, self.components[component]["props"].get(name))
+
+    def listed(self) -> list[tuple[str, str]]:
+        """The conversation list: (title, conversation id) of each entry shown."""
+        return [tuple(choice) for choice in self.prop("conversation-list", "choices") or []]
+
+    def _streamed(self, dep: dict, messages: list[dict]) -> list[list]:
+        """The outputs of every streamed update, in full (after the first, Gradio sends each as a diff), each
+        taken as the page takes it."""
+        from gradio_client.utils import apply_diff
+
+        updates, last = [], None
+        for message in messages:
+            if message.get("msg") != "process_generating" or not message.get("success", True):
+                continue
+            data = message["output"]["data"]
+            last = data if last is None else [apply_diff(old, diff) for old, diff in zip(last, data)]
+            updates.append(last)
+            self._take(dep, last)
+        return updates
+
+    def run(self, index: int, given: dict | None = None, *, followers: bool = True) -> list[Step]:
+        """Trigger the dependency ``index`` as the front end does, then (``followers``) every step chained after
+        it, in order; ``given``: input values by component id (otherwise what the page shows). The steps run."""
+        steps: list[Step] = []
+        given = given or {}
+
+        def step(i: int) -> None:
+            dep = self.dependencies[i]
+            if not dep["backend_fn"]:   # a front-end step: the ones that matter here hand ops to store.js
+                if dep.get("js") == self.apply_js:
+                    self.apply(self.values.get(self.store_ops))
+                steps.append(Step(i, True, None))
+                ok = True
+            else:
+                data = [self._input(c, dep, given) for c in dep["inputs"]]
+                if dep.get("queue") is False:
+                    response = run_fn(self.http, i, data, self.session)
+                    body = response.json() if response.headers.get("content-type", "").startswith(
+                        "application/json") else {}
+                    ok = response.status_code == 200 and "error" not in body
+                    out = body.get("data") if ok else None
+                else:
+                    response = run_queued(self.http, i, data, self.session)
+                    updates = self._streamed(dep, response)
+                    ok = bool(response[-1].get("success"))
+                    out = (response[-1].get("output") or {}).get("data") if ok else None
+                if ok:
+                    self._take(dep, out)
+                steps.append(Step(i, ok, out, response, updates if dep.get("queue") is not False else []))
+            if not followers:
+                return
+            for j in _followers(self.config, dep["id"]):
+                after = self.dependencies[j]
+                if (after["trigger_only_on_failure"] and ok) or (after["trigger_only_on_success"] and not ok):
+                    continue   # (a plain "then" runs either way, as Gradio runs it)
+                step(j)
+
+        step(index)
+        return steps
+
+    def load(self, *, legacy=None, settings=None, share: str | None = None, secret: str | None = None) -> Step:
+        """Open (or reload) the page: its load step gets what ``store.js`` read (``share``: a link's token;
+        ``legacy``: the one conversation an earlier version kept, stored as that version's ``gr.BrowserState``
+        stored it, encrypted with the state secret ``secret``, by default this process's) and the settings
+        ``gr.BrowserState`` as the browser decrypted it. Returns the load step."""
+        from chatglm_web.browser_secret import browser_state_secret
+        from chatglm_web.conversations.legacy_storage import seal_browser_state
+
+        index = self.load_handler()
+        dep = self.dependencies[index]
+        stored_in, settings_state = dep["inputs"]
+        snapshot = self.snapshot(share)
+        if legacy is not None:
+            snapshot["legacy"] = {"conversation": seal_browser_state(legacy, secret or browser_state_secret()),
+                                  "settings": None}
+        steps = self.run(index, {stored_in: snapshot, settings_state: settings})
+        return steps[0]
+
+    def output(self, step: Step, elem_id: str):
+        """The value ``step`` gave the component ``elem_id`` (``NOTHING``: it left it as it was)."""
+        component = self.element(elem_id)
+        outputs = self.dependencies[step.index]["outputs"]
+        return _value(step.data[outputs.index(component)]) if step.data and component in outputs else NOTHING
+
+    def chat(self) -> list[dict]:
+        """The chat as the page shows it now."""
+        return self.shown("chatbot") or []
+
+    def turn(self, message: str, **settings) -> Turn:
+        """Type ``message`` and press Enter; ``settings``: the drawer's values by elem_id without the dashes
+        (``max_new_tokens=8, seed=3``). Every step of the turn runs, as the browser runs them."""
+        for name, value in settings.items():
+            self.set(name.replace("_", "-"), value)
+        self.set("chat-input", message)
+        steps = self.run(self.handler("chat-input", "submit"))
+        return Turn(self, steps)
+
+
+@dataclass
+class Turn:
+    page: PageClient
+    steps: list[Step]
+
+    def _at(self, name: str) -> Step | None:
+        index = page_turn_handlers(self.page.config)[name]
+        return next((s for s in self.steps if s.index == index), None)
+
+    @property
+    def began(self):
+        """begin's HTTP response."""
+        return self._at("begin").response
+
+    @property
+    def refused(self) -> str | None:
+        """Why the turn was refused (the statistics line the failure step wrote), or None."""
+        if self._at("begin").ok:
+            return None
+        return self.page.shown("reply-stats")
+
+    @property
+    def stream(self) -> list[dict]:
+        """The reply's event stream messages (the last is ``process_completed``); [] when it did not start."""
+        respond = self._at("respond")
+        return respond.response if respond is not None else []
+
+    @property
+    def stats(self) -> str:
+        return self.page.shown("reply-stats") or ""
 
 
 def page_turn(http, history: list, message: str, session_hash: str, *, max_new_tokens: int = 8, seed: int = 3):
-    """One turn through the page's handlers with a client-supplied conversation ``history`` (what the browser
-    sends as the Chatbot's value): (begin's response, the reply's stream messages)."""
-    config = page_config(http)
-    handlers = page_turn_handlers(config)
-    types = {c["id"]: c for c in config["components"]}
-
-    def value(component_id):   # what the browser sends for each input: the message, the chat, the drawer
-        props = types[component_id]["props"]
-        elem = props.get("elem_id")
-        if elem == "chat-input":
-            return message
-        if types[component_id]["type"] == "chatbot":
-            return history
-        return {"max-new-tokens": max_new_tokens, "seed": seed}.get(elem, props.get("value"))
-
-    begin = config["dependencies"][handlers["begin"]]
-    began = run_fn(http, handlers["begin"], [value(i) for i in begin["inputs"]], session_hash)
-    show = config["dependencies"][handlers["show"]]
-    run_fn(http, handlers["show"], [value(i) for i in show["inputs"]], session_hash)
-    respond = config["dependencies"][handlers["respond"]]
-    return began, run_queued(http, handlers["respond"], [value(i) for i in respond["inputs"]], session_hash)
+    """One turn through the page's handlers in a new tab whose browser keeps ``history`` (a conversation in
+    the Chatbot's wire format) from an earlier version of the page, which the page takes in when it loads
+    (that old storage is the one a browser still sends unsealed): (begin's response, the reply's stream
+    messages). ``PageClient`` does the same step by step."""
+    page = PageClient(http, session_hash)
+    page.load(legacy=history or None)
+    turn = page.turn(message, max_new_tokens=max_new_tokens, seed=seed)
+    return turn.began, turn.stream

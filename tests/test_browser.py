@@ -2,10 +2,11 @@
 
 Covers what only a browser exercises: the page loads and works without any outside host,
 a reply streams into the chat bubble, Stop cancels the generation on the server and marks the
-reply stopped, the Chatbot's Retry / Undo / Clear buttons, the conversation kept in browser storage
-(also across a server restart), the page staying usable after an error (shown once, in the
-statistics line), Stop while waiting for a slot, the settings drawer, and HTML in a message staying
-inside its bubble.
+reply stopped, the Chatbot's Retry (a new version beside the old one) / Undo / Clear (a new
+conversation; the old one stays in the list) buttons, the conversations kept in browser storage
+(also across a server restart; an entry the page cannot open is left alone), the page staying usable
+after an error (shown once, in the statistics line), Stop while waiting for a slot, the settings
+drawer, and HTML in a message staying inside its bubble.
 
 Selectors and helpers: ``browser_harness.py``. The replies are random characters; only their growth,
 length and identity are checked.
@@ -19,13 +20,14 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import expect
 
-from browser_harness import (CLEAR, CUT_OFF, DRAWER, MAX_NEW_TOKENS, MESSAGES, OPEN_SETTINGS, RETRY,  # noqa: F401
-                             SEND, STATS, STOP, STOPPED, STORAGE_KEY, TEXTAREA, TOAST, UNDO, UNDO_CLEAR, Session,
-                             browser,
-                             chat_prompt, expect_idle, finished_total, inside, messages, open_settings,
-                             record_prompts, reload, replies, saved_conversation, send, set_max_new_tokens,
-                             set_seed, set_textarea_with_unpaired_surrogate, session, short_exchange,
-                             streamed_snapshots, wait_for_replies, wait_for_saved_conversation, wait_until)
+from browser_harness import (CLEAR, CONVERSATION_LIST, CONVERSATION_PREFIX, CUT_OFF, DELETE, DRAWER,  # noqa: F401
+                             MAX_NEW_TOKENS, MESSAGES, META_PREFIX, OPEN_SETTINGS, RETRY, SEND, SIDEBAR, STATS, STOP,
+                             STOPPED, STORAGE_KEY, TAB_KEY, TEXTAREA, TOAST, UNDO, UNDO_DELETE, VERSION_NAV, Session,
+                             browser, chat_prompt, chosen, expect_idle, finished_total, inside, listed, messages,
+                             open_settings, pick_conversation, record_prompts, reload, replies, saved_conversation,
+                             send, session, set_max_new_tokens, set_seed, set_textarea_with_unpaired_surrogate,
+                             short_exchange, stored_conversations, streamed_snapshots, tab_conversation,
+                             wait_for_replies, wait_for_saved_conversation, wait_until, without_version_navs)
 from chatglm_web.page.strings import STRINGS
 from server_harness import free_port, running_server
 
@@ -95,18 +97,30 @@ def test_stream_stop_retry_undo(session, server):
     second_reply = bots[2]
     expect(page.locator(STATS)).to_contain_text("reply 8 tokens")
 
-    # 4. Retry: the last answer is generated again (seed -1: a different text), nothing else changes.
+    # 4. Retry: the last answer is generated again (seed -1: a different text) as a second version beside the
+    #    first, which the version links bring back; nothing else changes.
     before = finished_total(server)
     expect(page.locator(RETRY)).to_have_count(1)
     page.locator(RETRY).click()
     expect(page.locator(STOP)).to_be_visible()  # Stop shows for a retried reply too
     wait_for_replies(page, server, before)
-    wait_until(lambda: messages(page, "bot")[-2:-1] != [second_reply], 5, "the retried reply to replace the old one")
+    expect(page.locator(f"{VERSION_NAV} .nav-count")).to_have_text("2 / 2")
+    wait_until(lambda: without_version_navs(messages(page, "bot"))[-2:-1] != [second_reply], 5,
+               "the retried reply in place of the old one")
     assert messages(page, "user") == ["Tell me a long story", "Short one"]
-    bots = messages(page, "bot")
+    bots = without_version_navs(messages(page, "bot"))
     assert len(bots) == 4 and bots[:2] == [stopped, STOPPED] and bots[3] == CUT_OFF, bots
-    assert bots[2] and bots[2] not in (second_reply, STOPPED, CUT_OFF)
+    retried = bots[2]
+    assert retried and retried not in (second_reply, STOPPED, CUT_OFF)
     expect(page.locator(STATS)).to_contain_text("reply 8 tokens")
+    page.locator(f"{VERSION_NAV} a").click()   # ‹ : the first version again
+    expect(page.locator(f"{VERSION_NAV} .nav-count")).to_have_text("1 / 2")
+    wait_until(lambda: without_version_navs(messages(page, "bot")) == [stopped, STOPPED, second_reply, CUT_OFF], 5,
+               "the first version of the reply")
+    page.locator(f"{VERSION_NAV} a").click()   # › : back to the retried one
+    expect(page.locator(f"{VERSION_NAV} .nav-count")).to_have_text("2 / 2")
+    wait_until(lambda: without_version_navs(messages(page, "bot")) == [stopped, STOPPED, retried, CUT_OFF], 5,
+               "the retried version of the reply")
 
     # 5. Undo: the last exchange disappears and its question goes back into the input box.
     page.locator(UNDO).click()
@@ -128,21 +142,38 @@ def test_stream_stop_retry_undo(session, server):
     session.assert_air_gapped()
 
 
-def test_clear_empties_the_chat_and_it_stays_empty_after_reload(session, server):
+def test_clear_starts_an_empty_conversation_and_delete_forgets_the_old_one(session, server):
+    """Clear (the chat's trash button) starts a new, empty conversation, which stays empty after a reload; the
+    earlier one stays in the list until Delete forgets it for good: gone from the list and from the browser's
+    storage, also after a reload."""
     page = session.page
     short_exchange(page, server, "Remember me?", max_new_tokens=6)
-    assert messages(page, "user") == ["Remember me?"]
     wait_for_saved_conversation(page, previous="")
-    before_clear = saved_conversation(page)
-    expect(page.locator(UNDO_CLEAR)).to_be_hidden()
+    old = tab_conversation(page)
+    assert old in stored_conversations(page)
+    wait_until(lambda: listed(page) == ["Remember me?"] and chosen(page) == "Remember me?", 10, "the list to show it")
     page.locator(CLEAR).click()
     expect(page.locator(MESSAGES)).to_have_count(0)
-    expect(page.locator(UNDO_CLEAR)).to_be_visible()  # Clear can be taken back until the page is left
-    wait_for_saved_conversation(page, previous=before_clear)  # the page shows [] before the server stored it
+    wait_until(lambda: tab_conversation(page) not in (None, old), 10, "the tab to show a new conversation")
+    expect(page.locator(f"{CONVERSATION_LIST} label.selected")).to_have_count(0)
+    assert listed(page) == ["Remember me?"]
     reload(page)
     expect(page.locator("#chatbot")).to_contain_text(EMPTY_CHAT)  # shown only while the chat is empty
     assert messages(page, "user") == [] and messages(page, "bot") == []
-    expect(page.locator(UNDO_CLEAR)).to_be_hidden()
+    assert old in stored_conversations(page)
+    assert listed(page) == ["Remember me?"] and chosen(page) is None, "a reload lost the list"
+
+    pick_conversation(page, "Remember me?")
+    wait_until(lambda: messages(page, "user") == ["Remember me?"], 10, "the earlier conversation to show")
+    expect(page.locator(UNDO_DELETE)).to_be_hidden()
+    page.locator(DELETE).click()
+    expect(page.locator(MESSAGES)).to_have_count(0)
+    expect(page.locator(UNDO_DELETE)).to_be_visible()  # Delete can be taken back until the next one
+    wait_until(lambda: old not in stored_conversations(page), 10, "the entry to be removed from localStorage")
+    expect(page.locator(f"{CONVERSATION_LIST} label")).to_have_count(0)
+    reload(page)
+    assert listed(page) == [] and messages(page, "user") == [], "Delete did not forget the conversation"
+    expect(page.locator(UNDO_DELETE)).to_be_hidden()
     session.assert_air_gapped()
 
 
@@ -154,17 +185,13 @@ def test_conversation_is_restored_after_reload(session, server):
     users, bots = messages(page, "user"), messages(page, "bot")
     assert users == ["First question", "Second question"] and len(replies(bots)) == 2 and bots[-1] == CUT_OFF
     wait_for_saved_conversation(page, previous=before_second)
+    tab = tab_conversation(page)
     reload(page)
     assert messages(page, "user") == users, "the conversation was not restored from browser storage"
     assert messages(page, "bot") == bots, "the replies came back different from what was shown"
-
-    # Clear forgets it for good.
-    before_clear = saved_conversation(page)
-    page.locator(CLEAR).click()
-    expect(page.locator('#chatbot [data-testid="user"]')).to_have_count(0)
-    wait_for_saved_conversation(page, previous=before_clear)  # the page shows [] before the server stored it
-    reload(page)
-    assert messages(page, "user") == [] and messages(page, "bot") == [], "Clear did not forget the conversation"
+    assert tab_conversation(page) == tab
+    wait_until(lambda: listed(page) == ["First question"] and chosen(page) == "First question", 10,
+               "the list to show it, chosen")
     session.assert_air_gapped()
 
 
@@ -184,25 +211,30 @@ def test_undo_of_the_only_exchange_stays_undone_after_reload(session, server):
 
 def test_one_thing_is_called_settings_and_the_drawer_holds_the_settings(session):
     """One control on the page is called Settings (the top bar's button; Gradio's footer link is gone, and
-    there is no accordion); it opens the drawer on the right, which holds the mode, the system prompt, the
-    sampling sliders, the seed and the downloads."""
+    no accordion is called so); it opens the drawer on the right, which holds the mode, the system prompt,
+    the sampling sliders, the seed and what the model sees. The downloads are with the conversation, in the
+    list on the left (open beside the chat on this wide window)."""
     page = session.page
     expect(page.get_by_text(re.compile("Settings")).filter(visible=True)).to_have_count(1)
     expect(page.get_by_role("button", name=re.compile("settings", re.I))).to_have_count(1)
     expect(page.locator(OPEN_SETTINGS)).to_be_visible()
     expect(page.locator("footer").get_by_text(re.compile("settings", re.I))).to_have_count(0)
-    expect(page.locator("button.label-wrap")).to_have_count(0)  # no accordion
+    expect(page.locator("button.label-wrap", has_text=re.compile("settings", re.I))).to_have_count(0)
     drawer = page.locator(DRAWER)
     expect(drawer).not_to_have_class(re.compile(r"\bopen\b"))  # the drawer starts closed, out of view
     expect(page.locator(MAX_NEW_TOKENS)).not_to_be_in_viewport()
+    for selector in ("#download-md", "#download-json"):
+        expect(page.locator(SIDEBAR).locator(selector)).to_be_in_viewport()
     open_settings(page)
     for selector in ("#mode", "#system-prompt textarea", "#temperature", "#top-p", "#max-new-tokens", "#top-k",
-                     "#repetition-penalty", "#seed input", "#download-md", "#download-json"):
+                     "#repetition-penalty", "#seed input", "#prompt-accordion"):
         expect(drawer.locator(selector)).to_be_visible()
         drawer.locator(selector).scroll_into_view_if_needed()
         expect(drawer.locator(selector)).to_be_in_viewport()
     box, viewport = drawer.bounding_box(), page.viewport_size
     assert box["x"] + box["width"] / 2 > viewport["width"] / 2, f"the drawer {box} is not on the right"
+    box = page.locator(SIDEBAR).bounding_box()
+    assert box["x"] + box["width"] / 2 < viewport["width"] / 2, f"the conversation list {box} is not on the left"
     session.assert_air_gapped()
 
 
@@ -219,12 +251,14 @@ def test_markdown_and_latex_render_and_html_is_sanitized(session, server):
 
 
 def expect_refused(page, error: str, kept=None):
-    """A refused message: the error once, in the statistics line (no toast, no error badge over the chat);
-    the message still in the input box (``kept``: its value; None: checked by the caller); the chat as it
-    was (empty here: its placeholder and examples still show); the page ready for the next message."""
+    """A refused message: the error once, in the statistics line (no toast, no error badge over the chat; the
+    token meter under the box measures what is typed, and may say the same of it); the message still in the input
+    box (``kept``: its value; None: checked by the caller); the chat as it was (empty here: its placeholder and
+    examples still show); the page ready for the next message."""
     expect(page.locator(STATS)).to_contain_text("⚠️")
     expect(page.locator(STATS)).to_contain_text(error)
-    expect(page.get_by_text(error)).to_have_count(1)
+    outside_the_meter = "xpath=self::*[not(ancestor-or-self::*[@id='token-meter'])]"
+    expect(page.get_by_text(error).locator(outside_the_meter)).to_have_count(1)
     expect(page.locator(TOAST)).to_have_count(0)
     expect(page.locator("#chatbot").get_by_text("Error", exact=True).filter(visible=True)).to_have_count(0)
     expect(page.locator("#chatbot").get_by_text(EMPTY_CHAT)).to_be_visible()
@@ -280,6 +314,7 @@ def test_the_conversation_survives_a_server_restart(browser, long_reply_checkpoi
             short_exchange(page, first, "Remember me after a restart", max_new_tokens=6)
             users, bots = messages(page, "user"), messages(page, "bot")
             wait_for_saved_conversation(page, previous="")
+            kept = stored_conversations(page)
         except BaseException:
             session.context.close()
             raise
@@ -288,14 +323,15 @@ def test_the_conversation_survives_a_server_restart(browser, long_reply_checkpoi
             reload(page)
             assert messages(page, "user") == users, "the conversation was lost in the restart"
             assert messages(page, "bot") == bots
+            assert set(stored_conversations(page)) == set(kept)
+            wait_until(lambda: listed(page) == ["Remember me after a restart"], 10, "the list after the restart")
 
             # It goes on from there, and the download holds all of it, as shown (each reply and its marker).
             short_exchange(page, second, "And after it?", max_new_tokens=6)
             assert messages(page, "user") == users + ["And after it?"]
             shown = messages(page, "bot")
             assert len(replies(shown)) == 2
-            open_settings(page)
-            with page.expect_download() as download:
+            with page.expect_download() as download:   # in the conversation list, open beside the chat
                 page.locator("#download-md").click()
             text = open(download.value.path(), encoding="utf-8").read()
             assert download.value.suggested_filename == "conversation.md"
@@ -307,15 +343,31 @@ def test_the_conversation_survives_a_server_restart(browser, long_reply_checkpoi
         session.context.close()
 
 
-def test_a_stored_conversation_that_cannot_be_read_is_left_alone(session):
-    """Stored under another key (say CHATGLM_WEB_STATE_SECRET was changed): the page starts empty and does not
-    overwrite it, so going back to the old key brings the conversation back."""
+def test_a_stored_conversation_that_cannot_be_read_is_left_alone(session, server):
+    """An entry sealed under another key (say CHATGLM_WEB_STATE_SECRET was changed), or damaged, or forged, as this
+    tab's conversation, and the one conversation an earlier version kept under another key: the page starts a
+    new conversation without an error, lists none of them, and overwrites none of them (going back to the old
+    key brings them back), also once the new conversation is stored."""
     page = session.page
-    foreign = "AAAAAAAAAAAAAAAAAAAAAA==:" + "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="  # iv:ciphertext, other key
-    page.evaluate("([key, value]) => localStorage.setItem(key, value)", [STORAGE_KEY, foreign])
-    reload(page)  # the load event found nothing readable and has come back
-    assert messages(page, "user") == [] and messages(page, "bot") == []
-    assert saved_conversation(page) == foreign, "the stored conversation was overwritten"
+    foreign = "1." + "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJCrze8SNFZ4kKvN7xI0VniQ"   # sealed, by another key
+    legacy = "AAAAAAAAAAAAAAAAAAAAAA==:" + "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA="   # iv:ciphertext, other key
+    planted = {CONVERSATION_PREFIX + "cforeign": foreign, META_PREFIX + "cforeign": foreign,
+               CONVERSATION_PREFIX + "cdamaged": foreign[:-7], META_PREFIX + "cdamaged": "{not sealed}",
+               STORAGE_KEY: legacy}
+    page.evaluate("(entries) => { for (const [k, v] of Object.entries(entries)) localStorage.setItem(k, v); }", planted)
+    for tab in ("cforeign", "cdamaged"):
+        page.evaluate("([key, tab]) => sessionStorage.setItem(key, tab)", [TAB_KEY, tab])
+        reload(page)  # the load event found nothing readable and has come back
+        assert messages(page, "user") == [] and messages(page, "bot") == []
+        expect(page.locator(STATS)).not_to_contain_text("⚠️")
+        assert listed(page) == []
+        wait_until(lambda: tab_conversation(page) not in (None, "cforeign", "cdamaged"), 10,
+                   "the tab to start a new conversation")
+    short_exchange(page, server, "A new conversation", max_new_tokens=4)
+    wait_for_saved_conversation(page, previous="")
+    assert listed(page) == ["A new conversation"]
+    kept = page.evaluate("(keys) => Object.fromEntries(keys.map(k => [k, localStorage.getItem(k)]))", list(planted))
+    assert kept == planted, "an entry the page could not read was overwritten"
     session.assert_air_gapped()
 
 

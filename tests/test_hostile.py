@@ -35,7 +35,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_harness import chat_args, chat_over_http, dir_bytes, gradio_temp_dir, page_turn, run_fn, running_server
+from chatglm_web.conversations.tree import from_history
+from server_harness import PageClient, chat_args, chat_over_http, dir_bytes, gradio_temp_dir, run_fn, running_server
 
 BATCH, QUEUE = 2, 4  # --max-batch-size, --max-queue of the test server
 LIMIT = 3000  # --max-input-chars of the test server
@@ -186,11 +187,6 @@ def text_message(role: str, text: str) -> dict:
     return {"role": role, "content": [{"type": "text", "text": text}]}
 
 
-def page_config(server) -> tuple[dict, list]:
-    config = httpx.get(server.url + "config", timeout=TIMEOUT).json()
-    return {c["id"]: c["type"] for c in config["components"]}, config["dependencies"]
-
-
 def queue_positions(result) -> list[int]:
     return [int(n) for line in result.waiting_lines for n in re.findall(r"position\D*(\d+)", line)]
 
@@ -219,22 +215,23 @@ def test_the_character_limit_is_exact_and_covers_the_system_prompt(server):
 
 
 def test_a_420_kb_history_is_fitted_to_the_context(server, http):
-    """420 kB of earlier turns (each under the limit), sent as the page's Chatbot value: the newest ones that fit
-    are used, and the page says so."""
+    """420 kB of earlier turns (each under the limit), kept in the browser as an earlier version of the page kept
+    its one conversation (the one conversation a browser sends unsealed: the page takes it into its list when it
+    loads): the next turn uses the newest ones that fit, and the page says so."""
     turn = ("hello world " * 200)[:1750]
     history = []
     for i in range(120):
         history += [text_message("user", f"{MARK} {i} {turn}"), text_message("assistant", f"{i} {turn}")]
     assert len(json.dumps(history)) > 420_000
+    page = PageClient(http)
     with under_attack(server):
-        began, stream = page_turn(http, history, f"{MARK} and now?", uuid.uuid4().hex, max_new_tokens=8, seed=3)
-    assert began.status_code == 200, began.text[:500]
-    final = stream[-1]["output"]
-    assert stream[-1]["success"], final
-    stats = [update for update in final["data"] if isinstance(update, str) and "tokens/s" in update] or [
-        str(final["data"])]
-    assert reply_tokens(stats[0]) == 8, stats
-    assert "left out" in stats[0] and "oldest" in stats[0], stats
+        loaded = page.load(legacy=history)
+        went = page.turn(f"{MARK} and now?", max_new_tokens=8, seed=3)
+    assert loaded.ok and len(page.chat()) >= 240, "the kept conversation was not taken in"
+    assert went.began.status_code == 200, went.began.text[:500]
+    assert went.stream and went.stream[-1]["success"], went.stream[-1:]
+    assert reply_tokens(went.stats) == 8, went.stats
+    assert "left out" in went.stats and "oldest" in went.stats, went.stats
 
 
 # -- odd text ------------------------------------------------------------------------------------------------------
@@ -410,22 +407,45 @@ def test_20_mid_stream_disconnects_free_their_slots(server):
 
 # -- disk ----------------------------------------------------------------------------------------------------------
 
-def test_client_supplied_histories_write_no_files(server, http):
-    """Every unqueued handler that takes the Chatbot's value (its change event, the download buttons, undo ...),
-    called as a browser would, 20 times with a new 100 kB conversation: nothing piles up on disk."""
-    types, dependencies = page_config(server)
-    chatbot = next(i for i, kind in types.items() if kind == "chatbot")
-    handlers = [i for i, dep in enumerate(dependencies) if chatbot in dep["inputs"] and not dep.get("queue", True)]
-    session = uuid.uuid4().hex
+def client_kept(js: str, n: int):
+    """What a hostile browser sends where ``store.js`` would put what it read (the step's ``js`` says which): about
+    100 kB of conversation each time, unsealed or in a damaged seal."""
+    text = f"{MARK} conversation {n} " + "lorem ipsum dolor sit amet " * 90
+    conversation = from_history([text_message(role, f"{role} {i} {text}") for i in range(20)
+                                 for role in ("user", "assistant")]).to_dict()
+    junk = "1." + ("A" * 100_000)
+    metas = [[f"c{n}x{i}", junk[:5000], 10_000] for i in range(20)]
+    if "pickFile" in js:
+        return {"file": {"text": json.dumps(conversation)}, "metas": metas}
+    if "all()" in js:
+        return [[f"c{n}x{i}", junk] for i in range(5)]
+    if "pendingVersion" in js:
+        return "x" * 100_000
+    return {"data": junk, "metas": metas, "tab": f"c{n}", "share": junk, "wide": True}
+
+
+def test_client_supplied_conversations_write_no_files(server, http):
+    """Every unqueued handler that takes what the browser kept (the stored conversations and the list, the one
+    conversation an earlier version kept, an imported file, a version link), called as a browser would, 20 times
+    with a new 100 kB conversation: each answers, and nothing piles up on disk."""
+    page = PageClient(http)
+    components = page.components
+    stored_in = page.dependencies[page.load_handler()]["inputs"][0]
+    kept = {i for i, c in components.items() if c["type"] == "browserstate"} | {stored_in}
+    handlers = [i for i, dep in enumerate(page.dependencies)
+                if kept & set(dep["inputs"]) and dep.get("queue") is False and dep["backend_fn"]]
+    assert len(handlers) >= 5, handlers   # load, store, switch, version links, export, import
     statuses = Counter()
     with under_attack(server):
         for n in range(20):
-            text = f"{MARK} conversation {n} " + "lorem ipsum dolor sit amet " * 90
-            history = [text_message(role, f"{role} {i} {text}") for i in range(20) for role in ("user", "assistant")]
+            history = [text_message(role, f"{role} {i} {MARK} {n} " + "lorem ipsum dolor sit amet " * 90)
+                       for i in range(20) for role in ("user", "assistant")]
             for index in handlers:
-                data = [history if component == chatbot else None for component in dependencies[index]["inputs"]]
-                statuses[run_fn(http, index, data, session).status_code] += 1
-    assert statuses[200] >= 20, statuses  # the handlers did run
+                dep = page.dependencies[index]
+                data = [client_kept(dep.get("js") or "", n) if c == stored_in
+                        else history if components[c]["type"] == "browserstate" else None for c in dep["inputs"]]
+                statuses[run_fn(http, index, data, page.session).status_code] += 1
+    assert statuses == Counter({200: 20 * len(handlers)}), statuses
 
 
 def test_a_30_mb_upload_is_refused(server, http):

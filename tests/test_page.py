@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from browser_harness import (EDIT, MESSAGES, SEND, STATS, STOP, TEXTAREA, UNDO, Session, browser,  # noqa: F401
-                             expect_idle, finished_total, messages, open_settings, saved_conversation, send,
-                             set_max_new_tokens, set_seed, settle, wait_until)
+from browser_harness import (CLEAR, CONVERSATION_LIST, EDIT, MESSAGES, SEND, STATS, STOP, TEXTAREA,  # noqa: F401
+                             UNDO, VERSION_NAV, Session, browser, chosen, expect_idle, finished_total, listed,
+                             messages, open_settings, pick_conversation, reload, replies, saved_conversation, send,
+                             set_max_new_tokens, set_seed, settle, tab_conversation, wait_for_saved_conversation,
+                             wait_until, without_version_navs)
 from chatglm_web.page import SETTINGS_KEY
 from server_harness import running_server
 
@@ -125,8 +127,9 @@ def test_an_edited_turn_shows_stop_and_can_be_stopped(visit, server):
     page.get_by_role("button", name="Submit").click()
     expect(page.locator(STOP)).to_be_visible()
     expect(page.locator(SEND)).to_be_hidden()
-    wait_until(lambda: messages(page, "user") == ["second version"] and messages(page, "bot"), 60,
-               "the edited turn's reply")
+    wait_until(lambda: without_version_navs(messages(page, "user")) == ["second version"]
+               and replies(messages(page, "bot")), 60, "the edited turn's reply")
+    expect(page.locator(f"{VERSION_NAV} .nav-count")).to_have_text("2 / 2")   # the first version is kept
     page.locator(STOP).click()
     expect_idle(page)
     expect(page.locator("#chatbot")).to_contain_text("⏹ Stopped")
@@ -165,11 +168,23 @@ def test_a_stopped_reply_is_still_marked_after_a_reload(visit, server):
 def test_a_reload_mid_reply_keeps_the_partial_reply_marked_interrupted(visit, server):
     page = visit().page
     start_long_reply(page, server)
-    wait_until(lambda: saved_conversation(page) != "", 10, "the partial reply to be stored")
+    # kept when the turn began (an empty reply), then after each change of the chat: two changes after the reply
+    # was seen growing, and the entry holds some of it
+    seen = [saved_conversation(page)]
+
+    def stored_again() -> bool:
+        if saved_conversation(page) != seen[-1]:
+            seen.append(saved_conversation(page))
+        return len(seen) >= 3
+
+    wait_until(stored_again, 10, "the partial reply to be stored")
+    shown = replies(messages(page, "bot"))[-1]
     page.reload()
     expect(page.locator(TEXTAREA)).to_be_editable()
     expect(page.locator("#chatbot")).to_contain_text("⚠ Interrupted")
     expect(page.locator(SEND)).to_be_visible()
+    [kept] = replies(messages(page, "bot"))
+    assert kept and (kept.startswith(shown) or shown.startswith(kept)), "the partial reply was not kept"
 
 
 def test_a_reply_cut_at_max_new_tokens_is_marked(visit, server):
@@ -178,17 +193,26 @@ def test_a_reply_cut_at_max_new_tokens_is_marked(visit, server):
     expect(page.locator("#chatbot")).to_contain_text("✂ Cut off at the max-new-tokens limit")
 
 
-def test_clear_can_be_undone(visit, server):
+def test_clear_starts_a_new_conversation_and_the_old_one_stays_in_the_list(visit, server):
+    """Clear takes nothing away for good: the cleared conversation is in the list, and choosing it brings it
+    back, also after a reload."""
     page = visit().page
     short_reply(page, server, "keep me")
-    page.locator('#chatbot button[aria-label="Clear"]').click()
+    wait_for_saved_conversation(page, previous="")
+    kept = tab_conversation(page)
+    page.locator(CLEAR).click()
     expect(page.locator(MESSAGES)).to_have_count(0)
-    page.locator("#undo-clear").click()
+    expect(page.locator(f"{CONVERSATION_LIST} label.selected")).to_have_count(0)
+    assert listed(page) == ["keep me"]
+    short_reply(page, server, "a new one")
+    wait_until(lambda: listed(page) == ["a new one", "keep me"], 10, "both conversations in the list")
+    assert tab_conversation(page) != kept
+    pick_conversation(page, "keep me")
     wait_until(lambda: messages(page, "user") == ["keep me"], 10, "the conversation to come back")
-    expect(page.locator("#undo-clear")).to_be_hidden()
-    page.reload()
-    expect(page.locator(TEXTAREA)).to_be_editable()
+    wait_until(lambda: tab_conversation(page) == kept, 10, "the tab to show it again")
+    reload(page)
     wait_until(lambda: messages(page, "user") == ["keep me"], 10, "the restored conversation after a reload")
+    assert chosen(page) == "keep me"
 
 
 def test_an_error_shows_once_in_the_statistics_line(visit, server):
@@ -271,6 +295,7 @@ CONTRAST_JS = r"""() => {
   const check = (el, color, what) => {
     const style = getComputedStyle(el);
     if (el.closest('[disabled], [aria-disabled="true"], .busy')) return;   // inactive controls are exempt
+    if (opacity(el) === 0) return;   // not shown (a hidden progress timer, e.g. the token meter's while it measures)
     const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
     const needed = (size >= 24 || (bold && size >= 18.66)) ? 3 : 4.5;
     const fg = parse(color); if (!fg) return;

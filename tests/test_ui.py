@@ -1,8 +1,11 @@
 """The page's promises that need no browser, checked on the real server (tiny ChatGLM3 on loopback) over HTTP.
 
-* the key that encrypts the conversation kept in the browser is the same on every start;
+* the key that seals the conversations kept in the browser is the same on every start, and what another key
+  sealed (or a forger wrote) is not taken: the page starts a new conversation and leaves that entry alone;
+* the page never reads the chat's value back from the browser: a turn continues the server's own
+  conversation tree;
 * the "waiting for a free slot" line is never a chat message, so a Stop while waiting cannot send it
-  back to the model as history;
+  back to the model as history (nor when an earlier version kept it in the browser);
 * storing and downloading the conversation write nothing to disk; uploads are refused (the page has no
   upload control);
 * an unpaired UTF-16 surrogate gets a clear message, and the server goes on answering;
@@ -26,11 +29,16 @@ from gradio_client import Client
 
 from chatglm_web.branding import load_branding
 from chatglm_web.browser_secret import ENV_VAR, FILE_NAME, browser_state_secret
+from chatglm_web.conversations.browser_store import BrowserStore
+from chatglm_web.conversations.share import ShareLinks
+from chatglm_web.conversations.tree import FORMAT, ROOT, Conversation
 from chatglm_web.generation import Finished, option
-from chatglm_web.transcript import LEGACY_DOWNLOADS, to_json, to_markdown
-from chatglm_web.page import STORAGE_KEY, build_page, stats_markdown
+from chatglm_web.browser_secret import browser_state_key
+from chatglm_web.page import SETTINGS_KEY, STORAGE_KEY, build_page, stats_markdown
+from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import I18N, STRINGS
-from server_harness import page_turn_handlers, run_queued, running_server
+from chatglm_web.transcript import LEGACY_DOWNLOADS, to_markdown
+from server_harness import CONVERSATION_PREFIX, META_PREFIX, PageClient, running_server
 
 SYSTEM = "You are a test assistant."
 WAITING = "⏳"
@@ -82,26 +90,6 @@ def component(config: dict, **match) -> dict:
     return found[0]
 
 
-def handler(config: dict, component_id: int, event: str) -> int:
-    """Index of the one backend handler of ``event`` on the component."""
-    found = [i for i, dep in enumerate(config["dependencies"])
-             if [component_id, event] in dep["targets"] and dep.get("backend_fn")]
-    assert len(found) == 1, f"{len(found)} handlers of {event} on component {component_id}"
-    return found[0]
-
-
-def call_handler(http, fn_index: int, data: list, session_hash: str = "ui-test"):
-    """Call an unqueued handler of the page as the browser does (a State input's value is the session's own,
-    whatever is sent for it)."""
-    return http.post("gradio_api/run/predict",
-                     json={"data": data, "fn_index": fn_index, "session_hash": session_hash})
-
-
-def sampling_inputs(max_new_tokens: int, *, system=SYSTEM, seed=-1, mode="Chat") -> list:
-    """The settings in the order the page's turn handler takes them (system prompt, sliders, seed, mode)."""
-    return [system, 0.8, 0.8, max_new_tokens, 0, 1.0, seed, mode]
-
-
 def chat_raw(http, data: list, session_hash: str | None = None) -> tuple[str, object]:
     """One /chat call with the JSON written by hand (``json.dumps`` escapes a lone surrogate; gradio_client
     cannot send one): (last event name, its data)."""
@@ -142,27 +130,121 @@ def texts(history: list[dict]) -> list[tuple[str, str]]:
              else "".join(part["text"] for part in m["content"])) for m in history]
 
 
-def browser_state(page: gr.Blocks) -> gr.BrowserState:
-    states = [b for b in page.blocks.values() if isinstance(b, gr.BrowserState) and b.storage_key == STORAGE_KEY]
+def browser_state(page: gr.Blocks, key: str = SETTINGS_KEY) -> gr.BrowserState:
+    states = [b for b in page.blocks.values() if isinstance(b, gr.BrowserState) and b.storage_key == key]
     assert len(states) == 1
     return states[0]
 
 
-# -- the key of the conversation kept in the browser ---------------------------------------------
+def key_file_store(dirs) -> BrowserStore:
+    """What the page seals and opens with, given the key in the app's cache dir."""
+    return BrowserStore((dirs["cache"] / FILE_NAME).read_text().strip())
 
-def test_the_storage_key_is_the_same_on_every_start(server, dirs, monkeypatch):
-    served = component(page_config(server), type="browserstate", storage_key=STORAGE_KEY)["props"]["secret"]
+
+def exchange(user: str, assistant: str) -> Conversation:
+    conversation = Conversation()
+    message = conversation.add_user(ROOT, user)
+    reply = conversation.add_reply(message.id)
+    conversation.set_reply(reply.id, [{"role": "assistant", "content": assistant}])
+    return conversation
+
+
+def texts_of(chat: list[dict]) -> list[tuple[str, str]]:
+    return texts(chat or [])
+
+
+# -- the key of the conversations kept in the browser -----------------------------------------
+
+def test_the_storage_key_is_the_same_on_every_start(server, dirs, http, monkeypatch):
+    """What the page keeps in the browser is sealed with the key made once in the app's cache dir (mode 0600), so
+    it opens again after a restart; a later start uses the same key, $CHATGLM_WEB_STATE_SECRET wins over the file."""
     key_file = dirs["cache"] / FILE_NAME
-    assert key_file.read_text().strip() == served, "the page's key is not the one kept in the cache dir"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    # A later start (a second page for the same backend, as after a restart) uses the same key.
+    kept = exchange("sealed before a restart", "and opened after it")
+    page = PageClient(http)
+    page.local.update({CONVERSATION_PREFIX + kept.id: key_file_store(dirs).seal(kept)[0],
+                       META_PREFIX + kept.id: key_file_store(dirs).seal(kept)[1]})
+    page.tab = kept.id
+    page.load()
+    assert texts_of(page.chat()) == [("user", "sealed before a restart"), ("assistant", "and opened after it")]
+    assert page.tab == kept.id
+    # The settings' gr.BrowserState key is the same for a page built later (as after a restart) ...
+    served = browser_state(server.page).secret
     monkeypatch.setenv("CHATGLM_WEB_CACHE", str(dirs["cache"]))
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert browser_state(build_page(server.backend, load_branding())).secret == served
-    # The environment variable wins over the file.
+    # ... and no gr.BrowserState holds the state secret itself (Gradio serves it): only a key derived from it
+    states = [b for b in server.page.blocks.values() if isinstance(b, gr.BrowserState)]
+    assert [b.storage_key for b in states] == [SETTINGS_KEY]
+    assert served == browser_state_key((dirs["cache"] / FILE_NAME).read_text().strip()) != \
+        (dirs["cache"] / FILE_NAME).read_text().strip()
+    # ... and the environment variable, or the key given to build_page, wins over the file.
     monkeypatch.setenv(ENV_VAR, "a key chosen by the operator")
-    assert browser_state(build_page(server.backend, load_branding())).secret == "a key chosen by the operator"
-    assert browser_state(build_page(server.backend, load_branding(), state_secret="given")).secret == "given"
+    chosen = browser_state(build_page(server.backend, load_branding())).secret
+    assert chosen != served and browser_state(build_page(server.backend, load_branding())).secret == chosen
+    given = browser_state(build_page(server.backend, load_branding(), state_secret="given")).secret
+    assert given not in (served, chosen)
+
+
+def test_an_entry_sealed_with_another_key_is_left_alone(http, dirs):
+    """A stored conversation the page cannot open (sealed under another CHATGLM_WEB_STATE_SECRET, damaged, or
+    forged) is not shown and not overwritten: the tab starts a new conversation beside it, so going back to the
+    old key brings it back."""
+    other = exchange("kept under the old key", "still there")
+    forged = exchange("forged", "never shown")
+    sealed_elsewhere = BrowserStore("another key").seal(other)
+    page = PageClient(http)
+    page.local.update({CONVERSATION_PREFIX + other.id: sealed_elsewhere[0], META_PREFIX + other.id: sealed_elsewhere[1],
+                       CONVERSATION_PREFIX + forged.id: "1." + "A" * 80, META_PREFIX + forged.id: "not sealed",
+                       })
+    before = dict(page.local)
+    for tab in (other.id, forged.id):
+        page.tab = tab
+        loaded = page.load()
+        assert loaded.ok and page.chat() == [], "an entry the page cannot open was shown"
+        assert page.tab not in (other.id, forged.id), "the tab kept the id of the unreadable entry"
+        turn = page.turn("a new conversation", max_new_tokens=2, seed=1)
+        assert turn.stream and turn.stream[-1]["success"], turn.stream[-1:]
+        assert {k: v for k, v in page.local.items() if k in before} == before, "an unreadable entry was overwritten"
+        assert CONVERSATION_PREFIX + page.tab in page.local, "the new conversation was not stored"
+    # the list shows only what the page can read: the two new conversations
+    new = {key[len(META_PREFIX):] for key in page.local if key.startswith(META_PREFIX)} - {other.id, forged.id}
+    assert len(new) == 2 and {conversation for _, conversation in page.listed()} == new, page.listed()
+
+
+def served_strings(value) -> set[str]:
+    """Every string in a JSON value (long enough to be a key)."""
+    if isinstance(value, dict):
+        return set().union(*map(served_strings, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(served_strings, value)) if value else set()
+    return {value} if isinstance(value, str) and len(value) >= 16 else set()
+
+
+def test_nothing_the_page_serves_opens_what_it_seals(http, dirs):
+    """Share links and the stored conversations are sealed so that nobody can forge or alter one: the key is in
+    nothing the page serves to a visitor (its config), or anyone could make a link that shows made-up replies as
+    the model's, or hand the page a conversation it takes for its own."""
+    page = PageClient(http)
+    page.load()
+    page.turn("share me", max_new_tokens=2, seed=1)
+    token = page.run(page.handler("share", "click"))[0].data[0]
+    stored = page.stored()
+    secret = (dirs["cache"] / FILE_NAME).read_text().strip()
+    assert ShareLinks(secret).open(token) and BrowserStore(secret).open(stored)   # what the page made, with its key
+
+    def opens(key: str) -> bool:
+        for attempt in (lambda: ShareLinks(key).open(token), lambda: BrowserStore(key).open(stored)):
+            try:
+                attempt()
+                return True
+            except ValueError:
+                pass
+        return False
+
+    config = httpx.get(str(http.base_url) + "config", timeout=TIMEOUT).json()
+    revealing = sorted({f"{key[:6]}… ({len(key)} characters)" for key in served_strings(config) if opens(key)})
+    assert revealing == [], "the config a visitor gets holds the key that seals share links and stored conversations"
 
 
 def test_the_key_file_is_created_once(tmp_path, caplog):
@@ -209,56 +291,98 @@ def test_a_stop_while_waiting_for_a_slot_leaves_no_status_in_the_history(server,
 
 
 def test_a_waiting_line_kept_by_an_earlier_version_is_not_sent_as_history(server, http, monkeypatch):
-    """A conversation stored by a 0.x page (restored into the chat) may hold the line as a reply: the next turn
-    the page starts from that chat leaves it out of the prompt (the page's own handlers, as the browser calls
-    them: begin without the queue, the reply through it, then finish)."""
-    config = page_config(server)
-    steps = page_turn_handlers(config)
-    session = "legacy-conversation"
+    """A conversation stored by a 0.x page (its gr.BrowserState, taken into the list when the page loads) may hold
+    the line as a reply: the next turn leaves it out of the prompt (the page's own handlers, as the browser calls
+    them: load, then begin, show, respond and finish)."""
+    page = PageClient(http, "legacy-conversation")
     history = [text_message("user", "Earlier question"),
                text_message("assistant", f"{WAITING} Waiting for a free slot… (position 3 in the queue)")]
-    begun = call_handler(http, steps["begin"], ["Next question", history, None, None], session_hash=session)
-    assert begun.status_code == 200, begun.text
-    showing = call_handler(http, steps["show"], [None, None], session_hash=session)
-    assert showing.status_code == 200, showing.text
-    shown = showing.json()["data"][0]["value"]  # the chat with the new message, as the browser then shows it
-    assert [m["role"] for m in shown] == ["user", "assistant", "user"], shown
+    loaded = page.load(legacy=history)
+    assert loaded.ok
+    assert [role for role, _ in texts_of(page.chat())] == ["user", "assistant"], page.chat()
+    assert CONVERSATION_PREFIX + page.tab in page.local, "the old conversation did not join the list"
+    # the old entry goes (store.js removes it), so that it does not join the list again on the next load
+    ops = loaded.data[page.dependencies[loaded.index]["outputs"].index(page.store_ops)]
+    assert ops.get("drop_legacy") is True, f"the old entry is not removed: {ops!r}"
     prompts = []
     submit = server.engine.submit
     monkeypatch.setattr(server.engine, "submit", lambda ids, *rest: prompts.append(ids) or submit(ids, *rest))
-    events = run_queued(http, steps["respond"], [None, shown, *sampling_inputs(4), None], session)
-    assert events[-1]["success"], events[-1]
-    assert "reply 4 tokens" in json.dumps(events[-1]["output"]["data"][1], ensure_ascii=False), events[-1]
-    finished = call_handler(http, steps["finish"], [events[-1]["output"]["data"][0]["value"]], session_hash=session)
-    assert finished.status_code == 200, finished.text
+    turn = page.turn("Next question", system_prompt=SYSTEM, max_new_tokens=4)
+    assert turn.stream and turn.stream[-1]["success"], turn.stream[-1:]
+    assert "reply 4 tokens" in turn.stats, turn.stats
+    assert [role for role, _ in texts_of(page.chat())][:3] == ["user", "assistant", "user"], page.chat()
     assert prompts == [server.backend.format.tokenizer.build_chat_input([
         {"role": "system", "content": SYSTEM}, {"role": "user", "content": "Earlier question"},
         {"role": "user", "content": "Next question"}])]
 
 
+def test_the_page_never_takes_the_chat_back_from_the_browser(server, http, monkeypatch):
+    """No handler reads the Chatbot's value: what a browser could send as the chat is not the conversation. A
+    turn continues the session's own tree (here: after a first exchange, a second one sends both messages)."""
+    config = PageClient(http).config
+    chatbot = component(config, type="chatbot")["id"]
+    assert [i for i, dep in enumerate(config["dependencies"]) if chatbot in dep["inputs"]] == []
+    page = PageClient(http)
+    page.load()
+    page.turn("first", system_prompt=SYSTEM, max_new_tokens=2, seed=1)
+    (_, first_reply), *_ = [m for m in texts_of(page.chat()) if m[0] == "assistant"]
+    prompts = []
+    submit = server.engine.submit
+    monkeypatch.setattr(server.engine, "submit", lambda ids, *rest: prompts.append(ids) or submit(ids, *rest))
+    page.turn("second", system_prompt=SYSTEM, max_new_tokens=2, seed=1)
+    assert len(prompts) == 1
+    assert prompts[0] == server.backend.format.tokenizer.build_chat_input([
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "first"},
+        {"role": "assistant", "content": first_reply}, {"role": "user", "content": "second"}]), \
+        server.backend.format.tokenizer.decode(prompts[0])
+
+
 # -- disk ---------------------------------------------------------------------------------------
 
 def test_storing_and_downloading_the_conversation_write_nothing_to_disk(server, dirs, http):
-    """The Chatbot's change handler (it stores the chat in the browser) and the two download buttons, called 10
-    times each with a new 1 MB history."""
-    config = page_config(server)
-    chatbot = component(config, type="chatbot")["id"]
-    store = handler(config, chatbot, "change")
-    store_inputs = len(config["dependencies"][store]["inputs"])  # the chat, then the session's States
-    markdown = handler(config, component(config, elem_id="download-md")["id"], "click")
-    json_download = handler(config, component(config, elem_id="download-json")["id"], "click")
+    """Storing the conversation (the step after every change of the chat) and the two download buttons, 10 times
+    each with a new 1 MB conversation: the browser gets it sealed, the downloads as text, and no file is written."""
     before = files_under(dirs["gradio"]), files_under(LEGACY_DOWNLOADS)
+    store = key_file_store(dirs)
     for n in range(10):
-        history = [text_message("user", f"question {n}"), text_message("assistant", f"answer {n} " + "x" * 1_000_000)]
-        stored = call_handler(http, store, [history] + [None] * (store_inputs - 1))
-        assert stored.status_code == 200, stored.text[:300]
-        assert texts(stored.json()["data"][0]) == texts(history), "the chat was not what got stored"
-        md = call_handler(http, markdown, [history])
-        js = call_handler(http, json_download, [history])
-        assert md.status_code == 200 and js.status_code == 200
-        assert md.json()["data"][0] == to_markdown(history), "the Markdown download is not the conversation"
-        assert js.json()["data"][0] == to_json(history), "the JSON download is not the conversation"
+        history = [text_message("user", f"question {n}"), text_message("assistant", f"answer {n} " + "x" * 999_000)]
+        page = PageClient(http)
+        page.load(legacy=history)   # a conversation that big arrives only from the browser: an old page kept it
+        stored = page.run(page.handler("chatbot", "change"))
+        assert all(step.ok for step in stored), [(s.index, s.response) for s in stored if not s.ok]
+        kept = store.open(page.stored())
+        assert texts(kept.messages()) == texts(history), "the chat was not what got stored"
+        markdown = page.run(page.handler("download-md", "click"))[0]
+        json_download = page.run(page.handler("download-json", "click"))[0]
+        assert markdown.ok and json_download.ok
+        assert markdown.data[0] == to_markdown(history), "the Markdown download is not the conversation"
+        tree = Conversation.from_dict(json.loads(json_download.data[0]))
+        assert json.loads(json_download.data[0])["format"] == FORMAT and tree.id == kept.id
+        assert texts(tree.messages()) == texts(history), "the JSON download is not the conversation"
     assert (files_under(dirs["gradio"]), files_under(LEGACY_DOWNLOADS)) == before, "files were written"
+
+
+def test_the_downloads_are_the_shown_branch_and_the_whole_tree(http, dirs):
+    """Markdown: the conversation as it is shown (the shown version of each message, how a reply ended, no version
+    links); JSON: the whole tree, every version, which the list's Import reads back."""
+    tree = exchange("question", "first answer")
+    user = tree.path()[0]
+    second = tree.add_reply(user.id)
+    tree.set_reply(second.id, [{"role": "assistant", "content": "second answer"}], "length")
+    assert [node.id for node in tree.path()] == [user.id, second.id]
+    store = key_file_store(dirs)
+    page = PageClient(http)
+    sealed, meta = store.seal(tree)
+    page.local.update({CONVERSATION_PREFIX + tree.id: sealed, META_PREFIX + tree.id: meta})
+    page.tab = tree.id
+    page.load()
+    assert any("version-nav" in text for _, text in texts_of(page.chat())), "the chat shows no version links"
+    markdown = page.run(page.handler("download-md", "click"))[0].data[0]
+    assert markdown == to_markdown([{"role": "user", "content": "question"},
+                                    {"role": "assistant", "content": "second answer"},
+                                    marker("length", "en")])
+    downloaded = Conversation.from_dict(json.loads(page.run(page.handler("download-json", "click"))[0].data[0]))
+    assert downloaded.to_dict() == tree.to_dict()
 
 
 def test_uploads_are_refused(http, dirs):
@@ -374,30 +498,40 @@ def test_the_demo_banner_is_for_visitors_and_the_operators_hint_goes_to_the_log(
     assert "--model" not in page.config["components"].__repr__()   # not on the page
 
 
-def test_turn_controls_are_refused_while_busy():
-    """While a reply streams, Send, an example, Retry and Edit refuse to begin a turn (the reason goes to the
-    statistics line) and Undo changes nothing; idle, the same calls begin the turn."""
+def test_turn_controls_are_refused_while_busy_or_read_only():
+    """While a reply streams (or on a share link's read-only view), Send, an example, Retry and Edit refuse to begin
+    a turn (the reason goes to the statistics line) and Undo changes nothing; idle, the same calls plan the turn:
+    a new message after the last reply, a new version of the reply (Retry) or of the message (Edit)."""
     from types import SimpleNamespace
 
     from chatglm_web.page import turns
+    from chatglm_web.page.conversation_view import view
 
-    history = [{"role": "user", "content": [{"type": "text", "text": "earlier"}]},
-               {"role": "assistant", "content": "reply"}]
+    tree = exchange("earlier", "reply")
+    user, reply = (node.id for node in tree.path())
+    shown = view(tree, "en")[1]
     request = SimpleNamespace(session_hash="busy-test")
     begin = turns.Begin(turns.Refusals())
     calls = {
-        "send": lambda busy: begin.send("new", history, busy, "en", request),
-        "example": lambda busy: begin.example(history, busy, "en", SimpleNamespace(value={"text": "ex"}), request),
-        "retry": lambda busy: begin.retry(history, busy, "en", SimpleNamespace(index=1), request),
-        "edit": lambda busy: begin.edit(history, busy, "en", SimpleNamespace(index=0, value="edited"), request),
+        "send": lambda busy, ro: begin.send("new", tree, busy, ro, "en", request),
+        "example": lambda busy, ro: begin.example(tree, busy, ro, "en", SimpleNamespace(value={"text": "ex"}), request),
+        "retry": lambda busy, ro: begin.retry(tree, shown, busy, ro, "en", SimpleNamespace(index=1), request),
+        "edit": lambda busy, ro: begin.edit(tree, shown, busy, ro, "en", SimpleNamespace(index=0, value="edited"),
+                                            request),
     }
+    planned = {"send": {"parent": reply, "text": "new"}, "example": {"parent": reply, "text": "ex"},
+               "retry": {"user": user}, "edit": {"parent": ROOT, "text": "edited"}}
     for name, call in calls.items():
         with pytest.raises(turns.Refused):
-            call(True)
+            call(True, False)
         assert "A reply is still being written" in begin.refused("en", request), name
-        before, message = call(False)
-        assert message == {"send": "new", "example": "ex", "retry": "earlier", "edit": "edited"}[name]
-        assert before == (history if name in ("send", "example") else []), name
-    assert turns.undo(history, True, SimpleNamespace(index=1)) == (gr.skip(), gr.skip(), gr.skip())
-    kept, box, stored = turns.undo(history, False, SimpleNamespace(index=1))
-    assert kept == [] and stored == [] and box.value == "earlier"   # content parts read as text
+        with pytest.raises(turns.Refused):
+            call(False, True)
+        assert STRINGS["read_only"][0] in begin.refused("en", request), name
+        assert call(False, False) == planned[name], name
+    assert tree.size() == 2, "a plan changed the tree"
+    for busy, readonly in ((True, False), (False, True)):
+        assert turns.undo(tree, shown, busy, readonly, "en", SimpleNamespace(index=1)) == (gr.skip(),) * 3
+    assert tree.size() == 2
+    chat, kept, box = turns.undo(tree, shown, False, False, "en", SimpleNamespace(index=1))
+    assert chat["value"] == [] and kept == [] and box.value == "earlier" and tree.empty

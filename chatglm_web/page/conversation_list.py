@@ -47,7 +47,7 @@ def choices(rows: list[dict], query: str, lang: str) -> list[tuple[str, str]]:
 
 def list_update(rows: list[dict], query: str, lang: str, current: str | None):
     listed = choices(rows, query, lang)
-    return gr.Radio(choices=listed, value=current if any(c[1] == current for c in listed) else None)
+    return gr.update(choices=listed, value=current if any(c[1] == current for c in listed) else None)
 
 
 def count_line(store: BrowserStore, rows: list[dict], lang: str) -> str:
@@ -76,8 +76,14 @@ class ConversationList:
     def save(self, stored, tree, lang, query, readonly, title):
         """Store this tab's conversation (merged with what another tab stored meanwhile), within bounds.
         Outputs (ops, list, note, rows, title: the automatic one, unless the visitor is writing one)."""
-        if readonly or tree is None or tree.empty:
+        if readonly or tree is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if tree.empty:   # nothing to keep; one that was kept (Undo took back all of it) leaves the list
+            if not isinstance(stored, dict) or not stored.get("data"):
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            rows = rows_state([row for row in self.store.rows(stored.get("metas")) if row.id != tree.id])
+            return (ops(remove=[tree.id], tab=tree.id), list_update(rows, query, lang, None),
+                    count_line(self.store, rows, lang), rows, gr.skip())
         saved = self.store.save(tree, stored)
         rows = rows_state(saved.rows)
         title = gr.Textbox(value=tree.title) if not (title or "").strip() and tree.title else gr.skip()

@@ -36,10 +36,11 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..branding import Branding
-from ..browser_secret import browser_state_secret
+from ..browser_secret import browser_state_key, browser_state_secret
 from ..generation import ChatBackend, ModelInfo, option
 from ..settings import DEFAULT_MODEL
 from ..conversations.browser_store import BrowserStore, ops
+from ..conversations.legacy_storage import CONVERSATION_KEY as LEGACY_CONVERSATION_KEY, open_browser_state
 from ..conversations.share import ShareLinks
 from ..conversations.tree import Conversation, from_history
 from ..toolbox import CHAT, INTERPRETER, TOOLS
@@ -62,8 +63,8 @@ LATEX = [
     {"left": "\\[", "right": "\\]", "display": True},
 ]
 #: Where versions before the conversation list kept their one conversation (read once, moved into the list).
-STORAGE_KEY = "chatglm-web-conversation"
-SETTINGS_KEY = "chatglm-web-settings"
+STORAGE_KEY = LEGACY_CONVERSATION_KEY
+SETTINGS_KEY = "chatglm-web:settings"
 #: Largest upload Gradio takes (the page has no upload control, and the HTTP guard refuses uploads anyway).
 MAX_FILE_SIZE = "1mb"
 #: (every, older than) in seconds: how often Gradio deletes the files in its cache, and which.
@@ -206,8 +207,9 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         p.readonly = gr.State(False)     # a share link's view
         p.shared_about = gr.State({})    # what the shared conversation was made with
         p.wide = gr.State(False)         # a wide window: the list stays open beside the chat (a sheet on phones)
-        legacy = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=secret)   # before the list: one conversation
-        saved_settings = gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=secret)
+        # (Gradio serves a BrowserState's secret to every visitor: it gets a key derived one way from the state
+        # secret, which seals share links and stored conversations and so never leaves the server)
+        saved_settings = gr.BrowserState(None, storage_key=SETTINGS_KEY, secret=browser_state_key(secret))
         with gr.Group(visible=False):
             p.stored_in = gr.JSON(None)  # what store.js read, for the step it precedes
             p.store_ops = gr.JSON(None)  # what a step wants store.js to write
@@ -343,7 +345,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                 close_on_phones, [p.wide], [sidebar], **quiet)
         list_refresh.click(lists.refresh, [p.stored_in, p.tree, p.lang, p.search], [p.rows, p.conversation_list,
                                                                                   p.list_note], js=CURRENT_JS, **quiet)
-        p.search.input(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
+        p.search.change(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
                        trigger_mode="always_last", **quiet)
         for trigger in (p.title_box.submit, p.title_box.blur):
             lists.saving(trigger(lists.rename, [p.title_box, p.tree, p.busy, p.readonly], [p.title_box], **quiet))
@@ -384,7 +386,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         for component in settings:   # every change, also the ones restore and the language switch make
             component.change(settings_dict, [p.lang, *settings], [saved_settings], queue=False,
                              show_progress="hidden", trigger_mode="always_last", api_visibility="undocumented")
-        textbox.input(meter, meter_inputs, [meter_line, prompt_text], js=DEBOUNCE_JS, trigger_mode="always_last",
+        textbox.change(meter, meter_inputs, [meter_line, prompt_text], js=DEBOUNCE_JS, trigger_mode="always_last",
                       **quiet)
         for component in (system_prompt, sliders["max_new_tokens"], mode):
             component.change(meter, meter_inputs, [meter_line, prompt_text], trigger_mode="always_last", **quiet)
@@ -423,8 +425,12 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         view_prompt.click(lambda: (gr.Sidebar(open=True), gr.Accordion(open=True)), None,
                           [drawer, prompt_accordion], **quiet)
 
-        def restore(snapshot, old_history, stored_settings, request: gr.Request):
-            stored_settings = stored_settings if isinstance(stored_settings, dict) else {}
+        def restore(snapshot, stored_settings, request: gr.Request):
+            snapshot = snapshot if isinstance(snapshot, dict) else {}
+            legacy = snapshot.get("legacy") if isinstance(snapshot.get("legacy"), dict) else {}
+            if not isinstance(stored_settings, dict):   # kept by a version before the list, if at all
+                stored_settings = open_browser_state(legacy.get("settings"), secret)
+                stored_settings = stored_settings if isinstance(stored_settings, dict) else {}
             chosen = stored_settings.get("lang")
             if chosen not in LANGUAGES:
                 chosen = language_of(request.headers.get("accept-language") if request else None)
@@ -434,32 +440,32 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             for component, name in zip(settings, setting_names):
                 if name in values and _fits(component, values[name], modes):
                     updates[component] = gr.update(**{**updates.get(component, {}), "value": values[name]})
-            snapshot = snapshot if isinstance(snapshot, dict) else {}
-            found = _restored(store, sharing, snapshot, old_history, chosen)
+            found = _restored(store, sharing, snapshot, open_browser_state(legacy.get("conversation"), secret),
+                              chosen)
             tree = found["tree"]
             chat, shown = turns.chat_update(tree, chosen, False)
             updates[chatbot] = gr.update(**{**updates.get(chatbot, {}), "value": chat["value"],
                                             "elem_classes": [READONLY_CLASS] if found["about"] else []})
             rows = found["rows"]
             wide = bool(snapshot.get("wide"))
-            out = {p.lang: chosen, p.tree: tree, p.shown: shown, p.rows: rows, p.store_ops: found["ops"],
-                   p.wide: wide,
-                   p.conversation_list: list_update(rows, "", chosen, tree.id),
-                   p.list_note: found["note"] or count_line(store, rows, chosen),
-                   p.title_box: gr.Textbox(value=tree.title), p.stats: found["error"], **updates}
-            out[sidebar] = gr.update(**{**updates.get(sidebar, {}), "open": wide})
-            if found["migrated"]:
-                out[legacy] = None
+            ops_now = found["ops"]
+            if legacy.get("conversation") and found["migrated"] or legacy.get("settings") and stored_settings:
+                ops_now = {**(ops_now or ops()), "drop_legacy": True}   # read: the old entries go
+            out = {p.lang: chosen, p.tree: tree, p.shown: shown, p.rows: rows, p.store_ops: ops_now, p.wide: wide,
+                   p.list_note: found["note"] or count_line(store, rows, chosen), p.stats: found["error"], **updates}
+            for component, update in ((p.conversation_list, list_update(rows, "", chosen, tree.id)),
+                                      (p.title_box, gr.update(value=tree.title)), (sidebar, gr.update(open=wide))):
+                out[component] = gr.update(**{**updates.get(component, {}), **update})   # with its new labels
             if found["about"]:
                 out.update({p.readonly: True, p.shared_about: found["about"],
                             p.share_banner: gr.HTML(banner_html_shared(found["about"], chosen), visible=True),
                             share_actions: gr.Row(visible=True), composer_area: gr.Column(visible=False)})
             return out
 
-        loaded = page.load(restore, [p.stored_in, legacy, saved_settings],
+        loaded = page.load(restore, [p.stored_in, saved_settings],
                            _unique([p.lang, p.tree, p.shown, p.rows, p.store_ops, p.wide, sidebar, p.conversation_list,
                                     p.list_note,
-                                    p.title_box, p.stats, legacy, p.readonly, p.shared_about, p.share_banner,
+                                    p.title_box, p.stats, p.readonly, p.shared_about, p.share_banner,
                                     share_actions, composer_area, chatbot, *relabel_outputs, *settings]),
                            js=SNAPSHOT_JS, **quiet)
         measuring(lists.writing(loaded))

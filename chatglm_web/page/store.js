@@ -5,6 +5,8 @@
 // Clicks on a message's version links (#version:<node>:<step>) go to the server through a hidden button.
 window.chatglmStore = (() => {
   const DATA = "chatglm-web:conversation:", META = "chatglm-web:meta:", TAB = "chatglm-web:tab";
+  // what versions before the list kept (read once by the server, then removed)
+  const LEGACY = { conversation: "chatglm-web-conversation", settings: "chatglm-web-settings" };
   const ids = () => Object.keys(localStorage).filter((k) => k.startsWith(META)).map((k) => k.slice(META.length));
   const get = (key) => { try { return localStorage.getItem(key); } catch (e) { return null; } };
   const store = {
@@ -17,7 +19,8 @@ window.chatglmStore = (() => {
     snapshot: () => {
       const hash = location.hash || "";
       return { data: store.read(store.tab()), metas: store.metas(), tab: store.tab(),
-               share: hash.startsWith("#share=") ? hash.slice(7) : null, wide: window.innerWidth > 900 };
+               share: hash.startsWith("#share=") ? hash.slice(7) : null, wide: window.innerWidth > 900,
+               legacy: { conversation: get(LEGACY.conversation), settings: get(LEGACY.settings) } };
     },
     apply: (ops) => {
       if (!ops || typeof ops !== "object") return [];
@@ -27,6 +30,7 @@ window.chatglmStore = (() => {
         catch (error) { console.warn("chatglm-web: the browser refused to store a conversation", error); }
       }
       if (ops.tab) sessionStorage.setItem(TAB, ops.tab);
+      if (ops.drop_legacy) { localStorage.removeItem(LEGACY.conversation); localStorage.removeItem(LEGACY.settings); }
       if (ops.leave_share && location.hash.startsWith("#share=")) history.replaceState(null, "", location.pathname + location.search);
       return [];
     },

@@ -110,6 +110,7 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   .topbar-subtitle { display: none; }
   #language-switch, #open-settings, #send, #stop, #new-chat, #undo-delete { min-height: 44px; min-width: 44px; }
+  #view-prompt { min-height: 32px !important; }
   #chatbot button { min-width: 32px; min-height: 32px; }
   footer a { min-height: 28px !important; }
   #settings-drawer input[type="number"], #settings-drawer button { min-height: 32px !important; }

@@ -1,0 +1,316 @@
+"""Documents through ``/v1/chat/completions``: OpenAI's ``file`` content parts, read and fitted into the prompt.
+
+In: a user message's ``content`` may hold, next to its text parts, parts in OpenAI's format::
+
+    {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,JVBERi0..."}}
+
+``file_data`` is a ``data:`` URL with ``;base64``, or plain base64 (then ``filename`` is needed: its extension
+says the kind). Without ``filename`` a data URL's media type names the kind (``document.pdf``). A file is at
+most what fits in the request body (``http_guard.body_limit()``: 8 MiB by default, so about 6 MB of file
+after base64) and what ``documents.limits`` allows. At most ``MAX_FILES`` files per request; a file part in
+any message but a user's, a ``file_id`` (there is no Files API here), a missing name or bad base64 is a 400
+naming the part (``messages[i].content[j]``).
+
+Each file is read with ``documents.extract`` in a worker thread (it waits on a limited worker process):
+its ``DocumentError`` is a 400 with its message, except "busy" (other documents are being read), a 429.
+What of it goes into the prompt is ``AttachedDocument.fit(question, room)``, the question being its
+message's text: the whole text when it fits, else the passages most relevant to the question.
+
+The room. ``backend.preview()`` of the conversation with each document's frame but none of its text says
+how many prompt tokens it takes (``total``) and may take (``budget``: the context less room for the
+reply); ``room = budget - total`` less a margin for the tokenizer's joins (``MARGIN_TOKENS`` +
+``MARGIN_SHARE``; ``ESTIMATE_MARGIN_SHARE`` when tokens are only estimated, see ``token_counter``). The
+documents have priority over older turns: that preview starts at the earliest message with a document
+(after the system message), so earlier turns are dropped, as for any long conversation, to make room.
+When the turns after a document do not leave it in the context either, that document is left out (not
+read) and the report says so. The room is shared among the documents smallest first, each getting an
+equal share of what the ones before it left. No room at all, or not even one passage of a document in its
+share, is a 400 saying so.
+
+Each document's block (``fitted.block``: its name and kind, then its text or passages with page marks) goes
+into its user message before the question, between ``<document>`` and ``</document>`` lines; the message
+becomes plain text and the rest of the pipeline is unchanged.
+
+Out: ``Attached.report``, the response's non-standard ``documents`` field (also on the first streamed
+chunk), one entry per file part in request order::
+
+    {"filename": "report.pdf", "mode": "whole" | "passages" | "left_out",
+     "included_tokens": 812, "total_tokens": 15230, "suggested_model": "THUDM/chatglm3-6b-32k" | null}
+
+(``total_tokens`` is null for a document left out, which is not read.) The official ``openai`` client
+keeps unknown fields (``completion.documents`` / ``completion.model_extra["documents"]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .api_tools import chatglm3_messages
+from .chat_format import ChatGLM3Format, TemplateFormat, plain_text
+from .documents import AttachedDocument, Document, DocumentError, FittedDocument, extract
+from .documents.retrieval import estimate_tokens
+from .documents.sniff import ACCEPTED, display_name
+from .generation import BackendBusy, InvalidRequest, PromptPreview, SamplingParams
+
+MAX_FILES = 4                 # file parts in one request
+MIN_ROOM_TOKENS = 64          # a document's share of the prompt must be at least this many tokens
+MARGIN_TOKENS = 16            # kept free of the room: a block counted alone vs. inside its message ...
+MARGIN_SHARE = 0.02           # ... plus this share of the room
+ESTIMATE_MARGIN_SHARE = 0.25  # the share kept free when tokens are only estimated (no tokenizer here)
+OPEN, CLOSE = "<document>", "</document>"
+LEFT_OUT = "left_out"
+#: the kind a data URL's media type names, for a file part without a filename
+MEDIA_EXTENSIONS = {
+    "application/pdf": ".pdf",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": ".docx",
+    "text/plain": ".txt",
+    "text/markdown": ".md",
+    "text/html": ".html",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class FilePart:
+    """One decoded file part: its message's and its own index in the request, the file's name and bytes.
+    Compared and hashed by identity (its bytes may be megabytes)."""
+
+    message: int
+    part: int
+    filename: str
+    data: bytes
+
+    @property
+    def where(self) -> str:
+        return f"messages[{self.message}].content[{self.part}]"
+
+    @property
+    def param(self) -> str:
+        return f"messages.{self.message}.content.{self.part}"
+
+
+@dataclass(frozen=True)
+class Attached:
+    """The request's ChatGLM3 messages with the documents in them, and what the response reports of them."""
+
+    messages: list[dict]
+    report: list[dict]
+
+
+def token_counter(backend) -> tuple[Callable[[str], int], bool]:
+    """(count_tokens, exact): how a document's text is counted against the prompt's budget.
+
+    ``ChatBackend`` itself offers no tokenizer, but the backends that build prompts here keep their chat
+    format in the public attribute ``format`` (``LocalBackend``; ``RemoteBackend``, None there when the
+    served model's tokenizer is not available here), and a format its tokenizer in ``tokenizer``:
+    ``ChatGLM3Format``'s ``ChatGLM3Tokenizer.encode(text)`` (sentencepiece ids, never a special id) or
+    ``TemplateFormat``'s Hugging Face tokenizer (``encode(text, add_special_tokens=False)``). With one of them
+    the counts are the model's own tokens (a piece encoded alone may count a token more than inside the
+    message, its dummy-prefix "▁": ``MARGIN_TOKENS`` covers the joins). Otherwise, as for a remote server
+    without a local tokenizer, whose ``preview`` estimates too, the documents package's own estimate
+    (``estimate_tokens``: one token per CJK character, one per four others), and ``exact`` is False.
+    """
+    chat_format = getattr(backend, "format", None)
+    if isinstance(chat_format, ChatGLM3Format):
+        tokenizer = chat_format.tokenizer
+        return (lambda text: len(tokenizer.encode(text))), True
+    if isinstance(chat_format, TemplateFormat):
+        tokenizer = chat_format.tokenizer
+        return (lambda text: len(tokenizer.encode(text, add_special_tokens=False))), True
+    return estimate_tokens, False
+
+
+def frame(blocks: Sequence[str], question: str) -> str:
+    """A user message's text with its documents' blocks: each between OPEN and CLOSE lines, then the question."""
+    parts = [f"{OPEN}\n{block}\n{CLOSE}" for block in blocks]
+    if question.strip():
+        parts.append(question)
+    return "\n\n".join(parts)
+
+
+def file_parts(messages: Sequence[dict]) -> list[FilePart]:
+    """The request's file parts, decoded, in order; ``InvalidRequest`` naming the part for one not taken.
+    CPU work proportional to the files (base64): run it off the event loop."""
+    found = [(i, j, part) for i, message in enumerate(messages) if isinstance(message.get("content"), list)
+             for j, part in enumerate(message["content"]) if isinstance(part, dict) and part.get("type") == "file"]
+    if len(found) > MAX_FILES:
+        raise InvalidRequest(f"At most {MAX_FILES} files are taken in one request, got {len(found)}; send the "
+                             "others in later messages.", param="messages")
+    parts = []
+    for i, j, part in found:
+        role = messages[i].get("role")
+        if role != "user":
+            raise InvalidRequest(f"messages[{i}].content[{j}]: file parts are only taken in user messages, not in "
+                                 f"{role} messages.", param=f"messages.{i}.content.{j}")
+        parts.append(_decode(i, j, part.get("file")))
+    return parts
+
+
+def _decode(i: int, j: int, file) -> FilePart:
+    where, param = f"messages[{i}].content[{j}]", f"messages.{i}.content.{j}.file"
+    if not isinstance(file, dict):
+        raise InvalidRequest(f'{where}: a file part needs "file": {{"filename": ..., "file_data": ...}}.',
+                             param=param)
+    data, filename = file.get("file_data"), file.get("filename")
+    if data is None and file.get("file_id") is not None:
+        raise InvalidRequest(f"{where}: file_id is not supported (this server has no Files API); send the file's "
+                             "content as file_data, in base64.", param=f"{param}.file_id")
+    if not isinstance(data, str) or not data:
+        raise InvalidRequest(f"{where}: file_data must be the file's content in base64 (plain, or a data: URL).",
+                             param=f"{param}.file_data")
+    if filename is not None and not isinstance(filename, str):
+        raise InvalidRequest(f"{where}: filename must be a string.", param=f"{param}.filename")
+    media_type = None
+    if data[:5].lower() == "data:":
+        header, comma, data = data.partition(",")
+        if not comma or not header.lower().endswith(";base64"):
+            raise InvalidRequest(f"{where}: file_data is a data: URL without ';base64,'; its content must be "
+                                 "base64.", param=f"{param}.file_data")
+        media_type = header[5:].split(";")[0].strip().lower()
+    if not (filename or "").strip():
+        extension = MEDIA_EXTENSIONS.get(media_type or "")
+        if extension is None:
+            said = f" (the media type {media_type!r} names none)" if media_type else ""
+            raise InvalidRequest(f"{where}: filename is missing; it names the file and its kind{said}: attach a "
+                                 f"{ACCEPTED} file.", param=f"{param}.filename")
+        filename = "document" + extension
+    try:
+        content = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidRequest(f"{where} ({display_name(filename)}): file_data is not valid base64 ({error}).",
+                             param=f"{param}.file_data") from None
+    return FilePart(i, j, filename, content)
+
+
+def read(part: FilePart) -> Document:
+    """``documents.extract`` of the part (blocking: a worker process): ``InvalidRequest`` with its message,
+    ``BackendBusy`` when other documents take every reader."""
+    try:
+        return extract(part.data, part.filename)
+    except DocumentError as error:
+        if error.reason == "busy":
+            raise BackendBusy(str(error)) from None
+        raise InvalidRequest(f"{part.where}: {error}", param=part.param) from None
+
+
+def with_documents(messages: Sequence[dict], parts: Sequence[FilePart], blocks: dict[FilePart, str]) -> list[dict]:
+    """The request's messages, each with file parts made plain text: its parts' blocks (those in ``blocks``;
+    a part left out has none) framed before its text."""
+    by_message: dict[int, list[FilePart]] = {}
+    for part in parts:
+        by_message.setdefault(part.message, []).append(part)
+    out = []
+    for index, message in enumerate(messages):
+        mine = by_message.get(index)
+        if mine is None:
+            out.append(message)
+        else:
+            texts = [blocks[part] for part in mine if part in blocks]
+            out.append({**message, "content": frame(texts, plain_text(message.get("content")))})
+    return out
+
+
+def _first_kept(backend, messages: list[dict], parts: list[FilePart], tools: list[dict],
+                params: SamplingParams) -> tuple[int | None, PromptPreview]:
+    """The earliest message with a document that stays in the context with everything after it, framed (its
+    documents' text not yet in), and the preview of the conversation from there; (None, the whole
+    conversation's preview) when none does. Blocking: tokenizes."""
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    framed = with_documents(messages, parts, {part: "" for part in parts})
+    preview = None
+    for start in sorted({part.message for part in parts}):
+        preview = backend.preview(chatglm3_messages(system + framed[start:], tools), params)
+        if preview.dropped_messages == 0:
+            return start, preview
+    return None, preview
+
+
+def _room(preview: PromptPreview, exact: bool) -> int:
+    room = preview.budget - preview.total
+    margin = MARGIN_TOKENS + MARGIN_SHARE * room if exact else ESTIMATE_MARGIN_SHARE * room
+    return int(room - margin)
+
+
+def fit_documents(read_parts: list[tuple[FilePart, Document, str]], room: int, count_tokens: Callable[[str], int],
+                  preview: PromptPreview) -> dict[FilePart, FittedDocument]:
+    """Each (part, document, question) fitted into a share of ``room`` tokens, smallest document first, each
+    getting an equal share of what the ones before it left; ``InvalidRequest`` when a share is under
+    MIN_ROOM_TOKENS or holds not even one passage. Blocking: tokenizes and indexes the documents."""
+    attached = [(part, AttachedDocument(document, count_tokens), question)
+                for part, document, question in read_parts]
+    attached.sort(key=lambda item: item[1].document_tokens)
+    fitted: dict[FilePart, FittedDocument] = {}
+    left = room
+    for position, (part, document, question) in enumerate(attached):
+        share = left // (len(attached) - position)
+        name = document.document.name
+        if share < MIN_ROOM_TOKENS:
+            raise InvalidRequest(
+                f"{part.where}: there is no room in the prompt for {name}: of the model's {preview.context_length:,}"
+                f" tokens the prompt may use {preview.budget:,} (the rest is kept for the reply, max_tokens) and "
+                f"the conversation takes {preview.total:,}. Shorten the conversation, lower max_tokens or attach "
+                "fewer documents.", param=part.param)
+        result = document.fit(question, share)
+        if not result.block:
+            raise InvalidRequest(
+                f"{part.where}: not even one passage of {name} fits in the {share:,} tokens of the prompt left for "
+                "it. Shorten the conversation, lower max_tokens or attach fewer documents.", param=part.param)
+        fitted[part] = result
+        left -= result.block_tokens
+    return fitted
+
+
+def report(parts: Sequence[FilePart], documents: dict[FilePart, Document],
+           fitted: dict[FilePart, FittedDocument]) -> list[dict]:
+    """The response's ``documents``: one entry per file part, in request order (module docstring)."""
+    entries = []
+    for part in parts:
+        result = fitted.get(part)
+        if result is None:
+            entries.append({"filename": display_name(part.filename), "mode": LEFT_OUT, "included_tokens": 0,
+                            "total_tokens": None, "suggested_model": None})
+        else:
+            entries.append({"filename": documents[part].name, "mode": result.mode,
+                            "included_tokens": result.included_tokens, "total_tokens": result.total_tokens,
+                            "suggested_model": result.suggested_model})
+    return entries
+
+
+async def attach_documents(backend, messages: Sequence, tools: list[dict], params: SamplingParams) -> Attached | None:
+    """The request's documents read and put into its messages (module docstring), or None when it has none.
+
+    ``messages``: the request's messages as validated (``openai_api.ChatMessage``: pydantic models with role and
+    content; plain dicts are taken too). Raises ``InvalidRequest`` (400) and ``BackendBusy`` (429). Every
+    step that parses, tokenizes or waits runs in a worker thread: the event loop never waits on a document."""
+    found = await asyncio.to_thread(_request_files, messages)
+    if found is None:
+        return None
+    api_messages, parts = found
+    count_tokens, exact = token_counter(backend)
+    start, preview = await asyncio.to_thread(_first_kept, backend, api_messages, parts, tools, params)
+    kept = [part for part in parts if start is not None and part.message >= start]
+    documents = {}
+    for part in kept:   # one at a time: the first refusal answers, and the readers are shared with the page
+        documents[part] = await asyncio.to_thread(read, part)
+    questions = {part: plain_text(api_messages[part.message].get("content")) for part in kept}
+    fitted = await asyncio.to_thread(
+        fit_documents, [(part, documents[part], questions[part]) for part in kept], _room(preview, exact) if kept
+        else 0, count_tokens, preview)
+    blocks = {part: result.block for part, result in fitted.items()}
+    final = await asyncio.to_thread(chatglm3_messages, with_documents(api_messages, parts, blocks), tools)
+    return Attached(final, report(parts, documents, fitted))
+
+
+def _request_files(messages: Sequence) -> tuple[list[dict], list[FilePart]] | None:
+    """(the messages as dicts, their file parts), or None when there are no file parts (the common case, cheap)."""
+    def content(message):
+        return message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+
+    if not any(isinstance(content(m), list) and any(isinstance(p, dict) and p.get("type") == "file"
+                                                     for p in content(m)) for m in messages):
+        return None
+    as_dicts = [m if isinstance(m, dict) else m.model_dump() for m in messages]
+    return as_dicts, file_parts(as_dicts)
