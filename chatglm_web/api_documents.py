@@ -25,7 +25,8 @@ documents have priority over older turns: that preview starts at the earliest me
 When the turns after a document do not leave it in the context either, that document is left out (not
 read) and the report says so. The room is shared among the documents smallest first, each getting an
 equal share of what the ones before it left. No room at all, or not even one passage of a document in its
-share, is a 400 saying so.
+share, is a 400 saying so; so is a message that its documents make longer than the server's character limit
+for one message (``--max-input-chars``).
 
 Each document's block (``fitted.block``: its name and kind, then its text or passages with page marks) goes
 into its user message before the question, between ``<document>`` and ``</document>`` lines; the message
@@ -61,6 +62,7 @@ MIN_ROOM_TOKENS = 64          # a document's share of the prompt must be at leas
 MARGIN_TOKENS = 16            # kept free of the room: a block counted alone vs. inside its message ...
 MARGIN_SHARE = 0.02           # ... plus this share of the room
 ESTIMATE_MARGIN_SHARE = 0.25  # the share kept free when tokens are only estimated (no tokenizer here)
+COUNT_PIECE_CHARS = 32_768    # a long text is tokenized in pieces this long (see ``token_counter``)
 OPEN, CLOSE = "<document>", "</document>"
 LEFT_OUT = "left_out"
 #: the kind a data URL's media type names, for a file part without a filename
@@ -112,15 +114,28 @@ def token_counter(backend) -> tuple[Callable[[str], int], bool]:
     message, its dummy-prefix "▁": ``MARGIN_TOKENS`` covers the joins). Otherwise, as for a remote server
     without a local tokenizer, whose ``preview`` estimates too, the documents package's own estimate
     (``estimate_tokens``: one token per CJK character, one per four others), and ``exact`` is False.
+
+    A tokenizer's ``encode`` may hold the GIL while it runs (sentencepiece does: about 0.3 s for a megabyte),
+    which would stall the event loop however off it the call is made; so a text longer than
+    COUNT_PIECE_CHARS is counted in pieces of that length and the counts summed (a cut may split a token:
+    a count over by a token or two per piece, on the safe side).
     """
     chat_format = getattr(backend, "format", None)
     if isinstance(chat_format, ChatGLM3Format):
         tokenizer = chat_format.tokenizer
-        return (lambda text: len(tokenizer.encode(text))), True
+        return _in_pieces(lambda text: len(tokenizer.encode(text))), True
     if isinstance(chat_format, TemplateFormat):
         tokenizer = chat_format.tokenizer
-        return (lambda text: len(tokenizer.encode(text, add_special_tokens=False))), True
+        return _in_pieces(lambda text: len(tokenizer.encode(text, add_special_tokens=False))), True
     return estimate_tokens, False
+
+
+def _in_pieces(count: Callable[[str], int]) -> Callable[[str], int]:
+    def counted(text: str) -> int:
+        if len(text) <= COUNT_PIECE_CHARS:
+            return count(text)
+        return sum(count(text[at:at + COUNT_PIECE_CHARS]) for at in range(0, len(text), COUNT_PIECE_CHARS))
+    return counted
 
 
 def frame(blocks: Sequence[str], question: str) -> str:
@@ -249,10 +264,10 @@ def fit_documents(read_parts: list[tuple[FilePart, Document, str]], room: int, c
         name = document.document.name
         if share < MIN_ROOM_TOKENS:
             raise InvalidRequest(
-                f"{part.where}: there is no room in the prompt for {name}: of the model's {preview.context_length:,}"
-                f" tokens the prompt may use {preview.budget:,} (the rest is kept for the reply, max_tokens) and "
-                f"the conversation takes {preview.total:,}. Shorten the conversation, lower max_tokens or attach "
-                "fewer documents.", param=part.param)
+                f"{part.where}: there is no room in the prompt for {name}: the prompt may use {preview.budget:,} of "
+                f"the model's {preview.context_length:,} tokens and the conversation without the documents takes "
+                f"{preview.total:,}. Shorten the conversation, lower max_tokens or attach fewer documents.",
+                param=part.param)
         result = document.fit(question, share)
         if not result.block:
             raise InvalidRequest(
@@ -295,13 +310,30 @@ async def attach_documents(backend, messages: Sequence, tools: list[dict], param
     documents = {}
     for part in kept:   # one at a time: the first refusal answers, and the readers are shared with the page
         documents[part] = await asyncio.to_thread(read, part)
-    questions = {part: plain_text(api_messages[part.message].get("content")) for part in kept}
-    fitted = await asyncio.to_thread(
-        fit_documents, [(part, documents[part], questions[part]) for part in kept], _room(preview, exact) if kept
-        else 0, count_tokens, preview)
+    questions = [plain_text(api_messages[part.message].get("content")) for part in kept]
+    room = _room(preview, exact) if kept else 0
+    fitted = await asyncio.to_thread(fit_documents, [(part, documents[part], question) for part, question
+                                                     in zip(kept, questions)], room, count_tokens, preview)
     blocks = {part: result.block for part, result in fitted.items()}
-    final = await asyncio.to_thread(chatglm3_messages, with_documents(api_messages, parts, blocks), tools)
+    final = await asyncio.to_thread(_compose, api_messages, parts, blocks, tools,
+                                    getattr(backend, "max_input_chars", None))
     return Attached(final, report(parts, documents, fitted))
+
+
+def _compose(messages: list[dict], parts: list[FilePart], blocks: dict[FilePart, str], tools: list[dict],
+             max_chars: int | None) -> list[dict]:
+    """The ChatGLM3 messages with the blocks in; ``InvalidRequest`` when a message with documents is now longer
+    than the server's character limit for one message (``--max-input-chars``), which the backend would refuse
+    without naming the documents."""
+    with_blocks = with_documents(messages, parts, blocks)
+    for part in parts:
+        length = len(with_blocks[part.message]["content"])
+        if part in blocks and max_chars and length > max_chars:
+            raise InvalidRequest(f"messages[{part.message}]: with its documents the message is {length:,} characters "
+                                 f"long, over this server's limit of {max_chars:,} characters for one message "
+                                 "(--max-input-chars). Attach a shorter document or fewer documents.",
+                                 param=f"messages.{part.message}")
+    return chatglm3_messages(with_blocks, tools)
 
 
 def _request_files(messages: Sequence) -> tuple[list[dict], list[FilePart]] | None:

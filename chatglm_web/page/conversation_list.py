@@ -24,6 +24,7 @@ QUIET = dict(queue=False, show_progress="hidden", api_visibility="undocumented")
 CURRENT_JS = "(stored, ...rest) => [window.chatglmStore.current(), ...rest]"
 SNAPSHOT_JS = "(stored, ...rest) => [window.chatglmStore.snapshot(), ...rest]"
 APPLY_JS = "(ops) => window.chatglmStore.apply(ops)"
+FORGIVE_JS = "(...args) => { window.chatglmStore.forgive(); return args; }"
 READ_CHOSEN_JS = "(chosen, stored, ...rest) => [chosen, {data: window.chatglmStore.read(chosen)}, ...rest]"
 ALL_JS = "(stored) => [window.chatglmStore.all()]"
 PICK_JS = ("async (stored, ...rest) => [{file: await window.chatglmStore.pickFile(), "
@@ -79,7 +80,7 @@ class ConversationList:
         if readonly or tree is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if tree.empty:   # nothing to keep; one that was kept (Undo took back all of it) leaves the list
-            if not isinstance(stored, dict) or not stored.get("data"):
+            if not isinstance(stored, dict) or self.store.open_or_none(stored.get("data"), tree.id) is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             rows = rows_state([row for row in self.store.rows(stored.get("metas")) if row.id != tree.id])
             return (ops(remove=[tree.id], tab=tree.id), list_update(rows, query, lang, None),
@@ -102,10 +103,10 @@ class ConversationList:
         return dependency.then(None, [self.p.store_ops], None, js=APPLY_JS, **QUIET)
 
     def refresh(self, stored, tree, lang, query):
-        """The list read again (another tab changed it). Outputs (rows, list, note)."""
-        rows = rows_state(self.store.rows((stored or {}).get("metas")))
-        return rows, list_update(rows, query, lang, tree.id if tree is not None else None), \
-            count_line(self.store, rows, lang)
+        """The list read again from what is stored (after every write here, and when another tab wrote).
+        Outputs (rows, list); the note keeps what the last change had to say."""
+        rows = rows_state(self.store.rows((stored or {}).get("metas") if isinstance(stored, dict) else None))
+        return rows, list_update(rows, query, lang, tree.id if tree is not None else None)
 
     # -- the list's own steps ------------------------------------------------------------------------------------
     def switch(self, chosen, stored, tree, busy, lang, readonly):
@@ -147,7 +148,7 @@ class ConversationList:
         if tree.empty:
             return self.new(busy, lang, readonly)
         shown = self.showing(Conversation(), lang)
-        shown[p.store_ops] = ops(remove=[tree.id], tab=shown[p.tree].id)
+        shown[p.store_ops] = {**ops(remove=[tree.id], tab=shown[p.tree].id), "forget": True}
         return {**shown, p.deleted: tree, p.undo_delete: gr.Button(visible=True),
                 p.list_note: text("deleted", lang, title=tree.title or text("untitled", lang)),
                 p.conversation_list: gr.Radio(value=None)}

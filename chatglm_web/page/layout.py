@@ -47,7 +47,7 @@ from ..toolbox import CHAT, INTERPRETER, TOOLS
 from ..transcript import remove_legacy_downloads, to_markdown
 from . import turns
 from .chat import make_chat_fn
-from .conversation_list import (ALL_JS, CURRENT_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
+from .conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
                                 list_update, rows_state, saved_note)
 from .conversation_view import is_nav, view
 from .meter import DEBOUNCE_JS, make_meter
@@ -343,8 +343,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         for trigger in (new_chat.click, chatbot.clear):
             measuring(lists.writing(trigger(lists.new, [p.busy, p.lang, p.readonly], showing, **quiet))).then(
                 close_on_phones, [p.wide], [sidebar], **quiet)
-        list_refresh.click(lists.refresh, [p.stored_in, p.tree, p.lang, p.search], [p.rows, p.conversation_list,
-                                                                                  p.list_note], js=CURRENT_JS, **quiet)
+        list_refresh.click(lists.refresh, [p.stored_in, p.tree, p.lang, p.search], [p.rows, p.conversation_list],
+                           js=CURRENT_JS, **quiet)
         p.search.change(lists.search, [p.search, p.rows, p.tree, p.lang], [p.conversation_list],
                        trigger_mode="always_last", **quiet)
         for trigger in (p.title_box.submit, p.title_box.blur):
@@ -354,7 +354,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         measuring(lists.writing(deleted.then(lists.after_delete, [p.rows, p.deleted, p.search, p.lang],
                                              [p.rows, p.conversation_list], **quiet)))
         measuring(lists.saving(lists.writing(p.undo_delete.click(
-            lists.undo_delete, [p.deleted, p.busy, p.lang, p.readonly], [*showing, p.deleted], **quiet))))
+            lists.undo_delete, [p.deleted, p.busy, p.lang, p.readonly], [*showing, p.deleted], js=FORGIVE_JS,
+            **quiet))))
         export_all.click(lists.export, [p.stored_in], [holder], js=ALL_JS, **quiet).then(
             None, [holder], None, js=_download_js("conversations.json", "application/json"), **quiet)
         lists.writing(import_all.click(lists.import_file, [p.stored_in, p.tree, p.lang, p.search],

@@ -24,12 +24,17 @@ window.chatglmStore = (() => {
     },
     apply: (ops) => {
       if (!ops || typeof ops !== "object") return [];
-      for (const id of ops.remove || []) { localStorage.removeItem(DATA + id); localStorage.removeItem(META + id); }
+      for (const id of ops.remove || []) {
+        localStorage.removeItem(DATA + id); localStorage.removeItem(META + id);
+        if (ops.forget) gone.add(id);
+      }
       for (const [id, data, meta] of ops.put || []) {
+        if (gone.has(id)) continue;   // deleted here meanwhile: a save that was under way does not bring it back
         try { localStorage.setItem(DATA + id, data); localStorage.setItem(META + id, meta); }
         catch (error) { console.warn("chatglm-web: the browser refused to store a conversation", error); }
       }
       if (ops.tab) sessionStorage.setItem(TAB, ops.tab);
+      listChanged();   // the list shows what is stored, whatever order the steps' answers came in
       if (ops.drop_legacy) { localStorage.removeItem(LEGACY.conversation); localStorage.removeItem(LEGACY.settings); }
       if (ops.leave_share && location.hash.startsWith("#share=")) history.replaceState(null, "", location.pathname + location.search);
       return [];
@@ -45,7 +50,15 @@ window.chatglmStore = (() => {
       input.addEventListener("cancel", () => resolve(null));
       input.click();
     }),
+    // Undo of a delete: what was deleted may be stored again
+    forgive: () => { gone.clear(); return []; },
     pendingVersion: null,
+  };
+  const gone = new Set();
+  let refresh = null;
+  const listChanged = () => {
+    clearTimeout(refresh);
+    refresh = setTimeout(() => document.querySelector("#list-refresh")?.click(), 250);
   };
   document.addEventListener("click", (event) => {
     const link = event.target.closest && event.target.closest('#chatbot a[href^="#version:"]');
@@ -56,11 +69,8 @@ window.chatglmStore = (() => {
     document.querySelector("#version-go")?.click();
   }, true);
   // another tab changed the list: this tab's list is read again (once the burst of writes is over)
-  let refresh = null;
   window.addEventListener("storage", (event) => {
-    if (event.key !== null && !event.key.startsWith(META)) return;
-    clearTimeout(refresh);
-    refresh = setTimeout(() => document.querySelector("#list-refresh")?.click(), 300);
+    if (event.key === null || event.key.startsWith(META)) listChanged();
   });
   return store;
 })();
