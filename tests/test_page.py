@@ -177,7 +177,7 @@ def test_a_reload_mid_reply_keeps_the_partial_reply_marked_interrupted(visit, se
             seen.append(saved_conversation(page))
         return len(seen) >= 3
 
-    wait_until(stored_again, 10, "the partial reply to be stored")
+    wait_until(stored_again, 30, "the partial reply to be stored")
     shown = replies(messages(page, "bot"))[-1]
     page.reload()
     expect(page.locator(TEXTAREA)).to_be_editable()

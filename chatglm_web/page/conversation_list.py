@@ -74,7 +74,7 @@ class ConversationList:
         self.show_conversation = show_conversation   # (tree, lang) -> the chat's updates for a switched-to tree
 
     # -- saving ------------------------------------------------------------------------------------------------
-    def save(self, stored, tree, lang, query, readonly, title):
+    def save(self, stored, tree, lang, query, readonly, title, shown_rows):
         """Store this tab's conversation (merged with what another tab stored meanwhile), within bounds.
         Outputs (ops, list, note, rows, title: the automatic one, unless the visitor is writing one)."""
         if readonly or tree is None:
@@ -88,6 +88,9 @@ class ConversationList:
         saved = self.store.save(tree, stored)
         rows = rows_state(saved.rows)
         title = gr.Textbox(value=tree.title) if not (title or "").strip() and tree.title else gr.skip()
+        listed = [(row["id"], row["title"]) for row in rows]
+        if listed == [(row["id"], row["title"]) for row in shown_rows or []]:   # (while a reply streams: every save)
+            return saved.ops, gr.skip(), saved_note(self.store, saved, rows, lang), rows, title
         return (saved.ops, list_update(rows, query, lang, tree.id), saved_note(self.store, saved, rows, lang), rows,
                 title)
 
@@ -95,7 +98,7 @@ class ConversationList:
         """``dependency`` followed by storing the conversation (and writing it in the browser)."""
         p = self.p
         return (dependency
-                .then(self.save, [p.stored_in, p.tree, p.lang, p.search, p.readonly, p.title_box],
+                .then(self.save, [p.stored_in, p.tree, p.lang, p.search, p.readonly, p.title_box, p.rows],
                       [p.store_ops, p.conversation_list, p.list_note, p.rows, p.title_box], js=CURRENT_JS, **QUIET)
                 .then(None, [p.store_ops], None, js=APPLY_JS, **QUIET))
 

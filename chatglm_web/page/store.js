@@ -24,17 +24,19 @@ window.chatglmStore = (() => {
     },
     apply: (ops) => {
       if (!ops || typeof ops !== "object") return [];
+      let listed = (ops.remove || []).length > 0;
       for (const id of ops.remove || []) {
         localStorage.removeItem(DATA + id); localStorage.removeItem(META + id);
         if (ops.forget) gone.add(id);
       }
       for (const [id, data, meta] of ops.put || []) {
         if (gone.has(id)) continue;   // deleted here meanwhile: a save that was under way does not bring it back
+        if (get(META + id) === null) listed = true;
         try { localStorage.setItem(DATA + id, data); localStorage.setItem(META + id, meta); }
         catch (error) { console.warn("chatglm-web: the browser refused to store a conversation", error); }
       }
       if (ops.tab) sessionStorage.setItem(TAB, ops.tab);
-      listChanged();   // the list shows what is stored, whatever order the steps' answers came in
+      if (listed) listChanged();   // one came or went: the list shows what is stored, whatever order answers came in
       if (ops.drop_legacy) { localStorage.removeItem(LEGACY.conversation); localStorage.removeItem(LEGACY.settings); }
       if (ops.leave_share && location.hash.startsWith("#share=")) history.replaceState(null, "", location.pathname + location.search);
       return [];
