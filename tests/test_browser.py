@@ -75,7 +75,7 @@ def test_stream_stop_retry_undo(session, server):
 
     # 2. Stop: the server cancels the generation, the engine drains, and the partial reply is marked stopped
     #    (a message of its own, in italics) as the reply's last update; the turn is over (Send is back).
-    page.locator(STOP).click()
+    page.locator(STOP).dispatch_event("click")   # (the button itself: the streaming chat keeps re-laying the page out)
     wait_until(lambda: server.engine.finished["cancelled"] > cancelled_before, 5, "a cancellation on the server")
     wait_until(lambda: server.engine.load == (0, 0), 5, "engine.load to return to (0, 0)")
     expect_idle(page)
@@ -392,7 +392,7 @@ def test_stop_while_waiting_for_a_slot_leaves_no_status_in_the_chat(browser, sin
         expect(page.locator(f'{STATS}, #chatbot [data-testid="bot"]', has_text="Waiting for a free slot")).to_have_count(1)
         assert not any("⏳" in text for text in messages(page, "bot")), "the waiting line is shown as a reply"
         expect(page.locator(STATS)).to_contain_text("Waiting for a free slot")
-        page.locator(STOP).click()
+        page.locator(STOP).dispatch_event("click")   # (the button itself: the streaming chat keeps re-laying the page out)
         wait_until(lambda: server.engine.finished["cancelled"] > cancelled, 10, "the waiting request to be cancelled")
         expect_idle(page)
         expect(page.locator(STATS)).not_to_contain_text("Waiting")
