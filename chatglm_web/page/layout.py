@@ -200,7 +200,9 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         p.lang = gr.State("en")
         p.busy = gr.State(False)
         p.plan = gr.State(None)
-        p.tree = gr.State(lambda: Conversation())  # this tab's conversation (conversations/tree.py): the truth
+        # (not a callable default: Gradio would call it in a load step of its own, which could run after ``restore``
+        # and replace the restored conversation with an empty one)
+        p.tree = gr.State(None)  # this tab's conversation (conversations/tree.py): the truth
         p.shown = gr.State([])           # which tree node each of the chat's messages shows
         p.rows = gr.State([])            # the conversation list as last read from the browser
         p.deleted = gr.State(None)       # the conversation Delete took, until Undo or the next delete

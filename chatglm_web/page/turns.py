@@ -165,7 +165,9 @@ class Begin:
     def __init__(self, refusals: Refusals):
         self.refusals = refusals
 
-    def _idle(self, busy, readonly, lang, request) -> None:
+    def _idle(self, busy, readonly, lang, request, tree=True) -> None:
+        if tree is None:   # the page has not finished loading its conversation
+            raise self.refusals.refuse(request, text("busy_now", lang))
         if readonly:
             raise self.refusals.refuse(request, text("read_only", lang))
         if busy:
@@ -176,18 +178,18 @@ class Begin:
         return last.parent if last.role == "user" else last.id   # (a message without a reply: a new version)
 
     def send(self, message, tree, busy, readonly, lang, request: gr.Request):
-        self._idle(busy, readonly, lang, request)
+        self._idle(busy, readonly, lang, request, tree)
         return {"parent": self._after_last(tree), "text": _accept(message, lang, self.refusals, request)}
 
     def example(self, tree, busy, readonly, lang, selected: gr.SelectData, request: gr.Request):
-        self._idle(busy, readonly, lang, request)
+        self._idle(busy, readonly, lang, request, tree)
         value = selected.value
         message = _accept(value.get("text") if isinstance(value, dict) else value, lang, self.refusals, request)
         return {"parent": self._after_last(tree), "text": message}
 
     def retry(self, tree, shown, busy, readonly, lang, retry: gr.RetryData, request: gr.Request):
         """A new version of the reply to the message Retry was pressed on (the earlier one is kept)."""
-        self._idle(busy, readonly, lang, request)
+        self._idle(busy, readonly, lang, request, tree)
         node_id = node_at(tree, shown, retry.index)
         if node_id is None or tree.nodes[node_id].role not in ("user", "assistant"):
             raise self.refusals.refuse(request, text("nothing_to_retry", lang))
@@ -196,7 +198,7 @@ class Begin:
 
     def edit(self, tree, shown, busy, readonly, lang, edit: gr.EditData, request: gr.Request):
         """A new version of the edited message, answered; the earlier version and its replies are kept."""
-        self._idle(busy, readonly, lang, request)
+        self._idle(busy, readonly, lang, request, tree)
         node_id = node_at(tree, shown, edit.index)
         if node_id is None or tree.nodes[node_id].role != "user" or is_nav(_shown_message(tree, shown, edit.index)):
             raise self.refusals.refuse(request, text("not_editable", lang))
