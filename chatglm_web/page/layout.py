@@ -51,7 +51,8 @@ from .conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, 
                                 list_update, rows_state, saved_note)
 from .conversation_view import is_nav, view
 from .meter import DEBOUNCE_JS, make_meter
-from .sharing import LINK_JS, Sharing
+from .sharing import LINK_JS, Sharing, model_title_of
+from .sharing import banner_html as shared_banner_html
 from .strings import I18N, LANGUAGE_NAMES, LANGUAGES, i18n, language_of, text
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ STORE_JS = Path(__file__).with_name("store.js").read_text(encoding="utf-8")
 
 def model_title(info: ModelInfo) -> str:
     """The answering model's short name: the last part of a Hub id or folder, without a note in brackets."""
-    name = info.name.split(" (")[0].rstrip("/")
-    return name.split("/")[-1] or info.name
+    return model_title_of(info.name)
 
 
 def top_bar_html(info: ModelInfo, lang: str) -> str:
@@ -394,7 +394,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         for component in (system_prompt, sliders["max_new_tokens"], mode):
             component.change(meter, meter_inputs, [meter_line, prompt_text], trigger_mode="always_last", **quiet)
 
-        def relabelled(current_lang, mode_value, system_value, tree=None) -> dict:
+        def relabelled(current_lang, mode_value, system_value) -> dict:
             updates = labels.updates(current_lang)
             updates[chatbot]["examples"] = examples(mode_value, current_lang)
             other = "en" if current_lang == "zh-CN" else "zh-CN"
@@ -411,10 +411,11 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             chat, shown = turns.chat_update(tree, new, False)   # markers and version links in the new language
             updates[chatbot] = gr.update(**{**updates[chatbot], "value": chat["value"],
                                             "elem_classes": [READONLY_CLASS] if readonly else []})
-            extra = {p.shown: shown,
-                     p.conversation_list: list_update(rows or [], query, new, tree.id if tree is not None else None)}
+            listed = list_update(rows or [], query, new, tree.id if tree is not None else None)
+            updates[p.conversation_list] = gr.update(**{**updates.get(p.conversation_list, {}), **listed})
+            extra = {p.shown: shown}
             if readonly:
-                extra[p.share_banner] = gr.HTML(banner_html_shared(about, new))
+                extra[p.share_banner] = gr.HTML(shared_banner_html(about, new))
             return {p.lang: new, saved_settings: stored, **updates, **extra}
 
         relabel_outputs = labels.components
@@ -461,7 +462,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                 out[component] = gr.update(**{**updates.get(component, {}), **update})   # with its new labels
             if found["about"]:
                 out.update({p.readonly: True, p.shared_about: found["about"],
-                            p.share_banner: gr.HTML(banner_html_shared(found["about"], chosen), visible=True),
+                            p.share_banner: gr.HTML(shared_banner_html(found["about"], chosen), visible=True),
                             share_actions: gr.Row(visible=True), composer_area: gr.Column(visible=False)})
             return out
 
@@ -481,12 +482,6 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
 
             page.unload(end_session)
     return page
-
-
-def banner_html_shared(about: dict, lang: str) -> str:
-    from .sharing import banner_html as shared_banner
-
-    return shared_banner(about, lang)
 
 
 def _restored(store: BrowserStore, sharing: Sharing, snapshot: dict, old_history, lang: str) -> dict:

@@ -32,7 +32,7 @@ from ..chat_format import plain_text
 from ..generation import BackendBusy, Finished, InvalidRequest
 from ..conversations.tree import Conversation
 from .chat import check_text, printable, seed_value, start_turn
-from .conversation_view import is_nav, navigate, node_at, view
+from .conversation_view import navigate, node_at, view
 from .strings import text, translate_error
 
 log = logging.getLogger(__name__)
@@ -200,18 +200,14 @@ class Begin:
         """A new version of the edited message, answered; the earlier version and its replies are kept."""
         self._idle(busy, readonly, lang, request, tree)
         node_id = node_at(tree, shown, edit.index)
-        if node_id is None or tree.nodes[node_id].role != "user" or is_nav(_shown_message(tree, shown, edit.index)):
+        # (a user node shows its message first; its version links follow under the same node)
+        if node_id is None or tree.nodes[node_id].role != "user" or shown.index(node_id) != edit.index:
             raise self.refusals.refuse(request, text("not_editable", lang))
         return {"parent": tree.nodes[node_id].parent, "text": _accept(edit.value, lang, self.refusals, request)}
 
     def refused(self, lang, request: gr.Request):
         """The failure step after a refused begin: the reason, once, in the statistics line."""
         return text("error", lang, error=self.refusals.pop(request) or text("server_error", lang))
-
-
-def _shown_message(tree, shown, index) -> dict | None:
-    messages, _ = view(tree, "en")
-    return messages[index] if isinstance(index, int) and 0 <= index < len(messages) else None
 
 
 def generation_settings(system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed, mode,
