@@ -58,9 +58,9 @@ def raw_generate(model, ids: list[int], tokens: int) -> float:
 
 
 def measure(folder: Path, precision: str, tokens: int, bandwidth: float) -> dict:
-    from chatglm_web.engine import Engine
+    from chatglm_web.engine.scheduler import Engine
     from chatglm_web.generation import SamplingParams
-    from chatglm_web.loading import load_from_folder
+    from chatglm_web.families.loading import load_from_folder
     from chatglm_web.settings import Settings
 
     torch.cuda.empty_cache()
@@ -111,7 +111,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA GPU here: GPU benchmark skipped")
         return
-    from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model, write_checkpoint
+    from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model, write_checkpoint
 
     folder = Path(args.workdir) / "chatglm3-6b-random"
     if not (folder / "config.json").exists():

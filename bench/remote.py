@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
-from chatglm_web.remote_format import load_remote_format  # noqa: E402
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from chatglm_web.backends.remote_format import load_remote_format  # noqa: E402
 from app_server import start_app, stop_app  # noqa: E402
 from clients import AppClient, PageClient, VllmClient, user_messages  # noqa: E402
 from vllm_server import VllmServer, ensure_vllm_venv, free_port, write_test_checkpoint  # noqa: E402

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 import httpx  # noqa: E402
 
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint  # noqa: E402
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint  # noqa: E402
 from server_harness import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,9 +96,9 @@ def engine_ttft_seconds(loaded, repeats: int = 5) -> float:
     """Time to first token inside the app (LocalBackend + Engine, no HTTP), one-token replies."""
     import asyncio
 
-    from chatglm_web.engine import Engine
+    from chatglm_web.engine.scheduler import Engine
     from chatglm_web.generation import Finished, SamplingParams
-    from chatglm_web.local_backend import LocalBackend
+    from chatglm_web.backends.local import LocalBackend
 
     engine = Engine(loaded.model)
     backend = LocalBackend(engine, loaded.chat_format, loaded.info)
@@ -143,7 +143,7 @@ def start_server(args: list[str], port: int) -> subprocess.Popen:
 
 
 def load_model(folder: Path):
-    from chatglm_web.loading import load_from_folder
+    from chatglm_web.families.loading import load_from_folder
     from chatglm_web.settings import Settings
 
     return load_from_folder(folder, Settings(precision="fp32", device="cpu"), "bench")

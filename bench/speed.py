@@ -62,10 +62,10 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
-from chatglm_web.cpu_linear import prepack_linear_layers  # noqa: E402
-from chatglm_web.engine import DEFAULT_PREFILL_CHUNK  # noqa: E402
-from chatglm_web.loading import count_params, load_from_folder  # noqa: E402
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from chatglm_web.engine.cpu_linear import prepack_linear_layers  # noqa: E402
+from chatglm_web.engine.scheduler import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from chatglm_web.families.loading import count_params, load_from_folder  # noqa: E402
 from chatglm_web.settings import Settings  # noqa: E402
 from app_server import start_app, stop_app  # noqa: E402
 from clients import TEMPERATURE, TOP_P, AppClient, PageClient, Stream, VllmClient, user_messages  # noqa: E402
@@ -266,7 +266,7 @@ def bench_shape(name: str, spec: TinyChatGLM3, args, work: Path) -> dict:
         stop_app(app)
     del loaded
 
-    from chatglm_web.remote_format import load_remote_format
+    from chatglm_web.backends.remote_format import load_remote_format
 
     chat_format = load_remote_format(str(folder)).chat_format
     vllm = VllmServer(ensure_vllm_venv(), folder, work / f"vllm-{name}.log", max_model_len=4096,

@@ -44,7 +44,7 @@ def browser_state_key(secret: str) -> str:
 def secret_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the key file lives: ``<cache dir>/browser-state-secret`` (the offline model's cache dir by default)."""
     if cache_dir is None:
-        from .offline_model import default_cache_dir
+        from chatglm_web.families.template.offline import default_cache_dir
 
         cache_dir = default_cache_dir()
     return Path(cache_dir) / FILE_NAME

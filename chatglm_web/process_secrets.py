@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from .settings import SECRET_SETTINGS, SettingsError
+from chatglm_web.settings import SECRET_SETTINGS, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def hide_secrets(settings) -> None:
     if scrub_command_line(values):
         log.warning("a secret was given on the command line; it is hidden from it now, but other users could "
                     "read it while the app started: prefer the CHATGLM_WEB_* variable or the --*-file flag")
-    from . import browser_secret
+    from chatglm_web import browser_secret
 
     names = [name for name in SECRET_ENV_VARS if os.environ.pop(name, None) is not None]
     if browser_secret.take_from_environ():

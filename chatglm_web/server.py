@@ -7,26 +7,26 @@ import logging
 import os
 import sys
 
-from .process_secrets import hide_secrets
-from .settings import Settings, error_line, parse_settings
+from chatglm_web.process_secrets import hide_secrets
+from chatglm_web.settings import Settings, error_line, parse_settings
 
 log = logging.getLogger("chatglm_web")
 
 
 def build_backend(settings: Settings):
     """The one backend the page and the API share: a remote server (``--backend``) or a model loaded here."""
-    from .local_backend import LocalBackend
-    from .metrics import MeteredBackend
+    from chatglm_web.backends.local import LocalBackend
+    from chatglm_web.api.metrics import MeteredBackend
 
     if settings.backend:
-        from .remote_backend import build_remote_backend
+        from chatglm_web.backends.remote import build_remote_backend
 
         return MeteredBackend(build_remote_backend(settings))
-    from .loading import load_chat_model
-    from .spaces_env import engine_type
+    from chatglm_web.families.loading import load_chat_model
+    from chatglm_web.spaces_env import engine_type
 
     if settings.engine_process and not settings.zero_gpu:
-        from .engine_process import EngineProcess
+        from chatglm_web.engine.process import EngineProcess
 
         # the model is loaded in the engine's own process; this one gets its chat format and info
         engine, chat_format, info = EngineProcess.start(settings, max_batch_size=settings.max_batch_size,
@@ -49,10 +49,10 @@ def build_app(settings: Settings):
 
     ``page.toolbox`` holds the tools and the code interpreter's kernels; ``page.toolbox.close()`` ends them
     (also done at exit)."""
-    from .branding import load_branding
-    from .openai_api import api_app_kwargs
-    from .toolbox import Toolbox
-    from .page import build_page, launch_kwargs
+    from chatglm_web.branding import load_branding
+    from chatglm_web.api.openai_api import api_app_kwargs
+    from chatglm_web.tools.toolbox import Toolbox
+    from chatglm_web.page import build_page, launch_kwargs
 
     toolbox = Toolbox.start(code_interpreter=settings.code_interpreter)  # an unsupported sandbox fails first
     atexit.register(toolbox.close)

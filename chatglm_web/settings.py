@@ -127,7 +127,7 @@ def flag_name(field_name: str) -> str:
 def _int_range(name: str) -> tuple[int, int | None]:
     """Smallest and largest allowed value of an integer setting (None: no upper limit)."""
     if name == "max_new_tokens":
-        from .generation import option
+        from chatglm_web.generation import option
 
         spec = option("max_new_tokens")  # the server limit must be a value a request may ask for
         return int(spec.minimum), int(spec.maximum)
@@ -202,7 +202,7 @@ def _parser() -> _Parser:
 def _secret_candidates(name: str, args, environ) -> list[tuple[str | None, str]]:
     """(value, source) for a secret: the flag or its file, then the variable or its file (read when it is the
     first one set)."""
-    from .process_secrets import read_secret_file
+    from chatglm_web.process_secrets import read_secret_file
 
     file_name = name + "_file"
     levels = [((getattr(args, name), flag_name(name)), (getattr(args, file_name), flag_name(file_name))),
@@ -240,7 +240,7 @@ def parse_settings(argv: list[str] | None = None, environ: dict | None = None) -
                 values[name] = convert(name, raw, source)
                 break
     if "zero_gpu" not in values:
-        from .spaces_env import zero_gpu_detected
+        from chatglm_web.spaces_env import zero_gpu_detected
 
         values["zero_gpu"] = zero_gpu_detected(environ)
     settings = Settings(**values)

@@ -53,7 +53,7 @@ def prepare_process(argv: list[str] | None = None) -> None:
     Bad settings, or a ``spaces`` that cannot be imported, are left for ``server.main`` to report
     as its one-line error.
     """
-    from .settings import SettingsError, parse_settings
+    from chatglm_web.settings import SettingsError, parse_settings
 
     use_persistent_storage()
     try:
@@ -85,9 +85,9 @@ def hardware_label(device: str, zero_gpu: bool = False) -> str:
 def engine_type(zero_gpu: bool):
     """The class that serves generation: ``ZeroGPUEngine`` (imports ``spaces``) or the batching ``Engine``."""
     if zero_gpu:
-        from .zero_gpu import ZeroGPUEngine
+        from chatglm_web.engine.zero_gpu import ZeroGPUEngine
 
         return ZeroGPUEngine
-    from .engine import Engine
+    from chatglm_web.engine.scheduler import Engine
 
     return Engine

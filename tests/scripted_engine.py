@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from chatglm_web.engine import Outcome
+from chatglm_web.engine.scheduler import Outcome
 
 
 def reply_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
@@ -69,7 +69,7 @@ class ScriptedEngine:
 def scripted_installer(server, checkpoint):
     """``install(reply, reply, ...)``: put a ScriptedEngine with these replies into the running app's backend
     (its tokenizer from ``checkpoint``) and return it."""
-    from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
+    from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 
     tokenizer = ChatGLM3Tokenizer.from_pretrained(checkpoint)
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from chatglm_web.admission import AdmissionLine
-from chatglm_web.engine import EngineBusy
+from chatglm_web.engine.admission import AdmissionLine
+from chatglm_web.engine.scheduler import EngineBusy
 
 
 def test_running_then_waiting_then_busy_with_the_engines_message():

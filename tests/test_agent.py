@@ -10,9 +10,9 @@ import gradio as gr
 import pytest
 from gradio_client import Client
 
-from chatglm_web.chat_format import normalize_messages
-from chatglm_web.chatglm3 import ChatGLM3Tokenizer
-from chatglm_web.steps import step_messages
+from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.page.steps import step_messages
 from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
 from chatglm_web.page import conversation
 from scripted_engine import ScriptedEngine, scripted_installer

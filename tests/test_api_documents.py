@@ -1,4 +1,4 @@
-"""Documents through the OpenAI-compatible API (``chatglm_web/api_documents.py``): ``file`` content parts sent with
+"""Documents through the OpenAI-compatible API (``chatglm_web/api/documents.py``): ``file`` content parts sent with
 the official ``openai`` client to the real server; what the engine was given, the response's ``documents``
 field, and the refusals (400 with a message naming the part) after which the server goes on answering."""
 
@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from chatglm_web.api_documents import MIN_ROOM_TOKENS, frame
+from chatglm_web.api.documents import MIN_ROOM_TOKENS, frame
 from chatglm_web.generation import InvalidRequest, SamplingParams
 from server_harness import running_server
 from test_documents import MiB, docx_bytes, text_pdf, with_member

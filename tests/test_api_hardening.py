@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 
-from chatglm_web.http_guard import MIN_BODY_BYTES, body_limit
-from chatglm_web.openai_api import MAX_MESSAGES
-from chatglm_web.strict_json import MAX_JSON_DEPTH
+from chatglm_web.api.http_guard import MIN_BODY_BYTES, body_limit
+from chatglm_web.api.openai_api import MAX_MESSAGES
+from chatglm_web.api.strict_json import MAX_JSON_DEPTH
 from server_harness import app_process, free_port, raw_exchange, running_server
 
 KEY = "hardening-key"

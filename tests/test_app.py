@@ -19,11 +19,11 @@ import torch
 from packaging.utils import canonicalize_name
 from server_harness import app_process, free_port
 
-from chatglm_web.chatglm3 import ChatGLM3Tokenizer
-from chatglm_web.chatglm3.loader import load_glm_model
+from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.loader import load_glm_model
 
 from chatglm_web.generation import SamplingParams, TextDelta
-from chatglm_web.loading import (GPU_HEADROOM, ModelLoadError, choose_precision, count_params, estimate_memory,
+from chatglm_web.families.loading import (GPU_HEADROOM, ModelLoadError, choose_precision, count_params, estimate_memory,
                                  resolve_device)
 from chatglm_web.settings import parse_settings
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatglm_web.batch_cache import FIRST_CAPACITY, SPAN_STEP, SlotCache, prefilled_kv
-from chatglm_web.loading import load_from_folder
+from chatglm_web.engine.kv_slots import FIRST_CAPACITY, SPAN_STEP, SlotCache, prefilled_kv
+from chatglm_web.families.loading import load_from_folder
 from chatglm_web.settings import Settings
 
 

@@ -20,7 +20,7 @@ from chatglm_web.conversations.share import ShareLinks, TooLong, replay_diff, re
 from chatglm_web.conversations.tree import ROOT, Conversation, InvalidConversation, from_history
 from chatglm_web.page.conversation_view import is_nav, navigate, node_at, view
 from chatglm_web.page.markers import marker
-from chatglm_web.transcript import to_json
+from chatglm_web.conversations.transcript import to_json
 
 SECRET = "a state secret for the tests"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chatglm_web.chatglm3.loader import load_glm_model
-from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
-from chatglm_web import cpu_linear
-from chatglm_web.cpu_linear import PackedLinear, packing, prepack_linear_layers
-from chatglm_web.loading import load_from_folder
+from chatglm_web.families.chatglm3.loader import load_glm_model
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.engine import cpu_linear
+from chatglm_web.engine.cpu_linear import PackedLinear, packing, prepack_linear_layers
+from chatglm_web.families.loading import load_from_folder
 from chatglm_web.settings import Settings
 
 

@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from chatglm_web.engine import Engine, EngineBusy, Outcome
+from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome
 from chatglm_web.generation import BackendBusy, InvalidRequest, Queued, SamplingParams, TextDelta
-from chatglm_web.loading import load_from_folder
-from chatglm_web.local_backend import LocalBackend, fit_to_context
+from chatglm_web.families.loading import load_from_folder
+from chatglm_web.backends.local import LocalBackend, fit_to_context
 from chatglm_web.settings import Settings
 
 
@@ -146,7 +146,7 @@ def test_no_request_is_lost_under_16_concurrent_submits(loaded):
 
 
 def test_stop_tokens_end_the_reply_and_are_not_shown(tmp_path, tokenizer_model):
-    from chatglm_web.chatglm3.synthetic import write_checkpoint
+    from chatglm_web.families.chatglm3.synthetic import write_checkpoint
 
     folder = write_checkpoint(tmp_path / "stopper", tokenizer_model=tokenizer_model,
                               token_bias={"<|observation|>": 30.0})

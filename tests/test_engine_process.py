@@ -11,11 +11,11 @@ import time
 import pytest
 
 from chat_helpers import collect, user
-from chatglm_web.engine import Engine, EngineBusy, Outcome
-from chatglm_web.engine_process import EngineProcess, EngineStartError
+from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome
+from chatglm_web.engine.process import EngineProcess, EngineStartError
 from chatglm_web.generation import SamplingParams
-from chatglm_web.loading import load_from_folder
-from chatglm_web.local_backend import LocalBackend
+from chatglm_web.families.loading import load_from_folder
+from chatglm_web.backends.local import LocalBackend
 from chatglm_web.settings import Settings
 
 SETTINGS = [SamplingParams(temperature=t, top_p=p, top_k=k, seed=s, max_new_tokens=n)

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
-from chatglm_web.engine import Engine
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from chatglm_web.engine.scheduler import Engine
 from chatglm_web.generation import BackendBusy, InvalidRequest, SamplingParams, TextDelta
-from chatglm_web.loading import load_from_folder
-from chatglm_web.local_backend import LocalBackend
+from chatglm_web.families.loading import load_from_folder
+from chatglm_web.backends.local import LocalBackend
 from chatglm_web.settings import Settings
 from chat_helpers import collect, user
 from conftest import NO_STOP

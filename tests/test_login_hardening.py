@@ -14,7 +14,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from chatglm_web.http_guard import (LOGIN_WINDOW_SECONDS, MAX_FAILED_LOGINS, MAX_TRACKED_CLIENTS, LoginThrottle,
+from chatglm_web.api.http_guard import (LOGIN_WINDOW_SECONDS, MAX_FAILED_LOGINS, MAX_TRACKED_CLIENTS, LoginThrottle,
                                     logged_in_user)
 from server_harness import gradio_temp_dir, raw_exchange, running_server
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatglm_web import offline_model
-from chatglm_web.offline_model import (
+from chatglm_web.families.template import offline as offline_model
+from chatglm_web.families.template.offline import (
     CHATML_TEMPLATE,
     IM_END,
     OFFLINE_GGUF_NAME,
@@ -157,7 +157,7 @@ def test_real_generation_answers_paris(model_and_tokenizer):
 def test_converted_tokenizer_is_saved_and_reused_identically(gguf_cache, model_and_tokenizer):
     from transformers import AutoTokenizer
 
-    from chatglm_web.offline_model import _load_tokenizer
+    from chatglm_web.families.template.offline import _load_tokenizer
 
     _, tokenizer = model_and_tokenizer  # the first load converted the GGUF tokenizer and saved it
     gguf = ensure_offline_gguf(gguf_cache[0])

@@ -409,7 +409,7 @@ def test_the_page_strings_exist_in_both_languages():
 
 
 def test_the_errors_a_visitor_meets_most_are_in_chinese_too():
-    from chatglm_web.engine import EngineBusy, check_engine_capacity
+    from chatglm_web.engine.scheduler import EngineBusy, check_engine_capacity
     from chatglm_web.generation import InvalidRequest, check_valid_text
     from chatglm_web.page.strings import translate_error
 

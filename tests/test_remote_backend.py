@@ -13,13 +13,13 @@ from contextlib import aclosing
 
 import pytest
 
-from chatglm_web.chat_format import ChatGLM3Format, TemplateFormat
-from chatglm_web.engine import Engine
+from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat
+from chatglm_web.engine.scheduler import Engine
 from chatglm_web.generation import BackendBusy, Finished, Queued, SamplingParams, TextDelta
-from chatglm_web.loading import ModelLoadError, load_from_folder
-from chatglm_web.local_backend import LocalBackend
-from chatglm_web.remote_backend import RemoteBackend, RemoteBackendError, build_remote_backend
-from chatglm_web.remote_format import load_remote_format
+from chatglm_web.families.loading import ModelLoadError, load_from_folder
+from chatglm_web.backends.local import LocalBackend
+from chatglm_web.backends.remote import RemoteBackend, RemoteBackendError, build_remote_backend
+from chatglm_web.backends.remote_format import load_remote_format
 from chatglm_web.settings import Settings, parse_settings
 from vllm_server import (TEST_SPEC, VllmServer, VllmUnavailable, ensure_vllm_venv, free_port, write_template_tokenizer,
                          write_test_checkpoint)

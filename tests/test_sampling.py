@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chatglm_web.generation import SamplingParams
-from chatglm_web.sampling import choose_token, choose_tokens, draw, top_p_probs
+from chatglm_web.engine.sampling import choose_token, choose_tokens, draw, top_p_probs
 
 
 def nucleus_by_sorting(probs, top_p):
@@ -40,7 +40,7 @@ def test_seeded_choice_repeats_and_greedy_is_argmax():
 
 
 def test_a_batch_of_rows_gets_what_each_row_gets_alone():
-    from chatglm_web.sampling import choose_tokens
+    from chatglm_web.engine.sampling import choose_tokens
 
     gen = torch.Generator().manual_seed(3)
     logits = torch.cat([torch.randn(3, 3000, generator=gen) * 0.05, torch.randn(3, 3000, generator=gen) * 6])

@@ -522,7 +522,7 @@ def make_pool():
 
 
 def test_a_kernel_starts_on_the_first_execution_not_on_choosing_the_mode(make_pool):
-    from chatglm_web.toolbox import INTERPRETER, Toolbox
+    from chatglm_web.tools.toolbox import INTERPRETER, Toolbox
 
     pool = make_pool(max_kernels=2)
     toolbox = Toolbox(sandboxes=pool)

@@ -28,9 +28,11 @@ from gradio_client import Client
 from huggingface_hub import SpaceCard
 from server_harness import app_process, free_port
 
-from chatglm_web import loading, spaces_env
-from chatglm_web.chatglm3 import loader
-from chatglm_web.loading import ModelLoadError
+from chatglm_web.families import loading
+
+from chatglm_web import spaces_env
+from chatglm_web.families.chatglm3 import loader
+from chatglm_web.families.loading import ModelLoadError
 from chatglm_web.settings import Settings, SettingsError, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]

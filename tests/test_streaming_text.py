@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
-from chatglm_web.streaming_text import IncrementalDecoder
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.families.streaming_text import IncrementalDecoder
 
 TEXTS = [
     "Hello, how are you today?",

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from chatglm_web.api_tools import ReplyParts, call_message, tool_calls_out
-from chatglm_web.chatglm3.reply import parse_reply
+from chatglm_web.api.tool_calls import ReplyParts, call_message, tool_calls_out
+from chatglm_web.families.chatglm3.reply import parse_reply
 from chatglm_web.generation import InvalidRequest, ReplyMetadata, TextDelta
 from scripted_engine import scripted_installer
 from server_harness import running_server

@@ -2,8 +2,8 @@
 
 import json
 
-from chatglm_web.chat_format import normalize_messages
-from chatglm_web.transcript import remove_legacy_downloads, to_json, to_markdown
+from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.conversations.transcript import remove_legacy_downloads, to_json, to_markdown
 
 HISTORY = [
     {"role": "user", "content": [{"type": "text", "text": "<b>hi</b> $x^2$"}], "metadata": {"title": None}},

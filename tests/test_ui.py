@@ -37,7 +37,7 @@ from chatglm_web.browser_secret import browser_state_key
 from chatglm_web.page import SETTINGS_KEY, STORAGE_KEY, build_page, stats_markdown
 from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import I18N, STRINGS
-from chatglm_web.transcript import LEGACY_DOWNLOADS, to_markdown
+from chatglm_web.conversations.transcript import LEGACY_DOWNLOADS, to_markdown
 from server_harness import CONVERSATION_PREFIX, META_PREFIX, PageClient, running_server
 
 SYSTEM = "You are a test assistant."
@@ -463,7 +463,7 @@ def test_modes_the_model_cannot_serve_are_not_offered_and_the_page_says_why():
     from types import SimpleNamespace
 
     from chatglm_web.generation import ModelInfo
-    from chatglm_web.toolbox import Toolbox
+    from chatglm_web.tools.toolbox import Toolbox
 
     def mode_radio(tools: bool) -> gr.Radio:
         info = ModelInfo(name="HuggingFaceTB/SmolLM2-135M-Instruct (offline demo model)", precision="fp32",

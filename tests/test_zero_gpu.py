@@ -29,13 +29,13 @@ import spaces
 from gradio.context import LocalContext
 from gradio_client import Client
 
-from chatglm_web import zero_gpu
-from chatglm_web.engine import Engine, EngineBusy, Outcome, check_engine_capacity
+from chatglm_web.engine import zero_gpu
+from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome, check_engine_capacity
 from chatglm_web.generation import SamplingParams, TextDelta
-from chatglm_web.loading import load_from_folder
-from chatglm_web.local_backend import LocalBackend
+from chatglm_web.families.loading import load_from_folder
+from chatglm_web.backends.local import LocalBackend
 from chatglm_web.settings import Settings
-from chatglm_web.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
+from chatglm_web.engine.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
 from chat_helpers import collect, user
 from server_harness import app_process, free_port, running_server
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
-from chatglm_web.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"

@@ -25,8 +25,8 @@ import logging
 import secrets
 from dataclasses import dataclass, field
 
-from .sealed import Sealer, Unreadable
-from .tree import Conversation, InvalidConversation, from_history
+from chatglm_web.conversations.sealed import Sealer, Unreadable
+from chatglm_web.conversations.tree import Conversation, InvalidConversation, from_history
 
 log = logging.getLogger(__name__)
 

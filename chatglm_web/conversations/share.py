@@ -22,8 +22,8 @@ import difflib
 import html
 import re
 
-from .sealed import Sealer, Unreadable
-from .tree import ROOT, Conversation, InvalidConversation, Node
+from chatglm_web.conversations.sealed import Sealer, Unreadable
+from chatglm_web.conversations.tree import ROOT, Conversation, InvalidConversation, Node
 
 FORMAT = "chatglm-web.share"
 VERSION = 1

@@ -241,7 +241,7 @@ def from_history(history: list, *, title: str = "") -> Conversation:
     """A conversation from a linear Gradio history (what versions before 0.5 kept in the browser, or a
     Markdown-era JSON download): user messages, the assistant messages after each, and a marker message
     (``markers.is_marker``) after a reply becoming how that reply ended."""
-    from ..page.markers import failed_error, marker_kind
+    from chatglm_web.page.markers import failed_error, marker_kind
 
     conversation = Conversation()
     parent = ROOT
@@ -276,7 +276,7 @@ def from_history(history: list, *, title: str = "") -> Conversation:
 
 
 def _text_of(content) -> str:
-    from ..chat_format import plain_text
+    from chatglm_web.families.chat_format import plain_text
 
     return plain_text(content)
 

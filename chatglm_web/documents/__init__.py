@@ -20,10 +20,10 @@ Imports: the standard library, and pypdf / python-docx in the worker process onl
 ``chatglm_web.page`` or the server: the page wires this package in, never the other way round.
 """
 
-from .extract import Document, DocumentError, extract
-from .fitting import AttachedDocument, FittedDocument, fit_document
-from .limits import LIMITS, Limits
-from .retrieval import Passage, PassageIndex, split_passages
+from chatglm_web.documents.extract import Document, DocumentError, extract
+from chatglm_web.documents.fitting import AttachedDocument, FittedDocument, fit_document
+from chatglm_web.documents.limits import LIMITS, Limits
+from chatglm_web.documents.retrieval import Passage, PassageIndex, split_passages
 
 __all__ = [
     "LIMITS", "AttachedDocument", "Document", "DocumentError", "FittedDocument", "Limits", "Passage",

@@ -37,9 +37,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .document import Document, DocumentError
-from .limits import LIMITS, Limits, mebibytes, megabytes
-from .sniff import HEAD_BYTES, check_content, display_name, kind_of
+from chatglm_web.documents.document import Document, DocumentError
+from chatglm_web.documents.limits import LIMITS, Limits, mebibytes, megabytes
+from chatglm_web.documents.sniff import HEAD_BYTES, check_content, display_name, kind_of
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .document import Document
-from .retrieval import Passage, PassageIndex
+from chatglm_web.documents.document import Document
+from chatglm_web.documents.retrieval import Passage, PassageIndex
 
 WHOLE = "whole"
 PASSAGES = "passages"

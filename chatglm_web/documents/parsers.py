@@ -32,7 +32,7 @@ import zlib
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
-from .limits import Limits, mebibytes
+from chatglm_web.documents.limits import Limits, mebibytes
 
 
 class Refusal(Exception):

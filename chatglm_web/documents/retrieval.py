@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .document import Document
+from chatglm_web.documents.document import Document
 
 TARGET_TOKENS = 250
 MAX_TOKENS = 400

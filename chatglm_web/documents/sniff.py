@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 from pathlib import PurePath
 
-from .document import A_KIND, DocumentError
+from chatglm_web.documents.document import A_KIND, DocumentError
 
 EXTENSIONS = {
     ".txt": "text",

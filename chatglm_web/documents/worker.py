@@ -25,8 +25,8 @@ import resource
 import sys
 import warnings
 
-from .limits import Limits
-from .parsers import Refusal, parse, short
+from chatglm_web.documents.limits import Limits
+from chatglm_web.documents.parsers import Refusal, parse, short
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _HEADER_SLACK = 1 << 20          # the JSON line: page starts of at most limits.pages pages, a message

@@ -15,7 +15,7 @@ May import the backend interface (``generation``), ``agent``, ``steps``, ``toolb
 ``conversations``, ``branding`` and ``browser_secret``; nothing imports the page but ``server``.
 """
 
-from .chat import conversation, stats_markdown
-from .layout import STORAGE_KEY, SETTINGS_KEY, build_page, launch_kwargs
+from chatglm_web.page.chat import conversation, stats_markdown
+from chatglm_web.page.layout import STORAGE_KEY, SETTINGS_KEY, build_page, launch_kwargs
 
 __all__ = ["STORAGE_KEY", "SETTINGS_KEY", "build_page", "conversation", "launch_kwargs", "stats_markdown"]

@@ -22,14 +22,14 @@ import gradio as gr
 from gradio.processing_utils import save_bytes_to_cache
 from gradio.utils import get_upload_folder
 
-from ..agent import StepFinished, run_agent
-from ..chat_format import normalize_messages
-from ..generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
+from chatglm_web.tools.agent import StepFinished, run_agent
+from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
                           check_valid_text)
-from ..steps import TurnView, step_messages
-from ..toolbox import CHAT
-from .markers import is_marker
-from .strings import text
+from chatglm_web.page.steps import TurnView, step_messages
+from chatglm_web.tools.toolbox import CHAT
+from chatglm_web.page.markers import is_marker
+from chatglm_web.page.strings import text
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("chatglm_web.requests")  # one line per request, as the backend writes them

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..conversations.browser_store import BrowserStore, Row, Saved, ops, read_import
-from ..conversations.tree import Conversation, InvalidConversation
-from .strings import text
+from chatglm_web.conversations.browser_store import BrowserStore, Row, Saved, ops, read_import
+from chatglm_web.conversations.tree import Conversation, InvalidConversation
+from chatglm_web.page.strings import text
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import html
 import re
 
-from ..conversations.tree import Conversation
-from .markers import marker
-from .strings import text
+from chatglm_web.conversations.tree import Conversation
+from chatglm_web.page.markers import marker
+from chatglm_web.page.strings import text
 
 NAV_CLASS = "version-nav"
 _REQUEST = re.compile(r"(?P<node>[A-Za-z0-9_-]{1,64}):(?P<step>-1|1)")

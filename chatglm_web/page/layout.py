@@ -35,25 +35,25 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..branding import Branding
-from ..browser_secret import browser_state_key, browser_state_secret
-from ..generation import ChatBackend, ModelInfo, option
-from ..settings import DEFAULT_MODEL
-from ..conversations.browser_store import BrowserStore, ops
-from ..conversations.legacy_storage import CONVERSATION_KEY as LEGACY_CONVERSATION_KEY, open_browser_state
-from ..conversations.share import ShareLinks
-from ..conversations.tree import Conversation, from_history
-from ..toolbox import CHAT, INTERPRETER, TOOLS
-from ..transcript import remove_legacy_downloads, to_markdown
-from . import turns
-from .chat import make_chat_fn
-from .conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
+from chatglm_web.branding import Branding
+from chatglm_web.browser_secret import browser_state_key, browser_state_secret
+from chatglm_web.generation import ChatBackend, ModelInfo, option
+from chatglm_web.settings import DEFAULT_MODEL
+from chatglm_web.conversations.browser_store import BrowserStore, ops
+from chatglm_web.conversations.legacy_storage import CONVERSATION_KEY as LEGACY_CONVERSATION_KEY, open_browser_state
+from chatglm_web.conversations.share import ShareLinks
+from chatglm_web.conversations.tree import Conversation, from_history
+from chatglm_web.tools.toolbox import CHAT, INTERPRETER, TOOLS
+from chatglm_web.conversations.transcript import remove_legacy_downloads, to_markdown
+from chatglm_web.page import turns
+from chatglm_web.page.chat import make_chat_fn
+from chatglm_web.page.conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
                                 list_update, rows_state, saved_note)
-from .conversation_view import is_nav, view
-from .meter import DEBOUNCE_JS, make_meter
-from .sharing import LINK_JS, Sharing, model_title_of
-from .sharing import banner_html as shared_banner_html
-from .strings import I18N, LANGUAGE_NAMES, LANGUAGES, i18n, language_of, text
+from chatglm_web.page.conversation_view import is_nav, view
+from chatglm_web.page.meter import DEBOUNCE_JS, make_meter
+from chatglm_web.page.sharing import LINK_JS, Sharing, model_title_of
+from chatglm_web.page.sharing import banner_html as shared_banner_html
+from chatglm_web.page.strings import I18N, LANGUAGE_NAMES, LANGUAGES, i18n, language_of, text
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,7 @@ def theme(branding: Branding) -> gr.themes.Base:
 
 
 def launch_kwargs(branding: Branding) -> dict:
-    from .style import PAGE_CSS
+    from chatglm_web.page.style import PAGE_CSS
 
     # The page's CSS goes in <head> as it is (Gradio scopes ``css`` to its container, and the footer and the
     # container itself are outside that scope); the branding's CSS is scoped as usual.

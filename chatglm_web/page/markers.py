@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import re
 
-from ..chat_format import plain_text
-from .strings import text
+from chatglm_web.families.chat_format import plain_text
+from chatglm_web.page.strings import text
 
 SYMBOLS = {"stopped": "⏹", "length": "✂", "failed": "⚠", "interrupted": "⚠"}
 _MARKER = re.compile(r"_[⏹✂⚠] [^\n]*_")

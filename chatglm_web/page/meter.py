@@ -12,10 +12,10 @@ import asyncio
 import html
 import logging
 
-from ..generation import InvalidRequest, SamplingParams
-from ..toolbox import CHAT, INTERPRETER, TOOLS
-from .chat import conversation, seed_value
-from .strings import text, translate_error
+from chatglm_web.generation import InvalidRequest, SamplingParams
+from chatglm_web.tools.toolbox import CHAT, INTERPRETER, TOOLS
+from chatglm_web.page.chat import conversation, seed_value
+from chatglm_web.page.strings import text, translate_error
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def mode_system_message(toolbox, mode) -> dict | None:
     """The system message a tool mode puts first (without starting a kernel); None in Chat mode."""
     if toolbox is None or mode in (None, "", CHAT):
         return None
-    from ..agent import InterpreterRunner, ToolRunner
+    from chatglm_web.tools.agent import InterpreterRunner, ToolRunner
 
     if mode == TOOLS:
         return ToolRunner(toolbox.registry).system_message()

@@ -15,11 +15,11 @@ from contextlib import aclosing
 
 import gradio as gr
 
-from ..conversations.share import ShareLinks, TooLong, replay_diff, replay_inputs
-from ..conversations.tree import Conversation, InvalidConversation, new_id
-from ..generation import BackendBusy, Finished, InvalidRequest
-from .chat import start_turn
-from .strings import text, translate_error
+from chatglm_web.conversations.share import ShareLinks, TooLong, replay_diff, replay_inputs
+from chatglm_web.conversations.tree import Conversation, InvalidConversation, new_id
+from chatglm_web.generation import BackendBusy, Finished, InvalidRequest
+from chatglm_web.page.chat import start_turn
+from chatglm_web.page.strings import text, translate_error
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Sharing:
 
 
 def _text(messages) -> str:
-    from ..chat_format import plain_text
+    from chatglm_web.families.chat_format import plain_text
 
     return "\n\n".join(plain_text(m.get("content")) for m in messages or [] if isinstance(m, dict)
                        and isinstance(m.get("content"), (str, list)))

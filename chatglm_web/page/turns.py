@@ -28,12 +28,12 @@ from contextlib import aclosing, suppress
 
 import gradio as gr
 
-from ..chat_format import plain_text
-from ..generation import BackendBusy, Finished, InvalidRequest
-from ..conversations.tree import Conversation
-from .chat import check_text, printable, seed_value, start_turn
-from .conversation_view import navigate, node_at, view
-from .strings import text, translate_error
+from chatglm_web.families.chat_format import plain_text
+from chatglm_web.generation import BackendBusy, Finished, InvalidRequest
+from chatglm_web.conversations.tree import Conversation
+from chatglm_web.page.chat import check_text, printable, seed_value, start_turn
+from chatglm_web.page.conversation_view import navigate, node_at, view
+from chatglm_web.page.strings import text, translate_error
 
 log = logging.getLogger(__name__)
 

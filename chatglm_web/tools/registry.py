@@ -74,7 +74,7 @@ from pathlib import Path
 
 import jsonschema
 
-from .workers import (DECLARATIONS, ERROR_CHARS, MAX_WORKERS, WARM_WORKERS, PoolBusy, PoolClosed, WorkerDied,
+from chatglm_web.tools.workers import (DECLARATIONS, ERROR_CHARS, MAX_WORKERS, WARM_WORKERS, PoolBusy, PoolClosed, WorkerDied,
                       WorkerPool, WorkerStartFailed, WorkerTimeout)
 
 log = logging.getLogger(__name__)

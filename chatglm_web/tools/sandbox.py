@@ -57,8 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
 
-from . import sandbox_launcher as launcher
-from .cgroup import CgroupUnavailable, KernelCgroup, remove_stale_groups
+from chatglm_web.tools import sandbox_launcher as launcher
+from chatglm_web.tools.cgroup import CgroupUnavailable, KernelCgroup, remove_stale_groups
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import GlmForCausalLM
 
-from chatglm_web.chatglm3 import ChatGLM3Tokenizer, UnsupportedChatGLMConfig
-from chatglm_web.chatglm3.loader import load_glm_model, resolve_checkpoint, set_generation_defaults
-from chatglm_web.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer, UnsupportedChatGLMConfig
+from chatglm_web.families.chatglm3.loader import load_glm_model, resolve_checkpoint, set_generation_defaults
+from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,7 +143,7 @@ def test_guard_private_conversion_mapping_registry():
     """weights.py undoes its registration through two private names of ``transformers.conversion_mapping``."""
     from transformers import conversion_mapping
 
-    from chatglm_web.chatglm3 import weights
+    from chatglm_web.families.chatglm3 import weights
 
     assert (weights.PRIVATE_MAPPING_CACHE, weights.PRIVATE_USER_MAPPINGS) == (
         "_checkpoint_conversion_mapping_cache", "USER_REGISTERED_MAPPINGS")
@@ -165,8 +165,8 @@ def test_guard_private_weight_conversions_attribute(tmp_path, chatglm3_checkpoin
     """loader.py empties ``model._weight_conversions`` (private) so a converted model saves with native names."""
     from safetensors import safe_open
 
-    from chatglm_web.chatglm3.config import to_glm_config
-    from chatglm_web.chatglm3.weights import chatglm3_weight_mapping
+    from chatglm_web.families.chatglm3.config import to_glm_config
+    from chatglm_web.families.chatglm3.weights import chatglm3_weight_mapping
 
     tokenizer = ChatGLM3Tokenizer.from_pretrained(chatglm3_checkpoint)
     raw = json.loads((chatglm3_checkpoint / "config.json").read_text())
@@ -257,8 +257,8 @@ def test_peak_memory_stays_near_one_copy(tmp_path, tokenizer_model):
     size = sum(f.stat().st_size for f in folder.glob("*.bin"))
     script = textwrap.dedent(f"""
         import resource, torch, gc
-        from chatglm_web.chatglm3 import ChatGLM3Tokenizer
-        from chatglm_web.chatglm3.loader import load_glm_model
+        from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+        from chatglm_web.families.chatglm3.loader import load_glm_model
         import transformers.models.glm.modeling_glm  # import cost out of the measurement
         tok = ChatGLM3Tokenizer.from_pretrained({str(folder)!r})
         gc.collect()
@@ -275,7 +275,7 @@ def test_peak_memory_stays_near_one_copy(tmp_path, tokenizer_model):
 
 @pytest.mark.parametrize("precision", ["8bit", "fp16", "bf16"])
 def test_other_precisions_apply_to_converted_layers(quantizable_checkpoint, precision):
-    from chatglm_web.loading import from_pretrained_kwargs
+    from chatglm_web.families.loading import from_pretrained_kwargs
 
     tokenizer = ChatGLM3Tokenizer.from_pretrained(quantizable_checkpoint)
     model = load_glm_model(quantizable_checkpoint, tokenizer, **from_pretrained_kwargs(precision, "cpu"))

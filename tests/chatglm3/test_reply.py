@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from chatglm_web.chatglm3.reply import ParsedReply, ReplyTextFilter, ToolCall, ToolCallError, parse_reply
+from chatglm_web.families.chatglm3.reply import ParsedReply, ReplyTextFilter, ToolCall, ToolCallError, parse_reply
 
 
 def test_plain_answer():
@@ -139,7 +139,7 @@ def test_streaming_filter_without_newline_flushes_at_finish():
 
 
 def test_a_long_first_line_is_content_and_streams_at_once():
-    from chatglm_web.chatglm3.reply import MAX_METADATA_CHARS, ReplyTextFilter, parse_reply
+    from chatglm_web.families.chatglm3.reply import MAX_METADATA_CHARS, ReplyTextFilter, parse_reply
 
     text = "x" * (MAX_METADATA_CHARS + 10) + "\nsecond line"
     stream = ReplyTextFilter()

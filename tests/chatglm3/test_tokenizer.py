@@ -5,8 +5,8 @@ import json
 import pytest
 import sentencepiece as spm
 
-from chatglm_web.chatglm3.synthetic import write_checkpoint
-from chatglm_web.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.synthetic import write_checkpoint
+from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 
 class OfficialReference:

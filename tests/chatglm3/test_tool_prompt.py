@@ -14,8 +14,8 @@ import json
 import pytest
 import sentencepiece as spm
 
-from chatglm_web.chatglm3.reply import parse_reply
-from chatglm_web.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.reply import parse_reply
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.tools.registry import TOOLS_SYSTEM_PROMPT, ToolRegistry, default_tools_folder
 
 SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loading import ModelLoadError
+from chatglm_web.families.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ def _eos_ids(folder: Path, config: dict) -> list[int]:
 
 def load_remote_format(model_id: str) -> RemoteFormat:
     """Chat format, context length (config fallback) and name of ``model_id`` without loading weights."""
-    from .chat_format import ChatGLM3Format, TemplateFormat
-    from .chatglm3.tokenizer import ChatGLM3Tokenizer
+    from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat
+    from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 
     folder = tokenizer_folder(model_id)
     if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():

@@ -34,9 +34,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from .chatglm3.reply import ToolCallError, parse_reply, strip_code_fence
-from .generation import ChatBackend, Finished, Queued, ReplyMetadata, SamplingParams, TextDelta
-from .tools.sandbox import SandboxBusy
+from chatglm_web.families.chatglm3.reply import ToolCallError, parse_reply, strip_code_fence
+from chatglm_web.generation import ChatBackend, Finished, Queued, ReplyMetadata, SamplingParams, TextDelta
+from chatglm_web.tools.sandbox import SandboxBusy
 
 MAX_ROUNDS = 5
 INTERPRETER = "interpreter"
@@ -101,7 +101,7 @@ class ToolRunner:
         self.timeout = timeout
 
     def system_message(self) -> dict:
-        from .tools.registry import TOOLS_SYSTEM_PROMPT
+        from chatglm_web.tools.registry import TOOLS_SYSTEM_PROMPT
 
         return {"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": self.registry.specs()}
 

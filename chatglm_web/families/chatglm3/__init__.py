@@ -2,7 +2,7 @@
 
 Public API:
 
-    from chatglm_web import chatglm3
+    from chatglm_web.families import chatglm3
     model, tokenizer, info = chatglm3.load("THUDM/chatglm3-6b", precision="4bit")  # or a local folder
     ids = chatglm3.build_prompt(tokenizer, [{"role": "system", "content": "..."},
                                             {"role": "user", "content": "你好"}])
@@ -21,9 +21,9 @@ Public API:
 
 from __future__ import annotations
 
-from .config import UnsupportedChatGLMConfig, to_glm_config
-from .reply import ParsedReply, ToolCall, parse_reply
-from .tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.config import UnsupportedChatGLMConfig, to_glm_config
+from chatglm_web.families.chatglm3.reply import ParsedReply, ToolCall, parse_reply
+from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 
 def build_prompt(tokenizer: ChatGLM3Tokenizer, messages: list[dict]) -> list[int]:
@@ -33,9 +33,9 @@ def build_prompt(tokenizer: ChatGLM3Tokenizer, messages: list[dict]) -> list[int
 
 def load(model_id: str, precision: str = "auto", device: str = "auto"):
     """(model, tokenizer, info) for a ChatGLM3/GLM checkpoint folder or Hub id."""
-    from ..loading import ModelLoadError, load_from_folder
-    from ..settings import Settings
-    from .loader import is_chatglm_checkpoint, resolve_checkpoint
+    from chatglm_web.families.loading import ModelLoadError, load_from_folder
+    from chatglm_web.settings import Settings
+    from chatglm_web.families.chatglm3.loader import is_chatglm_checkpoint, resolve_checkpoint
 
     folder = resolve_checkpoint(model_id)
     if not is_chatglm_checkpoint(folder):

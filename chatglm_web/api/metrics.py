@@ -18,7 +18,7 @@ from typing import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .generation import BackendBusy, ChatEvent, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
+from chatglm_web.generation import BackendBusy, ChatEvent, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
 
 disable_created_metrics()  # no *_created series: they only add noise to every scrape
 

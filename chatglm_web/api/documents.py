@@ -50,12 +50,12 @@ import binascii
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .api_tools import chatglm3_messages
-from .chat_format import ChatGLM3Format, TemplateFormat, plain_text
-from .documents import AttachedDocument, Document, DocumentError, FittedDocument, extract
-from .documents.retrieval import estimate_tokens
-from .documents.sniff import ACCEPTED, display_name
-from .generation import BackendBusy, InvalidRequest, PromptPreview, SamplingParams
+from chatglm_web.api.tool_calls import chatglm3_messages
+from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat, plain_text
+from chatglm_web.documents import AttachedDocument, Document, DocumentError, FittedDocument, extract
+from chatglm_web.documents.retrieval import estimate_tokens
+from chatglm_web.documents.sniff import ACCEPTED, display_name
+from chatglm_web.generation import BackendBusy, InvalidRequest, PromptPreview, SamplingParams
 
 MAX_FILES = 4                 # file parts in one request
 MIN_ROOM_TOKENS = 64          # a document's share of the prompt must be at least this many tokens

@@ -42,13 +42,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_messages
-from .admission import AdmissionLine
-from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
+from chatglm_web.families.chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_messages
+from chatglm_web.engine.admission import AdmissionLine
+from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
                          SamplingParams, TextDelta)
-from .local_backend import CHARS_PER_CONTEXT_TOKEN, LocalBackend, describe_prompt, kept_messages
-from .settings import StartupError
-from .streaming_text import StopStrings
+from chatglm_web.backends.local import CHARS_PER_CONTEXT_TOKEN, LocalBackend, describe_prompt, kept_messages
+from chatglm_web.settings import StartupError
+from chatglm_web.families.streaming_text import StopStrings
 
 log = logging.getLogger("chatglm_web.requests")
 
@@ -236,7 +236,7 @@ class RemoteBackend:
         id is not a local folder or Hub id). Raises ``RemoteBackendError`` (one line) for an unusable URL, and
         ``ModelLoadError`` when ``model`` is given and its tokenizer cannot be loaded. ``limits``: the
         ``max_input_tokens``, ``max_new_tokens``, ``max_input_chars`` and ``read_timeout`` of ``__init__``."""
-        from .remote_format import load_remote_format
+        from chatglm_web.backends.remote_format import load_remote_format
 
         url = normalize_url(url)
         served = _choose_model(url, list_models(url, api_key), model)

@@ -23,10 +23,10 @@ import json
 import threading
 from collections import OrderedDict
 
-from .chatglm3.reply import ReplyTextFilter
-from .chatglm3.tokenizer import ChatGLM3Tokenizer
-from .generation import ReplyMetadata, TextDelta
-from .streaming_text import IncrementalDecoder, StopStrings
+from chatglm_web.families.chatglm3.reply import ReplyTextFilter
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.generation import ReplyMetadata, TextDelta
+from chatglm_web.families.streaming_text import IncrementalDecoder, StopStrings
 
 
 class _TextStream:

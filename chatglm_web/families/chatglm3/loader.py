@@ -14,9 +14,9 @@ from pathlib import Path
 
 from transformers import GlmForCausalLM
 
-from .config import to_glm_config
-from .tokenizer import ChatGLM3Tokenizer
-from .weights import chatglm3_weight_mapping
+from chatglm_web.families.chatglm3.config import to_glm_config
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.weights import chatglm3_weight_mapping
 
 log = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ import spaces  # before torch touches CUDA: on ZeroGPU it patches torch (app.py 
 import torch
 from transformers import DynamicCache
 
-from .engine import (EngineBusy, GenerationRequest, check_engine_capacity, describe_failure, finish_reason,
+from chatglm_web.engine.scheduler import (EngineBusy, GenerationRequest, check_engine_capacity, describe_failure, finish_reason,
                      penalized_ids, request_seed, seeded_generator)
-from .generation import SamplingParams
-from .sampling import choose_tokens
+from chatglm_web.generation import SamplingParams
+from chatglm_web.engine.sampling import choose_tokens
 
 log = logging.getLogger(__name__)
 

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .batch_cache import SlotCache, prefilled_kv
-from .generation import BackendBusy, SamplingParams
-from .sampling import choose_tokens
+from chatglm_web.engine.kv_slots import SlotCache, prefilled_kv
+from chatglm_web.generation import BackendBusy, SamplingParams
+from chatglm_web.engine.sampling import choose_tokens
 
 log = logging.getLogger(__name__)
 

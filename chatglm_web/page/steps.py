@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 
-from .agent import AgentDone, MessageDone, Step, StepFinished, StepStarted
-from .generation import TextDelta
+from chatglm_web.tools.agent import AgentDone, MessageDone, Step, StepFinished, StepStarted
+from chatglm_web.generation import TextDelta
 
 PAYLOAD_PREFIX = "chatglm3:"
 

@@ -39,11 +39,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
-from . import strict_json
-from .api_documents import attach_documents
-from .api_tools import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
-from .generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
-from .http_guard import HttpGuard, LoginThrottle, body_limit, failed_logins_message
+from chatglm_web.api import strict_json
+from chatglm_web.api.documents import attach_documents
+from chatglm_web.api.tool_calls import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
+from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
+from chatglm_web.api.http_guard import HttpGuard, LoginThrottle, body_limit, failed_logins_message
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
 API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams option -> the API's name for it

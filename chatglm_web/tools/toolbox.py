@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 
-from .agent import InterpreterRunner, ToolRunner
-from .settings import StartupError
+from chatglm_web.tools.agent import InterpreterRunner, ToolRunner
+from chatglm_web.settings import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ class Toolbox:
     @classmethod
     def start(cls, *, code_interpreter: bool = False, tools_folder=None) -> "Toolbox":
         """The registry of ``tools_folder`` (default ``assets/tools``), and the sandbox pool when asked for."""
-        from .tools.registry import ToolRegistry, default_tools_folder
+        from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
 
         sandboxes = None
         if code_interpreter:
-            from .tools.sandbox import SandboxPool, SandboxUnavailable, check_sandbox_support
+            from chatglm_web.tools.sandbox import SandboxPool, SandboxUnavailable, check_sandbox_support
 
             try:
                 check_sandbox_support()

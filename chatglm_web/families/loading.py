@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .generation import ModelInfo
-from .settings import DEFAULT_MODEL, Settings, StartupError
-from .spaces_env import hardware_label, on_spaces
+from chatglm_web.generation import ModelInfo
+from chatglm_web.settings import DEFAULT_MODEL, Settings, StartupError
+from chatglm_web.spaces_env import hardware_label, on_spaces
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def check_checkpoint_folder(folder: Path, name: str) -> None:
 
 
 def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel:
-    from .chat_format import ChatGLM3Format, TemplateFormat
-    from .chatglm3 import loader as chatglm3
+    from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat
+    from chatglm_web.families.chatglm3 import loader as chatglm3
 
     check_checkpoint_folder(folder, name)
     device, precision, _ = _plan(folder, settings)
@@ -263,7 +263,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _locate(model_id: str, explicit: bool) -> Path | None:
     """The checkpoint folder; None when the default model is neither cached nor reachable."""
-    from .chatglm3.loader import resolve_checkpoint
+    from chatglm_web.families.chatglm3.loader import resolve_checkpoint
 
     path = Path(model_id).expanduser()
     if path.exists() and not path.is_dir():
@@ -290,8 +290,8 @@ def _locate(model_id: str, explicit: bool) -> Path | None:
 
 
 def load_offline_demo(settings: Settings) -> LoadedModel:
-    from .chat_format import TemplateFormat
-    from .offline_model import OFFLINE_MODEL_NAME, load_offline_model
+    from chatglm_web.families.chat_format import TemplateFormat
+    from chatglm_web.families.template.offline import OFFLINE_MODEL_NAME, load_offline_model
 
     device = resolve_device(settings.device)
     try:

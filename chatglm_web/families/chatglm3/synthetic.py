@@ -255,7 +255,7 @@ def write_checkpoint(
             "raise RuntimeError('remote code from the checkpoint was executed; chatglm_web must never do this')\n"
         )
     if token_bias:  # special tokens may be given by name
-        from .tokenizer import SPECIAL_TOKENS
+        from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS
 
         token_bias = {(sp_size + SPECIAL_TOKENS.index(k) if isinstance(k, str) else k): v for k, v in token_bias.items()}
     save_weights(random_state_dict(config, seed=seed, dtype=dtype, std=std, token_bias=token_bias), folder,

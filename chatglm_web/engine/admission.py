@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from .engine import check_engine_capacity
+from chatglm_web.engine.scheduler import check_engine_capacity
 
 
 class AdmissionLine:

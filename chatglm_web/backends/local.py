@@ -19,9 +19,9 @@ import logging
 import time
 from typing import AsyncIterator
 
-from .chat_format import ReplyEvents, merge_text
-from .engine import Engine
-from .generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
+from chatglm_web.families.chat_format import ReplyEvents, merge_text
+from chatglm_web.engine.scheduler import Engine
+from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
                          SamplingParams, check_valid_text)
 
 log = logging.getLogger("chatglm_web.requests")

@@ -39,9 +39,9 @@ import queue
 import signal
 import threading
 
-from .engine import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure, split_load
-from .generation import SamplingParams
-from .settings import StartupError
+from chatglm_web.engine.scheduler import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure, split_load
+from chatglm_web.generation import SamplingParams
+from chatglm_web.settings import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +214,9 @@ def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> N
     # Ctrl-C reaches the whole process group: the web process shuts down, and this one ends with its pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .cpu_linear import prepack_linear_layers
-    from .loading import load_chat_model
-    from .settings import error_line
+    from chatglm_web.engine.cpu_linear import prepack_linear_layers
+    from chatglm_web.families.loading import load_chat_model
+    from chatglm_web.settings import error_line
 
     try:
         loaded = load_chat_model(settings)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .generation import SamplingParams
+from chatglm_web.generation import SamplingParams
 
 _FAST_K = 64
 

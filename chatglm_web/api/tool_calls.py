@@ -23,11 +23,11 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import strict_json
-from .chat_format import normalize_messages
-from .chatglm3.reply import ToolCallError, parse_reply
-from .generation import InvalidRequest, ReplyMetadata, TextDelta
-from .tools.registry import TOOLS_SYSTEM_PROMPT
+from chatglm_web.api import strict_json
+from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.families.chatglm3.reply import ToolCallError, parse_reply
+from chatglm_web.generation import InvalidRequest, ReplyMetadata, TextDelta
+from chatglm_web.tools.registry import TOOLS_SYSTEM_PROMPT
 
 
 class FunctionSpec(BaseModel):
