@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # synthetic_checkpoints
 
 import torch  # noqa: E402
 
@@ -111,7 +112,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA GPU here: GPU benchmark skipped")
         return
-    from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model, write_checkpoint
+    from synthetic_checkpoints import TinyChatGLM3, train_tokenizer_model, write_checkpoint
 
     folder = Path(args.workdir) / "chatglm3-6b-random"
     if not (folder / "config.json").exists():

@@ -29,12 +29,13 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # chatglm_web, also where the package is not installed
 sys.path.insert(0, str(REPO / "tests"))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, train_tokenizer_model  # noqa: E402
 from chatglm_web.backends.remote_format import load_remote_format  # noqa: E402
 from app_server import start_app, stop_app  # noqa: E402
 from clients import AppClient, PageClient, VllmClient, user_messages  # noqa: E402

@@ -13,7 +13,9 @@ deployed; this process is the HTTP client and also measures raw generate while b
 (b) aggregate tokens/s with 1, 2, 4, 8 concurrent users, for this app and for the usual
     ChatGLM demo pattern (a ``generate`` thread + TextIteratorStreamer per request, under
     Gradio's default queue), and each one's ratio to its own 1-user number;
-(c) time to first token seen by an HTTP client of the app, minus the raw prefill time.
+(c) time to first token seen by an HTTP client of the app, minus the raw prefill time;
+(d) Stop: how long after a client leaves a long reply the app's engine runs nothing (its slot is free),
+    also in tokens' time at one user's speed (tests assert only that the slot is freed, not how fast).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 import httpx  # noqa: E402
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint  # noqa: E402
 from server_harness import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,34 @@ def stream_one(http: httpx.Client, tokens: int, seed: int) -> tuple[float, float
                 break
     total = time.perf_counter() - start
     return first or total, total
+
+
+def engine_idle(http: httpx.Client) -> bool:
+    """Whether the app's engine runs no reply and has none waiting (``GET /healthz`` says how many it has)."""
+    return "(0 replies running, 0 waiting)" in http.get("healthz").json()["detail"]
+
+
+def stop_to_free_seconds(url: str, tokens: int = 4000, repeats: int = 3) -> float:
+    """Median seconds from a client leaving a long reply (after three streamed updates: Stop, a closed tab) until
+    the app's engine runs nothing (``/healthz``): its slot is free for the next user."""
+    times = []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for seed in range(repeats):
+            data = list(chat_args(tokens, seed))
+            event_id = http.post("gradio_api/call/chat", json={"data": data}).json()["event_id"]
+            with http.stream("GET", f"gradio_api/call/chat/{event_id}") as response:
+                updates = 0
+                for line in response.iter_lines():
+                    updates += line.startswith("data:") and len(line) > 12 and "\u23f3" not in line
+                    if updates >= 3:
+                        break   # leaving the block closes the connection
+            left = time.perf_counter()
+            while not engine_idle(http):
+                if time.perf_counter() - left > 120:
+                    raise RuntimeError("the app's engine still runs a reply 120 s after its client left")
+                time.sleep(0.005)
+            times.append(time.perf_counter() - left)
+    return statistics.median(times)
 
 
 def aggregate(url: str, users: int, tokens: int) -> float:
@@ -223,6 +253,7 @@ def main() -> None:
         one = statistics.median(args.tokens / stream_one(client, args.tokens, s)[1] for s in range(3))
         # a one-token reply: the whole request time bounds the time to first token from above
         ttft = statistics.median(stream_one(client, 1, s)[1] for s in range(5))
+        stop = stop_to_free_seconds(app_url)
         engine_rates = {u: aggregate(app_url, u, args.tokens) for u in args.users}
         base_rates = {u: aggregate(base_url, u, args.tokens) for u in args.users}
     finally:
@@ -244,6 +275,9 @@ def main() -> None:
           f"difference {(ttft - prefill) * 1000:7.1f} ms  (target <= 30 ms)")
     print(f"    inside the app (no HTTP) {in_app * 1000:7.1f} ms | raw prefill {prefill * 1000:7.1f} ms | "
           f"difference {(in_app - prefill) * 1000:7.1f} ms")
+    print("(d) Stop: a client leaves a 4000-token reply after three streamed updates")
+    print(f"    engine idle {stop * 1000:7.1f} ms later = {stop * one:5.1f} tokens' time at one user's speed "
+          f"(the slot is free for the next user; tests assert only that it is freed)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python bench/soak.py [--minutes 10] [--clients 4] [--tokens 96]
 
 Starts ``app.py`` as its own process on a generated ChatGLM3-format checkpoint
-(``chatglm_web.families.chatglm3.synthetic``; stop tokens made unlikely so replies run to their
+(``tests/synthetic_checkpoints.py``; stop tokens made unlikely so replies run to their
 max_new_tokens), then runs ``--clients`` clients against Gradio's HTTP API for ``--minutes``.
 Each client holds multi-turn conversations (history kept by the server per session, so
 context fitting is exercised), varies the sampling settings, leaves one reply in ten mid-stream
@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint  # noqa: E402
 from server_harness import chat_args, chat_over_http, dir_bytes, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -56,13 +56,14 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the vLLM test server helpers
+sys.path.insert(0, str(REPO))  # chatglm_web, also where the package is not installed
+sys.path.insert(0, str(REPO / "tests"))  # the vLLM test server helpers, synthetic_checkpoints
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, train_tokenizer_model  # noqa: E402
 from chatglm_web.engine.cpu_linear import prepack_linear_layers  # noqa: E402
 from chatglm_web.engine.scheduler import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from chatglm_web.families.loading import count_params, load_from_folder  # noqa: E402

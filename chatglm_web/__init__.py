@@ -4,8 +4,10 @@ The data path, top to bottom, and the folder that owns each part:
 
     settings.py        every option, declared once (flags, environment, README table, validation)
     generation.py      the vocabulary every layer shares: ``SamplingParams``, ``ChatEvent``s, ``ChatBackend``
-    families/          model families: detect, load, prompt, reply parsing, tools prompts (``chatglm3/``,
-                       ``template/``); nothing outside ``families/chatglm3/`` knows ChatGLM3's tokens
+    messages.py        chat messages as plain data: ``plain_text``, ``normalize_messages`` (below every layer)
+    families/          model families behind one interface (``family.py``, ``registry.py``): detect, load,
+                       prompt, reply parsing, tool calls (``chatglm3/``, ``template/``); nothing outside
+                       ``families/chatglm3/`` knows ChatGLM3's tokens, and nothing outside ``families/`` imports it
     engine/            continuous batching on one loaded model: admission, scheduler (prefill + decode
                        steps), KV slots, sampling, typed events; in this process, its own process, or ZeroGPU
     backends/          ``ChatBackend``s: ``local`` (an engine here) and ``remote`` (vLLM / SGLang over HTTP)

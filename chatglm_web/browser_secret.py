@@ -19,6 +19,8 @@ import os
 import secrets
 from pathlib import Path
 
+from chatglm_web.settings import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "CHATGLM_WEB_STATE_SECRET"
@@ -42,10 +44,9 @@ def browser_state_key(secret: str) -> str:
 
 
 def secret_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the key file lives: ``<cache dir>/browser-state-secret`` (the offline model's cache dir by default)."""
+    """Where the key file lives: ``<cache dir>/browser-state-secret`` (the app's cache dir,
+    ``settings.default_cache_dir()``, by default)."""
     if cache_dir is None:
-        from chatglm_web.families.template.offline import default_cache_dir
-
         cache_dir = default_cache_dir()
     return Path(cache_dir) / FILE_NAME
 

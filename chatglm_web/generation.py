@@ -4,14 +4,14 @@ A ``ChatBackend`` takes a conversation (messages in the OpenAI/Gradio "messages"
 ``{"role": ..., "content": str}``) and ``SamplingParams`` and streams ``ChatEvent``s:
 
     Queued(position)      while waiting for a slot (position 1 = next)
-    ReplyMetadata(text)   ChatGLM3 only: the metadata line of the assistant message whose text follows
+    ReplyMetadata(text)   families with tool calls only: the metadata line of the assistant message whose text follows
                           (a tool name, "interpreter"), once that line is complete; see below
     TextDelta(text)       a piece of the visible reply; the pieces concatenate to the whole reply
     Finished(...)         once, last: why it ended and token counts / speed; ``metadata`` is the
                           metadata line of the reply's last assistant message ("" for a plain answer)
 
-A ChatGLM3 reply may hold several assistant messages (the model writes ``<|assistant|>`` and starts
-another, e.g. a sentence and then a tool call). ``ReplyMetadata`` comes before the text of every
+Such a family's reply may hold several assistant messages (the model writes its assistant role token and
+starts another, e.g. a sentence and then a tool call). ``ReplyMetadata`` comes before the text of every
 message with a non-empty metadata line, and before every message after the first (then possibly
 with ""): the text that follows belongs to a new message. A consumer that only wants the answer's
 text (a plain chat) can ignore it.
@@ -20,13 +20,14 @@ text (a plain chat) can ignore it.
 tokens (split into system prompt, history and new message), the messages dropped to fit the context
 and the prompt's text (``PromptPreview``).
 
-``LocalBackend`` (``local_backend.py``) runs the model in this process; a remote
+``LocalBackend`` (``backends/local.py``) runs the model in this process; a remote
 OpenAI-compatible server (vLLM, SGLang) can implement the same protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Annotated, AsyncIterator, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -175,6 +176,15 @@ def _explain(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class FinishReason(StrEnum):
+    """Why a reply ended: the same values from the engine to the API, the metrics and the page."""
+
+    STOP = "stop"  # the model ended its reply (a stop token), or a stop string was met
+    LENGTH = "length"  # the reply budget or the context was used up
+    CANCELLED = "cancelled"  # Stop, a disconnect, or nobody listening any more
+    ERROR = "error"  # generation failed; ``Finished.error`` says why
+
+
 @dataclass(frozen=True)
 class Queued:
     position: int
@@ -192,7 +202,7 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # "stop" (end of reply), "length" (token budget), "cancelled", "error"
+    reason: FinishReason  # a plain string is taken and checked: "stop", "length", "cancelled", "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0  # from the first generated token to the last
@@ -200,7 +210,10 @@ class Finished:
     dropped_messages: int = 0  # oldest history messages left out to fit the context
     error: str | None = None
     max_new_tokens_clamped: int | None = None  # the reply budget, when lowered to what the context leaves
-    metadata: str = ""  # ChatGLM3: the metadata line of the last assistant message (a tool name, "interpreter")
+    metadata: str = ""  # a family's metadata line of the last assistant message (a tool name, "interpreter")
+
+    def __post_init__(self):
+        object.__setattr__(self, "reason", FinishReason(self.reason))
 
     @property
     def tokens_per_second(self) -> float:

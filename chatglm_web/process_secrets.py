@@ -2,7 +2,7 @@
 and users can see.
 
 - **Files.** ``--api-key-file``, ``--auth-file``, ``--backend-api-key-file`` (or ``CHATGLM_WEB_API_KEY_FILE``,
-  ...) name a file holding the value: it never appears on a command line. ``read_secret_file()``.
+  ...) name a file holding the value: it never appears on a command line (``settings.read_secret_file()``).
 - **The command line.** ``/proc/<pid>/cmdline`` is readable by every user of the machine. ``hide_secrets()``
   overwrites each secret given as a flag (``--api-key KEY``, ``--auth=user:pass``) with ``x`` in the process's
   own argument area (its bounds are ``arg_start`` / ``arg_end`` of ``/proc/self/stat``), and in ``sys.argv``
@@ -12,6 +12,9 @@ and users can see.
   environment: the secrets' variables are removed from it once read (and overwritten in the process's own
   environment area, which ``/proc/<pid>/environ`` shows to its owner). ``HF_TOKEN`` stays: the engine process
   may need it to download the model.
+
+Which values and variables are secret is the caller's to say (``server.hide_all_secrets`` passes the settings'
+secrets and the browser-storage key): this module imports nothing of the package, so anything may use it.
 """
 
 from __future__ import annotations
@@ -20,46 +23,22 @@ import ctypes
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-
-from chatglm_web.settings import SECRET_SETTINGS, SettingsError
 
 log = logging.getLogger(__name__)
 
-SECRET_ENV_VARS = ("CHATGLM_WEB_API_KEY", "CHATGLM_WEB_AUTH", "CHATGLM_WEB_BACKEND_API_KEY")
-MAX_SECRET_FILE_BYTES = 64 * 1024  # a secret file larger than this is a mistake (a wrong path)
 
-
-def read_secret_file(path: str, source: str) -> str:
-    """The secret in ``path`` (named by flag or variable ``source``), without surrounding whitespace and the final
-    newline. ``SettingsError`` (one line) when it cannot be read, is empty or is not a small text file."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_SECRET_FILE_BYTES + 1)
-    except OSError as error:
-        raise SettingsError(f"{source}: cannot read {path}: {error.strerror or error}") from None
-    if len(data) > MAX_SECRET_FILE_BYTES:
-        raise SettingsError(f"{source}: {path} is larger than {MAX_SECRET_FILE_BYTES:,} bytes; it should hold one secret")
-    try:
-        value = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SettingsError(f"{source}: {path} is not UTF-8 text") from None
-    if not value:
-        raise SettingsError(f"{source}: {path} is empty")
-    return value
-
-
-def hide_secrets(settings) -> None:
-    """Call once at start, after the flags are parsed and before any child process starts."""
-    values = [getattr(settings, name) for name in SECRET_SETTINGS if getattr(settings, name)]
-    if scrub_command_line(values):
+def hide_secrets(values: Iterable[str | None], env_vars: Iterable[str]) -> None:
+    """Call once at start, after the flags are parsed and before any child process starts: ``values`` off the
+    command line, the variables ``env_vars`` out of ``os.environ`` and out of this process's environment area
+    (also those already taken out of ``os.environ``)."""
+    if scrub_command_line([value for value in values if value]):
         log.warning("a secret was given on the command line; it is hidden from it now, but other users could "
                     "read it while the app started: prefer the CHATGLM_WEB_* variable or the --*-file flag")
-    from chatglm_web import browser_secret
-
-    names = [name for name in SECRET_ENV_VARS if os.environ.pop(name, None) is not None]
-    if browser_secret.take_from_environ():
-        names.append(browser_secret.ENV_VAR)
+    names = list(env_vars)
+    for name in names:
+        os.environ.pop(name, None)
     _scrub_area(50, lambda entry: _env_value(entry, names))
 
 

@@ -4,15 +4,18 @@
     on_spaces()                    SPACE_ID is set (every Space has it)
     zero_gpu_detected(environ)     SPACES_ZERO_GPU, read exactly as the ``spaces`` package reads it
     hardware_label(device, zero)   what the page header shows as the device
-    engine_type(zero_gpu)          the batching ``Engine``, or ``ZeroGPUEngine`` in ZeroGPU mode
 
-Spaces route to ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``, which settings.py honours.
+Spaces route to ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``, which settings.py honours. ``zero_gpu_detected``
+lives in settings.py (it is ``--zero-gpu``'s default) and is re-exported here; which engine serves in ZeroGPU mode
+is server.py's choice. May import: ``settings`` only.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from chatglm_web.settings import SettingsError, parse_settings, zero_gpu_detected  # noqa: F401 (re-exported)
 
 #: A Space's persistent storage, when it has some (a paid add-on): kept across restarts.
 PERSISTENT_STORAGE = Path("/data")
@@ -21,12 +24,6 @@ PERSISTENT_STORAGE = Path("/data")
 def on_spaces(environ=None) -> bool:
     """This process runs on Hugging Face Spaces."""
     return bool((os.environ if environ is None else environ).get("SPACE_ID"))
-
-
-def zero_gpu_detected(environ=None) -> bool:
-    """The Space runs on ZeroGPU hardware: ``SPACES_ZERO_GPU`` as ``spaces.config`` reads it (1, t, true)."""
-    value = (os.environ if environ is None else environ).get("SPACES_ZERO_GPU")
-    return value is not None and value.lower() in ("1", "t", "true")
 
 
 def use_persistent_storage(environ=None, storage: Path | None = None) -> Path | None:
@@ -53,8 +50,6 @@ def prepare_process(argv: list[str] | None = None) -> None:
     Bad settings, or a ``spaces`` that cannot be imported, are left for ``server.main`` to report
     as its one-line error.
     """
-    from chatglm_web.settings import SettingsError, parse_settings
-
     use_persistent_storage()
     try:
         zero_gpu = parse_settings(argv).zero_gpu
@@ -81,13 +76,3 @@ def hardware_label(device: str, zero_gpu: bool = False) -> str:
     label = f"{device} · {os.cpu_count()} cores"
     return f"{label} · ZeroGPU mode" if zero_gpu else label
 
-
-def engine_type(zero_gpu: bool):
-    """The class that serves generation: ``ZeroGPUEngine`` (imports ``spaces``) or the batching ``Engine``."""
-    if zero_gpu:
-        from chatglm_web.engine.zero_gpu import ZeroGPUEngine
-
-        return ZeroGPUEngine
-    from chatglm_web.engine.scheduler import Engine
-
-    return Engine

@@ -33,6 +33,7 @@ from playwright.sync_api import expect, sync_playwright
 from chatglm_web.branding import load_branding
 from chatglm_web.page import STORAGE_KEY  # noqa: F401  (where pages before the list kept their one conversation)
 from waiting import wait_until  # noqa: F401  (the browser tests import it from here)
+from server_harness import requests_ended
 from chatglm_web.page.markers import is_marker, marker
 from chatglm_web.page.strings import STRINGS
 
@@ -243,7 +244,8 @@ def streamed_snapshots(page, wanted: int = 4, timeout: float = 30) -> list[str]:
 
 
 def finished_total(server) -> int:
-    return sum(server.engine.finished.values())
+    """Replies the server has ended (run to their end, stopped, or failed), as its metrics count them."""
+    return sum(requests_ended(server, reason) for reason in ("stop", "length", "cancelled", "error"))
 
 
 def wait_for_replies(page, server, before: int, count: int = 1):

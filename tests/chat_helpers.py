@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from chatglm_web.generation import Finished, TextDelta
 
 
@@ -19,3 +21,8 @@ async def collect(backend, messages, params) -> tuple[str, Finished | None]:
         elif isinstance(event, Finished):
             done = event
     return text, done
+
+
+async def collect_together(backend, conversations: list, params: list) -> list[tuple[str, Finished | None]]:
+    """``collect`` of the conversations at once (``params[i]`` for ``conversations[i]``), in their order."""
+    return list(await asyncio.gather(*[collect(backend, m, p) for m, p in zip(conversations, params)]))

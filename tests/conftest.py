@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, train_tokenizer_model, write_checkpoint  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, train_tokenizer_model, write_checkpoint  # noqa: E402
 
 NO_STOP = {2: -30.0, "<|user|>": -30.0, "<|observation|>": -30.0}
 

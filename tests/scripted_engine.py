@@ -11,7 +11,9 @@ from __future__ import annotations
 import itertools
 import time
 
-from chatglm_web.engine.scheduler import Outcome
+from chatglm_web.engine.admission import AdmissionPolicy
+from chatglm_web.engine.events import Done, Token
+from chatglm_web.generation import FinishReason
 
 
 def reply_ids(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
@@ -35,15 +37,23 @@ class ScriptedRequest:
     def cancel(self) -> None:
         self.cancelled = True
 
+    @property
+    def done(self):
+        return None
+
     async def batches(self):
         for token in self.ids:
-            yield [("token", token)]
-        yield [("done", Outcome("stop"))]
+            yield [Token(token)]
+        yield [Done(FinishReason.STOP)]
 
 
 class ScriptedEngine:
+    """Satisfies ``chatglm_web.engine.protocol.GenerationEngine`` (tests/test_engine_protocol.py checks it)."""
+
     alive = True
     load = (0, 0)
+    admission = AdmissionPolicy()
+    context_length = 8192
 
     def __init__(self, tokenizer, replies: list[list[tuple[str, str]]]):
         self.tokenizer = tokenizer

@@ -200,6 +200,30 @@ def post_json(http, path: str, body):
     return http.post(path, content=json.dumps(body).encode("ascii"), headers={"content-type": "application/json"})
 
 
+def sse_events(lines):
+    """The (event name, JSON payload) of each ``data:`` line of a server-sent event stream; the event name is the
+    last ``event:`` line before it (None when the stream names none, as Gradio's queue stream)."""
+    event = None
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[len("event:"):].strip()
+        elif line.startswith("data:"):
+            yield event, json.loads(line[len("data:"):])
+
+
+def requests_ended(server, reason: str) -> int:
+    """How many requests the app's metrics (the body of ``GET /metrics``) count as ended for ``reason``: stop,
+    length, cancelled (the client went away mid-reply), error or rejected."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = server.backend.metrics.exposition().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "chatglm_web_requests_finished_total" and sample.labels.get("reason") == reason:
+                return int(sample.value)
+    raise AssertionError(f"the metrics count no requests ended for {reason!r}")
+
+
 def chat_over_http(http, data: list, *, session_hash: str | None = None, leave_when=None,
                    on_accepted=None) -> ChatResult:
     """One ``/chat`` call through ``/gradio_api/call/chat`` with plain httpx, its stream read to the end.
@@ -224,15 +248,8 @@ def chat_over_http(http, data: list, *, session_hash: str | None = None, leave_w
             on_accepted(result)
         return result
     event_id = response.json()["event_id"]
-    event = None
     with http.stream("GET", f"gradio_api/call/chat/{event_id}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line[len("event:"):].strip()
-                continue
-            if not line.startswith("data:"):
-                continue
-            payload = json.loads(line[len("data:"):])
+        for event, payload in sse_events(stream.iter_lines()):
             if event == "heartbeat":
                 pass
             elif event == "error":
@@ -301,10 +318,7 @@ def run_queued(http, fn_index: int, data: list, session_hash: str) -> list[dict]
     assert joined.status_code == 200, joined.text
     event_id, seen = joined.json()["event_id"], []
     with http.stream("GET", "gradio_api/queue/data", params={"session_hash": session_hash}) as stream:
-        for line in stream.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            message = json.loads(line[len("data:"):])
+        for _, message in sse_events(stream.iter_lines()):
             if message.get("event_id") != event_id:
                 continue
             seen.append(message)

@@ -6,13 +6,12 @@ import asyncio
 
 import pytest
 
-from chatglm_web.engine.admission import AdmissionLine
-from chatglm_web.engine.scheduler import EngineBusy
+from chatglm_web.engine.admission import AdmissionLine, AdmissionPolicy, EngineBusy
 
 
 def test_running_then_waiting_then_busy_with_the_engines_message():
     async def scenario():
-        line = AdmissionLine(running=2, waiting=1)
+        line = AdmissionLine(AdmissionPolicy(max_running=2, max_waiting=1))
         places = [line.join() for _ in range(3)]
         assert [p.admitted for p in places] == [True, True, False]
         with pytest.raises(EngineBusy, match="2 replies are being written and 1 are waiting"):
@@ -26,7 +25,7 @@ def test_running_then_waiting_then_busy_with_the_engines_message():
 
 def test_positions_are_sent_when_they_change_and_slots_pass_in_order():
     async def scenario():
-        line = AdmissionLine(running=1, waiting=3)
+        line = AdmissionLine(AdmissionPolicy(max_running=1, max_waiting=3))
         holder = line.join()
         waiting = [line.join() for _ in range(3)]
         seen = {i: [] for i in range(3)}
@@ -56,7 +55,7 @@ def test_positions_are_sent_when_they_change_and_slots_pass_in_order():
 
 def test_a_slot_freed_while_the_waiting_consumer_is_busy_is_not_missed():
     async def scenario():
-        line = AdmissionLine(running=1, waiting=1)
+        line = AdmissionLine(AdmissionPolicy(max_running=1, max_waiting=1))
         holder, waiting = line.join(), line.join()
         positions = waiting.wait()
         assert await anext(positions) == 1

@@ -5,13 +5,14 @@ so that the protocol is exact: which messages the next prompt holds, what the ch
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gradio as gr
 import pytest
 from gradio_client import Client
 
-from chatglm_web.families.chat_format import normalize_messages
-from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.messages import normalize_messages
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.page.steps import step_messages
 from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
 from chatglm_web.page import conversation
@@ -107,9 +108,12 @@ def test_the_kept_history_survives_the_chatbot_round_trip(server, script):
 
 
 def test_a_malformed_call_is_never_run_and_the_model_is_told(server, script):
-    evil = CALL.format("expression=__import__('os').system('touch /tmp/pwned-by-tool-call')")
+    pwned = Path("/tmp/pwned-by-tool-call")
+    pwned.unlink(missing_ok=True)  # left by an earlier run: the check below must see this run only
+    evil = CALL.format(f"expression=__import__('os').system('touch {pwned}')")
     engine = script([("calculator", evil)], [("", "Sorry.")])
     messages, _ = ask(Client(server.url, verbose=False), "hi")
+    assert not pwned.exists(), "the malformed call's code ran"
     [step] = steps_of(messages)
     assert "failed" in step["metadata"]["title"] and "not run" in step["content"]
     observation = engine.prompt_text(1).split("<|observation|>")[1]
@@ -123,9 +127,12 @@ def test_arguments_the_schema_refuses_and_a_tool_past_its_timeout_are_reported(s
     messages, _ = ask(Client(server.url, verbose=False), "go")
     invalid, slow = steps_of(messages)
     assert "failed" in invalid["metadata"]["title"] and "expression" in invalid["content"]
-    assert "failed" in slow["metadata"]["title"] and slow["metadata"]["duration"] < 15
+    # stopped at its 2 s limit (the observation below says so), not left to sleep its 30 s
+    assert "failed" in slow["metadata"]["title"] and slow["metadata"]["duration"] >= 2
     assert "expression" in engine.prompt_text(1).split("<|observation|>")[1]
-    assert "2" in engine.prompt_text(2).split("<|observation|>")[-1]  # the observation names the time limit
+    # the slow tool's observation (the third prompt's last one) names the tool and its 2 s time limit
+    observation = engine.prompt_text(2).split("<|observation|>")[-1].split("<|assistant|>")[0].strip()
+    assert observation == "The tool 'slow' took longer than 2 s and was stopped."
     assert messages[-1]["content"] == "Done."
 
 

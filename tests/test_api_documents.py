@@ -4,6 +4,7 @@ field, and the refusals (400 with a message naming the part) after which the ser
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import random
 import threading
@@ -240,9 +241,23 @@ def test_a_message_made_too_long_by_its_document_is_400_naming_the_limit(server,
     assert error["param"] == "messages.0"
 
 
-def test_healthz_answers_while_a_slow_document_is_read(server):
+def test_healthz_answers_while_a_slow_document_is_read(server, monkeypatch):
     """Reading takes a second or more (html.parser over many tags, in the worker process), then the text is
-    tokenized and indexed; the event loop stays free all along."""
+    tokenized and indexed; the event loop stays free all along: the document is read off the event loop's thread,
+    and /healthz answers meanwhile (how fast depends on the machine's load, so that is not asserted)."""
+    import chatglm_web.api.documents as api_documents
+
+    read_on_the_loop, extract = [], api_documents.extract
+
+    def spied(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            read_on_the_loop.append(True)
+        except RuntimeError:
+            read_on_the_loop.append(False)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(api_documents, "extract", spied)
     unit = b"<p><b>The</b> <i>capital</i> <b>of</b> <i>France</i> <b>is</b> <i>Paris</i>.</p>"
     slow = b"<html><body>" + unit * 25_000 + b"</body></html>"
     box = {}
@@ -256,7 +271,8 @@ def test_healthz_answers_while_a_slow_document_is_read(server):
         waits.append(time.monotonic() - started)
         time.sleep(0.05)
     thread.join()
-    assert len(waits) >= 5 and max(waits) < 1.0, waits
+    assert read_on_the_loop == [False], "the document was read on the event loop"
+    assert waits, "/healthz was not asked while the document was read"
     assert box["response"].status_code == 200, box["response"].text
     assert box["response"].json()["documents"][0]["mode"] == "passages"
 

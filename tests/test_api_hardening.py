@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -106,12 +107,29 @@ def test_the_number_of_messages_is_capped(server, client):
 
 # -- row 3: a huge body does not stop the event loop ---------------------------------------------------------------
 
-# Longest /healthz answer allowed while the big request is worked on. Off the event loop, what remains is json.loads
-# and pydantic's validation holding the GIL (about 0.15 s for these bodies on a quiet machine, 0.5 s seen on a
-# loaded one); on the event loop the work took 0.85 s and 1.6 s on a quiet machine (4.9 s in the issue's report).
-# The bound only tells "answered meanwhile" from "frozen for the whole request" on a busy CI machine; the first
-# test's behavioural check is that /healthz answered several times while the request was worked on.
-STALL = 2.0
+# On the event loop the work on these bodies took 0.85 s and 1.6 s on a quiet machine (4.9 s in the issue's report),
+# and /healthz could answer nothing meanwhile. The tests check where the body is parsed (off the event loop) and that
+# /healthz answered while the request was worked on; how long an answer took depends on the machine's load, so it is
+# not asserted.
+
+
+@pytest.fixture
+def parsed_on_the_loop(monkeypatch) -> list[bool]:
+    """For each request body the API parses (``strict_json.parse``), whether that ran on the event loop's thread."""
+    from chatglm_web.api import strict_json
+
+    seen, parse = [], strict_json.parse
+
+    def spied(raw):
+        try:
+            asyncio.get_running_loop()
+            seen.append(True)
+        except RuntimeError:
+            seen.append(False)
+        return parse(raw)
+
+    monkeypatch.setattr(strict_json, "parse", spied)
+    return seen
 
 
 def healthz_while(server, body: bytes) -> tuple[int, dict, list[float]]:
@@ -137,7 +155,7 @@ def healthz_while(server, body: bytes) -> tuple[int, dict, list[float]]:
     return status, json.loads(answer), during
 
 
-def test_healthz_answers_while_a_huge_request_is_parsed(server):
+def test_healthz_answers_while_a_huge_request_is_parsed(server, parsed_on_the_loop):
     """7.7 MB at the message cap (2,048 messages of 120 text parts): most of a second of parsing, checking and
     converting, during which /healthz keeps answering (on the event loop it could answer nothing meanwhile)."""
     parts = [{"type": "text", "text": "a"}] * 120
@@ -147,17 +165,17 @@ def test_healthz_answers_while_a_huge_request_is_parsed(server):
     assert 7_000_000 < len(body) < server.body_limit
     status, answer, during = healthz_while(server, body)
     assert status == 200 and answer["usage"]["completion_tokens"] == 1, answer
-    assert len(during) >= 3, f"/healthz answered {len(during)} times while the big request was worked on"
-    assert max(during) < STALL, f"/healthz took up to {max(during):.2f} s while the big request was worked on"
+    assert parsed_on_the_loop == [False], "the big body was parsed on the event loop"
+    assert during, "/healthz did not answer while the big request was worked on"
 
 
-def test_healthz_answers_while_200001_messages_are_refused(server):
+def test_healthz_answers_while_200001_messages_are_refused(server, parsed_on_the_loop):
     """The attack of issue 17: 6 MB of 200,001 messages froze /healthz for seconds."""
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 200_001, "max_tokens": 1}).encode()
     assert 5_000_000 < len(body) < server.body_limit
     status, answer, during = healthz_while(server, body)
     assert status == 400 and f"{MAX_MESSAGES:,}" in answer["error"]["message"]
-    assert max(during, default=0) < STALL, f"/healthz took up to {max(during):.2f} s while the request was parsed"
+    assert parsed_on_the_loop == [False], "the 200,001 messages were parsed on the event loop"
 
 
 # -- row 4: deep nesting -------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from packaging.utils import canonicalize_name
 from server_harness import app_process, free_port
 
-from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.families.chatglm3.loader import load_glm_model
 
 from chatglm_web.generation import SamplingParams, TextDelta

@@ -14,26 +14,33 @@ PACKAGE = Path(__file__).resolve().parent.parent / "chatglm_web"
 #: Each top-level part of the package and the parts it may import (besides itself). The lowest first.
 ALLOWED = {
     "generation": set(),
+    "messages": set(),
     "process_secrets": set(),
-    "settings": {"generation", "process_secrets"},
+    "settings": {"generation"},
     "spaces_env": {"settings"},
     "browser_secret": {"settings"},
     "branding": set(),
-    "documents": set(),
-    "families": {"generation", "settings", "spaces_env"},
-    "engine": {"generation", "settings", "families", "spaces_env"},
-    "conversations": {"generation"},
-    "tools": {"generation", "settings", "families"},
-    "backends": {"generation", "settings", "families", "engine"},
-    "api": {"generation", "settings", "families", "documents", "tools"},
-    "page": {"generation", "settings", "families", "tools", "conversations", "documents", "branding",
+    "documents": {"generation", "messages"},
+    "families": {"generation", "messages", "settings", "spaces_env"},
+    "engine": {"generation", "messages", "settings", "families", "spaces_env"},
+    "conversations": {"generation", "messages"},
+    "tools": {"generation", "messages", "settings", "families"},
+    "backends": {"generation", "messages", "settings", "families", "engine"},
+    "api": {"generation", "messages", "settings", "families", "documents", "tools"},
+    "page": {"generation", "messages", "settings", "families", "tools", "conversations", "documents", "branding",
              "browser_secret"},
-    "server": {"generation", "settings", "process_secrets", "spaces_env", "browser_secret", "branding", "families",
-               "engine", "backends", "tools", "api", "page", "documents", "conversations"},
+    "server": {"generation", "messages", "settings", "process_secrets", "spaces_env", "browser_secret", "branding",
+               "families", "engine", "backends", "tools", "api", "page", "documents", "conversations"},
 }
 
 #: Strings only the ChatGLM3 family may contain.
 CHATGLM3_TOKENS = ("<|user|>", "<|assistant|>", "<|observation|>", "<|system|>", "[gMASK]")
+FAMILIES = "chatglm_web.families"
+CHATGLM3 = "chatglm_web.families.chatglm3"
+#: What the ChatGLM3 family may import besides itself: the lowest layers and the families' shared modules
+#: (not ``families.loading`` or ``families.registry``, which import the families; nothing above ``families``).
+CHATGLM3_MAY_IMPORT = {"chatglm_web.generation", "chatglm_web.messages", "chatglm_web.families.family",
+                       "chatglm_web.families.chat_format", "chatglm_web.families.streaming_text"}
 
 
 def module_name(path: Path) -> str:
@@ -111,6 +118,36 @@ def test_only_the_chatglm3_family_knows_its_tokens():
     assert not leaks, f"ChatGLM3's tokens outside families/chatglm3/: {leaks}"
 
 
+def in_module(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def chatglm3_importers_outside_families(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {i}" for m, deps in graph.items() if not in_module(m, FAMILIES)
+                  for i in deps if in_module(i, CHATGLM3))
+
+
+def chatglm3_imports_above_it(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {i}" for m, deps in graph.items() if in_module(m, CHATGLM3)
+                  for i in deps if not in_module(i, CHATGLM3) and i not in CHATGLM3_MAY_IMPORT)
+
+
+def test_only_the_families_import_the_chatglm3_family():
+    """The rest of the app asks a family through ``families.family``'s interfaces and ``families.registry``;
+    outside ``families/`` no module imports ``chatglm_web.families.chatglm3`` or even names it."""
+    assert not chatglm3_importers_outside_families(GRAPH), chatglm3_importers_outside_families(GRAPH)
+    named = [str(p.relative_to(PACKAGE)) for p in SOURCES if PACKAGE / "families" not in p.parents
+             and CHATGLM3 in p.read_text()]
+    assert not named, f"modules outside families/ that name {CHATGLM3}: {named}"
+
+
+def test_the_chatglm3_family_imports_nothing_above_it():
+    """Not ``families.loading`` / ``registry`` (which load through it), ``settings``, ``engine``, ..."""
+    assert any(in_module(m, CHATGLM3) for m in GRAPH)
+    wrong = chatglm3_imports_above_it(GRAPH)
+    assert not wrong, f"the ChatGLM3 family imports above itself: {wrong}"
+
+
 def test_every_folder_says_what_it_owns_and_may_import():
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
@@ -123,3 +160,20 @@ def test_the_rules_can_fail():
     fake = {"chatglm_web.a.x": {"chatglm_web.b.y"}, "chatglm_web.b.y": {"chatglm_web.a.x"}}
     assert part_of("chatglm_web.engine.scheduler") == "engine"
     assert any(True for m, deps in fake.items() for d in deps if m in fake.get(d, ()))
+    assert chatglm3_importers_outside_families({"chatglm_web.api.x": {"chatglm_web.families.chatglm3.reply"},
+                                                "chatglm_web.families.loading": {"chatglm_web.families.chatglm3"}}) \
+        == ["chatglm_web.api.x -> chatglm_web.families.chatglm3.reply"]
+    assert chatglm3_imports_above_it({"chatglm_web.families.chatglm3.x": {"chatglm_web.families.loading",
+                                                                          "chatglm_web.settings",
+                                                                          "chatglm_web.families.chatglm3.y",
+                                                                          "chatglm_web.generation"}}) \
+        == ["chatglm_web.families.chatglm3.x -> chatglm_web.families.loading",
+            "chatglm_web.families.chatglm3.x -> chatglm_web.settings"]
+
+
+def test_building_the_page_writes_nothing_into_the_package():
+    """E.g. Gradio writes a ``.pyi`` stub next to the module of any Component subclass it sees defined."""
+    import chatglm_web.page.layout  # noqa: F401
+    import chatglm_web.server  # noqa: F401
+
+    assert not sorted(PACKAGE.rglob("*.pyi")), "files written into the package"

@@ -29,7 +29,7 @@ from browser_harness import (CLEAR, CONVERSATION_LIST, CONVERSATION_PREFIX, CUT_
                              short_exchange, stored_conversations, streamed_snapshots, tab_conversation,
                              wait_for_replies, wait_for_saved_conversation, wait_until, without_version_navs)
 from chatglm_web.page.strings import STRINGS
-from server_harness import free_port, running_server
+from server_harness import free_port, requests_ended, running_server
 
 pytestmark = pytest.mark.browser
 
@@ -65,7 +65,7 @@ def test_stream_stop_retry_undo(session, server):
 
     # 1. A long reply streams into the bubble: several growing snapshots, each a prefix of the next.
     set_max_new_tokens(page, 4096)
-    cancelled_before = server.engine.finished["cancelled"]
+    cancelled_before = requests_ended(server, "cancelled")
     send(page, "Tell me a long story")
     expect(page.locator(STOP)).to_be_visible()
     expect(page.locator(SEND)).to_be_hidden()  # exactly one of them
@@ -76,10 +76,10 @@ def test_stream_stop_retry_undo(session, server):
     # 2. Stop: the server cancels the generation, the engine drains, and the partial reply is marked stopped
     #    (a message of its own, in italics) as the reply's last update; the turn is over (Send is back).
     page.locator(STOP).dispatch_event("click")   # (the button itself: the streaming chat keeps re-laying the page out)
-    wait_until(lambda: server.engine.finished["cancelled"] > cancelled_before, 5, "a cancellation on the server")
-    wait_until(lambda: server.engine.load == (0, 0), 5, "engine.load to return to (0, 0)")
+    wait_until(lambda: requests_ended(server, "cancelled") > cancelled_before, 30, "a cancellation on the server")
+    wait_until(lambda: server.engine.load == (0, 0), 30, "engine.load to return to (0, 0)")
     expect_idle(page)
-    wait_until(lambda: messages(page, "bot")[-1:] == [STOPPED], 5, "the stopped marker under the reply")
+    wait_until(lambda: messages(page, "bot")[-1:] == [STOPPED], 30, "the stopped marker under the reply")
     bots = messages(page, "bot")
     assert len(bots) == 2, bots
     stopped = bots[0]
@@ -387,21 +387,22 @@ def test_stop_while_waiting_for_a_slot_leaves_no_status_in_the_chat(browser, sin
             "Keep the only slot busy", "", 0.8, 0.8, 4000, 0, 1.0, -1, api_name="/chat")
         wait_until(lambda: server.engine.load == (1, 0), 60, "another user's reply to take the only slot")
 
-        cancelled = server.engine.finished["cancelled"]
+        cancelled = requests_ended(server, "cancelled")
         send(page, "I will wait")
         expect(page.locator(f'{STATS}, #chatbot [data-testid="bot"]', has_text="Waiting for a free slot")).to_have_count(1)
         assert not any("⏳" in text for text in messages(page, "bot")), "the waiting line is shown as a reply"
         expect(page.locator(STATS)).to_contain_text("Waiting for a free slot")
         page.locator(STOP).dispatch_event("click")   # (the button itself: the streaming chat keeps re-laying the page out)
-        wait_until(lambda: server.engine.finished["cancelled"] > cancelled, 10, "the waiting request to be cancelled")
+        wait_until(lambda: requests_ended(server, "cancelled") > cancelled and server.engine.load == (1, 0), 30,
+                   "the waiting request to be cancelled (and only the other user's left)")
         expect_idle(page)
         expect(page.locator(STATS)).not_to_contain_text("Waiting")
         # no reply came: the stopped marker is all there is to say so
-        wait_until(lambda: messages(page, "bot") == [STOPPED], 5, "the stopped marker")
+        wait_until(lambda: messages(page, "bot") == [STOPPED], 30, "the stopped marker")
         assert messages(page, "user") == ["I will wait"]
 
         other_user.cancel()
-        wait_until(lambda: server.engine.load == (0, 0), 10, "the slot to be free")
+        wait_until(lambda: server.engine.load == (0, 0), 30, "the slot to be free")
         prompts = record_prompts(server, monkeypatch)
         short_exchange(page, server, "Next question", max_new_tokens=8)
         assert not any("⏳" in text for text in messages(page, "bot"))

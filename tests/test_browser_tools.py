@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import expect
 
 from browser_harness import SEND, TEXTAREA, Session, browser, expect_idle, open_settings  # noqa: F401 (a fixture)
-from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from scripted_engine import ScriptedEngine
 from server_harness import running_server
 

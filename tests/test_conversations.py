@@ -19,7 +19,7 @@ from chatglm_web.conversations.sealed import Sealer, Unreadable
 from chatglm_web.conversations.share import ShareLinks, TooLong, replay_diff, replay_inputs
 from chatglm_web.conversations.tree import ROOT, Conversation, InvalidConversation, from_history
 from chatglm_web.page.conversation_view import is_nav, navigate, node_at, view
-from chatglm_web.page.markers import marker
+from chatglm_web.page.markers import ending_of, marker
 from chatglm_web.conversations.transcript import to_json
 
 SECRET = "a state secret for the tests"
@@ -527,7 +527,7 @@ def test_from_history_markers_become_how_replies_ended():
         {"role": "user", "content": "six"},
         {"role": "assistant", "content": "done"},
     ]
-    tree = from_history(history)
+    tree = from_history(history, ending_of=ending_of)
     path = tree.path()
     assert [n.role for n in path] == ["user", "assistant"] * 6
     replies = path[1::2]
@@ -745,7 +745,7 @@ def test_read_import_accepts_one_conversation_and_an_old_download():
 
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"},
                marker("stopped", "en"), {"role": "user", "content": "again"}, {"role": "assistant", "content": "Yes"}]
-    [old] = read_import(json.loads(to_json(history)))
+    [old] = read_import(json.loads(to_json(history)), ending_of)
     assert texts(old) == ["hi", "Hello!", "again", "Yes"]
     assert old.path()[1].end == "stopped"
     assert Conversation.from_dict(old.to_dict()).to_dict() == old.to_dict()

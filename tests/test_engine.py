@@ -8,11 +8,14 @@ import threading
 import pytest
 import torch
 
-from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome
-from chatglm_web.generation import BackendBusy, InvalidRequest, Queued, SamplingParams, TextDelta
+from chatglm_web.engine.admission import EngineBusy
+from chatglm_web.engine.events import Done, QueuePosition, Token
+from chatglm_web.engine.scheduler import Engine
+from chatglm_web.generation import BackendBusy, FinishReason, InvalidRequest, Queued, SamplingParams, TextDelta
 from chatglm_web.families.loading import load_from_folder
 from chatglm_web.backends.local import LocalBackend, fit_to_context
 from chatglm_web.settings import Settings
+from waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,33 @@ async def collect(backend, messages, params):
     return text, done, queued
 
 
+class StepSpy:
+    """Counts what an engine's model step (``engine.step``, ``chatglm_web/engine/step.py``) is asked to run:
+    decode steps with their batch sizes, and prefill forwards."""
+
+    def __init__(self, engine):
+        self.decode_batches: list[int] = []
+        self.prefills = 0
+        step = engine.step
+        decode, chunk, together = step.decode, step.prefill_chunk, step.prefill_together
+
+        def spied_decode(last_tokens, *args):
+            self.decode_batches.append(len(last_tokens))
+            return decode(last_tokens, *args)
+
+        def spied_prefill(fn):
+            def run(*args):
+                self.prefills += 1
+                return fn(*args)
+            return run
+
+        step.decode, step.prefill_chunk, step.prefill_together = spied_decode, spied_prefill(chunk), spied_prefill(together)
+
+    @property
+    def steps(self) -> int:
+        return len(self.decode_batches)
+
+
 def test_batched_requests_match_each_request_run_alone(backend):
     settings = [SamplingParams(temperature=t, top_p=p, top_k=k, seed=s, max_new_tokens=n)
                 for t, p, k, s, n in [(0.7, 0.9, 0, 1, 30), (1.3, 1.0, 0, 2, 45), (0.0, 1.0, 0, 3, 20),
@@ -55,8 +85,10 @@ def test_batched_requests_match_each_request_run_alone(backend):
     async def together():
         return await asyncio.gather(*[collect(backend, m, p) for m, p in zip(prompts, settings)])
 
-    solo, batched = asyncio.run(alone()), asyncio.run(together())
-    assert backend.engine.max_batch_seen >= 3, "requests did not share a batch"
+    solo = asyncio.run(alone())
+    spy = StepSpy(backend.engine)
+    batched = asyncio.run(together())
+    assert max(spy.decode_batches) >= 3, "the requests did not share a batch"
     for (a, da, _), (b, db, _), p in zip(solo, batched, settings):
         assert a == b
         assert da.completion_tokens == db.completion_tokens == p.max_new_tokens
@@ -76,10 +108,10 @@ def test_cancelling_one_request_leaves_the_others_intact(backend):
         victim_events.append(event)
         if len(victim_events) == 5:
             victim.cancel()
-    assert victim_events[-1] == ("done", Outcome("cancelled")) and len(victim_events) < 20
+    assert victim_events[-1] == Done(FinishReason.CANCELLED) and len(victim_events) < 20
     for request, expected in zip(requests, solo):
         stream = backend.format.text_stream()
-        text = "".join(stream.push(v) for k, v in request if k == "token") + stream.finish()
+        text = "".join(stream.push(e.id) for e in request if isinstance(e, Token)) + stream.finish()
         assert text == expected
     assert engine.load == (0, 0)
 
@@ -94,14 +126,8 @@ def test_closing_the_stream_cancels_within_one_step(backend):
                 break
         await stream.aclose()  # what Gradio does when the client disconnects or Stop is pressed
 
-    before = engine.finished["cancelled"]
     asyncio.run(consume_a_little())
-    for _ in range(200):
-        if engine.finished["cancelled"] > before:
-            break
-        threading.Event().wait(0.01)
-    assert engine.finished["cancelled"] == before + 1
-    assert engine.load == (0, 0)
+    wait_until(lambda: engine.load == (0, 0), 10, "the closed stream's request to leave the engine")
     assert engine._cache is None, "the KV cache of a finished batch must be freed"
 
 
@@ -118,11 +144,11 @@ def test_queue_positions_and_queue_full_message(loaded):
             engine.submit(ids, params, [])
         assert isinstance(info.value, BackendBusy)
         first_events = [next(iter(w)) for w in waiting]
-        assert first_events == [("queued", 1), ("queued", 2)]
+        assert first_events == [QueuePosition(1), QueuePosition(2)]
         for request in [running, *waiting]:
             request.cancel()
         for request in waiting:
-            assert list(request)[-1] == ("done", Outcome("cancelled"))
+            assert list(request)[-1] == Done(FinishReason.CANCELLED)
     finally:
         engine.shutdown()
 
@@ -130,6 +156,7 @@ def test_queue_positions_and_queue_full_message(loaded):
 def test_no_request_is_lost_under_16_concurrent_submits(loaded):
     engine = Engine(loaded.model, max_batch_size=4, max_queue=16)
     backend = LocalBackend(engine, loaded.chat_format, loaded.info)
+    spy = StepSpy(engine)
 
     async def all_of_them():
         return await asyncio.gather(*[
@@ -142,11 +169,11 @@ def test_no_request_is_lost_under_16_concurrent_submits(loaded):
     assert [done.completion_tokens for _, done, _ in results] == [10 + i for i in range(16)]
     assert all(done.reason == "length" for _, done, _ in results)
     assert any(queued for _, _, queued in results), "with 4 slots some of 16 requests must have waited"
-    assert engine.max_batch_seen == 4
+    assert max(spy.decode_batches) == 4, "never more than 4 at once, and the 4 slots were used"
 
 
 def test_stop_tokens_end_the_reply_and_are_not_shown(tmp_path, tokenizer_model):
-    from chatglm_web.families.chatglm3.synthetic import write_checkpoint
+    from synthetic_checkpoints import write_checkpoint
 
     folder = write_checkpoint(tmp_path / "stopper", tokenizer_model=tokenizer_model,
                               token_bias={"<|observation|>": 30.0})
@@ -263,7 +290,7 @@ def test_limits_count_a_request_about_to_be_admitted_as_running(loaded):
         assert "1 replies are being written and 1 are waiting" in str(info.value)
         for request in accepted:
             request.cancel()
-        assert [list(r)[-1][1].reason for r in accepted] == ["cancelled", "cancelled"]
+        assert [list(r)[-1].reason for r in accepted] == ["cancelled", "cancelled"]
     finally:
         engine.shutdown()
 
@@ -289,6 +316,7 @@ def test_exactly_batch_plus_queue_requests_are_accepted(loaded, batch, queue):
 
 def test_queue_position_is_sent_only_when_it_changes(loaded):
     engine = Engine(loaded.model, max_batch_size=1, max_queue=2)
+    spy = StepSpy(engine)
     params = SamplingParams(max_new_tokens=60, seed=0)
     try:
         running = engine.submit([5, 6, 7], params, [])
@@ -298,9 +326,9 @@ def test_queue_position_is_sent_only_when_it_changes(loaded):
         list(running)
     finally:
         engine.shutdown()
-    queued = [[value for kind, value in request if kind == "queued"] for request in events]
+    queued = [[e.position for e in request if isinstance(e, QueuePosition)] for request in events]
     assert queued == [[1], [2, 1]], "one event per position, not one per decode step"
-    assert engine.steps >= 100
+    assert spy.steps >= 100, "the waiting requests waited through many decode steps"
 
 
 def test_a_failing_prefill_fails_only_its_own_request(loaded, monkeypatch):
@@ -317,25 +345,25 @@ def test_a_failing_prefill_fails_only_its_own_request(loaded, monkeypatch):
     params = [SamplingParams(seed=s, max_new_tokens=40) for s in range(2)]
     solo = []
     for p in params:
-        solo.append([v for k, v in engine.submit([5, 6, 7, 8], p, []) if k == "token"])
+        solo.append([e.id for e in engine.submit([5, 6, 7, 8], p, []) if isinstance(e, Token)])
     monkeypatch.setattr(model, "forward", forward)
     try:
         running = [engine.submit([5, 6, 7, 8], p, []) for p in params]
         first = [next(iter(r)) for r in running]
         failing = engine.submit(list(range(5, 100)), SamplingParams(seed=9, max_new_tokens=40), [])
         failed = list(failing)
-        rest = [[v for k, v in r if k == "token"] for r in running]
+        rest = [[e.id for e in r if isinstance(e, Token)] for r in running]
     finally:
         engine.shutdown()
-    assert failed[-1][0] == "done" and failed[-1][1].reason == "error"
-    assert "out of memory" in failed[-1][1].error
+    assert isinstance(failed[-1], Done) and failed[-1].reason == "error"
+    assert "out of memory" in failed[-1].error
     for f, r, expected in zip(first, rest, solo):
-        assert [f[1]] + r == expected, "a running reply was disturbed by another request's failed prefill"
-    assert engine.finished["error"] == 1 and engine.finished["length"] == 4
+        assert [f.id] + r == expected, "a running reply was disturbed by another request's failed prefill"
+    assert [r.done.reason for r in running] == ["length", "length"]
 
 
 def tokens_of(request) -> list[int]:
-    return [value for kind, value in request if kind == "token"]
+    return [e.id for e in request if isinstance(e, Token)]
 
 
 def test_chunked_prefill_gives_the_same_reply_as_one_prefill(loaded):
@@ -359,15 +387,15 @@ def test_a_long_prompt_is_prefilled_between_decode_steps_of_running_replies(load
         running = engine.submit([5, 6, 7], SamplingParams(seed=1, max_new_tokens=2000), [])
         events = iter(running)
         next(events)
-        steps_before = engine.steps
+        spy = StepSpy(engine)
         long = engine.submit(list(range(5, 205)), SamplingParams(seed=2, max_new_tokens=5), [])
         first = next(iter(long))
-        steps_during = engine.steps - steps_before
-        assert first[0] == "token"
+        steps_during = spy.steps
+        assert isinstance(first, Token)
         assert steps_during >= 200 // 8 - 1, f"only {steps_during} decode steps ran during the 25-chunk prefill"
         assert len(tokens_of(long)) == 4  # the rest of its 5 tokens
         running.cancel()
-        assert list(events)[-1] == ("done", Outcome("cancelled"))
+        assert list(events)[-1] == Done(FinishReason.CANCELLED)
     finally:
         engine.shutdown()
 
@@ -377,7 +405,7 @@ def test_cancel_during_a_chunked_prefill_frees_the_slot(loaded):
     try:
         request = engine.submit(list(range(5, 300)), SamplingParams(seed=0, max_new_tokens=5), [])
         request.cancel()
-        assert list(request)[-1] == ("done", Outcome("cancelled"))
+        assert list(request)[-1] == Done(FinishReason.CANCELLED)
         assert engine.load == (0, 0)
         after = engine.submit([5, 6, 7], SamplingParams(seed=0, max_new_tokens=5), [])
         assert len(tokens_of(after)) == 5
@@ -392,20 +420,21 @@ def test_shutdown_ends_a_request_in_the_middle_of_its_prefill(loaded):
         threading.Event().wait(0.001)
     engine.shutdown()
     last = list(request)[-1]
-    assert last[0] == "done" and last[1].reason == "error" and "stopped" in last[1].error
+    assert isinstance(last, Done) and last.reason == "error" and "stopped" in last.error
 
 
 def test_prompts_admitted_together_share_one_prefill_and_reply_as_alone(loaded):
     prompts = [list(range(5, 30)), [7, 8, 9], list(range(40, 90))]
     params = [SamplingParams(temperature=t, seed=s, max_new_tokens=30) for t, s in [(0.0, 1), (0.9, 2), (1.2, 3)]]
     engine = Engine(loaded.model)
+    spy = StepSpy(engine)
     try:
         alone = [tokens_of(engine.submit(p, s, [])) for p, s in zip(prompts, params)]
-        assert engine.prefills == 3
+        assert spy.prefills == 3
         with engine._wake:  # the worker sees all three at once
             together = [engine.submit(p, s, []) for p, s in zip(prompts, params)]
         replies = [tokens_of(request) for request in together]
     finally:
         engine.shutdown()
-    assert engine.prefills == 4, "the three prompts were not prefilled in one forward"
+    assert spy.prefills == 4, "the three prompts were not prefilled in one forward"
     assert replies == alone

@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import pytest
 
-from chat_helpers import collect, user
-from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome
+from chat_helpers import collect, collect_together, user
+from chatglm_web.engine.admission import EngineBusy
+from chatglm_web.engine.events import Done, QueuePosition, Token
+from chatglm_web.engine.scheduler import Engine
+from chatglm_web.generation import FinishReason
 from chatglm_web.engine.process import EngineProcess, EngineStartError
 from chatglm_web.generation import SamplingParams
 from chatglm_web.families.loading import load_from_folder
 from chatglm_web.backends.local import LocalBackend
 from chatglm_web.settings import Settings
+from waiting import wait_until
 
 SETTINGS = [SamplingParams(temperature=t, top_p=p, top_k=k, seed=s, max_new_tokens=n)
             for t, p, k, s, n in [(0.7, 0.9, 0, 1, 30), (1.3, 1.0, 0, 2, 45), (0.0, 1.0, 0, 3, 20),
@@ -36,13 +39,6 @@ def process_engine(long_reply_checkpoint):
     engine.shutdown()
 
 
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def test_replies_equal_the_in_process_engine_alone_and_batched(process_engine, long_reply_checkpoint):
     engine, chat_format, info = process_engine
     loaded = load_from_folder(long_reply_checkpoint, Settings(precision="fp32", device="cpu"), "tiny")
@@ -55,15 +51,23 @@ def test_replies_equal_the_in_process_engine_alone_and_batched(process_engine, l
     backend = LocalBackend(engine, chat_format, info)
     assert info.context_length == loaded.info.context_length and info.precision == loaded.info.precision
 
-    async def together():
-        return await asyncio.gather(*[collect(backend, m, p) for m, p in zip(PROMPTS, SETTINGS)])
-
     alone = [asyncio.run(collect(backend, m, p)) for m, p in zip(PROMPTS, SETTINGS)]
-    batched = asyncio.run(together())
+    batched = asyncio.run(collect_together(backend, PROMPTS, SETTINGS))
     assert [text for text, _ in alone] == expected
     assert [text for text, _ in batched] == expected
     assert [done.completion_tokens for _, done in batched] == [p.max_new_tokens for p in SETTINGS]
-    assert engine.max_batch_seen >= 3, "the requests did not share a batch in the engine process"
+    # requests share the engine process's batch: four long replies (its max batch size) are all written at once,
+    # none told to wait for a slot
+    running = [engine.submit([5, 6, 7], SamplingParams(seed=i, max_new_tokens=5000), []) for i in range(4)]
+    try:
+        started = [[next(iter(request)) for _ in range(3)] for request in running]
+        assert all(isinstance(event, Token) for events in started for event in events), started
+        assert engine.load == (4, 0), "the requests did not share a batch in the engine process"
+    finally:
+        for request in running:
+            request.cancel()
+    assert [list(request)[-1] for request in running] == [Done(FinishReason.CANCELLED)] * 4
+    wait_until(lambda: engine.load == (0, 0), 30, "an idle engine")
 
 
 def test_cancel_frees_the_slot_in_the_engine_process(process_engine):
@@ -71,16 +75,16 @@ def test_cancel_frees_the_slot_in_the_engine_process(process_engine):
     params = SamplingParams(seed=0, max_new_tokens=5000)
     running = [engine.submit([5, 6, 7], params, []) for _ in range(4)]
     firsts = [next(iter(request)) for request in running]
-    assert all(kind == "token" for kind, _ in firsts)
+    assert all(isinstance(event, Token) for event in firsts)
     waiting = engine.submit([5, 6, 7], SamplingParams(seed=1, max_new_tokens=3), [])
     running[0].cancel()
-    assert list(running[0])[-1] == ("done", Outcome("cancelled"))
+    assert list(running[0])[-1] == Done(FinishReason.CANCELLED)
     events = list(waiting)  # admitted into the freed slot, then it runs to its end
-    assert [kind for kind, _ in events].count("token") == 3 and events[-1][1].reason == "length"
+    assert [type(e) for e in events].count(Token) == 3 and events[-1].reason == "length"
     for request in running[1:]:
         request.cancel()
-        assert list(request)[-1] == ("done", Outcome("cancelled"))
-    wait_until(lambda: engine.load == (0, 0))
+        assert list(request)[-1] == Done(FinishReason.CANCELLED)
+    wait_until(lambda: engine.load == (0, 0), 30, "an idle engine")
 
 
 def test_batch_plus_queue_are_admitted_and_no_more(process_engine):
@@ -91,14 +95,14 @@ def test_batch_plus_queue_are_admitted_and_no_more(process_engine):
         with pytest.raises(EngineBusy, match="4 replies are being written and 2 are waiting"):
             engine.submit([5, 6, 7], params, [])
         assert engine.load == (4, 2)
-        positions = [[v for k, v in _take(r, 1)] for r in accepted[4:]]
+        positions = [[e.position for e in _take(r, 1)] for r in accepted[4:]]
         assert positions == [[1], [2]]
     finally:
         for request in accepted:
             request.cancel()
     for request in accepted:
-        assert list(request)[-1][0] == "done"
-    wait_until(lambda: engine.load == (0, 0))
+        assert isinstance(list(request)[-1], Done)
+    wait_until(lambda: engine.load == (0, 0), 30, "an idle engine")
 
 
 def _take(request, count):
@@ -126,7 +130,7 @@ def test_no_request_is_lost_under_a_flood(process_engine):
 
     outcomes = asyncio.run(flood())
     assert outcomes.count("length") == 6 and outcomes.count("EngineBusy") == 10, outcomes
-    wait_until(lambda: engine.load == (0, 0))
+    wait_until(lambda: engine.load == (0, 0), 30, "an idle engine")
 
 
 def test_a_dead_engine_process_ends_open_requests_with_an_error(long_reply_checkpoint):
@@ -134,11 +138,11 @@ def test_a_dead_engine_process_ends_open_requests_with_an_error(long_reply_check
     backend = LocalBackend(engine, chat_format, info)
     try:
         request = engine.submit([5, 6, 7], SamplingParams(seed=0, max_new_tokens=5000), [])
-        assert next(iter(request))[0] == "token"
+        assert isinstance(next(iter(request)), Token)
         os.kill(engine.pid, signal.SIGKILL)
         last = list(request)[-1]
-        assert last[0] == "done" and last[1].reason == "error" and "engine stopped" in last[1].error
-        wait_until(lambda: not engine.alive)
+        assert isinstance(last, Done) and last.reason == "error" and "engine stopped" in last.error
+        wait_until(lambda: not engine.alive, 30, "the engine to be seen dead")
         ready, account = asyncio.run(backend.health())
         assert not ready and "stopped" in account
         with pytest.raises(RuntimeError, match="stopped"):
@@ -160,6 +164,6 @@ def test_shutdown_ends_the_engine_process(long_reply_checkpoint):
     next(iter(request))
     pid = engine.pid
     engine.shutdown()
-    assert list(request)[-1][0] == "done"
+    assert isinstance(list(request)[-1], Done)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

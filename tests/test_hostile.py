@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tempfile
 import threading
-import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +34,9 @@ import httpx
 import pytest
 
 from chatglm_web.conversations.tree import from_history
-from server_harness import PageClient, chat_args, chat_over_http, dir_bytes, gradio_temp_dir, run_fn, running_server
+from server_harness import (PageClient, chat_args, chat_over_http, dir_bytes, gradio_temp_dir, requests_ended, run_fn,
+                            running_server)
+from waiting import wait_until
 
 BATCH, QUEUE = 2, 4  # --max-batch-size, --max-queue of the test server
 LIMIT = 3000  # --max-input-chars of the test server
@@ -88,14 +88,6 @@ def reply_tokens(stats: str | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def wait_until(condition, what: str, seconds: float = 60) -> None:
-    """Poll an in-process counter of the server (there is no event to await for it)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def disk_usage(server) -> int:
     return dir_bytes(server.temp_dir) + dir_bytes(DOWNLOADS, contains=MARK)
 
@@ -103,7 +95,7 @@ def disk_usage(server) -> int:
 def solo_reply(server, tokens: int):
     """The normal conversation run alone (cached): what it must produce under attack too."""
     if tokens not in server.solo:
-        wait_until(lambda: server.engine.load == (0, 0), "an idle engine")
+        wait_until(lambda: server.engine.load == (0, 0), 60, "an idle engine")
         result = chat(server, normal_args(tokens))
         assert result.event == "complete", result
         assert reply_tokens(result.stats) == tokens, result.stats
@@ -232,6 +224,10 @@ def test_a_420_kb_history_is_fitted_to_the_context(server, http):
     assert went.stream and went.stream[-1]["success"], went.stream[-1:]
     assert reply_tokens(went.stats) == 8, went.stats
     assert "left out" in went.stats and "oldest" in went.stats, went.stats
+    # fit_to_context fits (it refuses only a newest message that cannot fit alone): whole exchanges are dropped,
+    # oldest first, and the newest ones are kept
+    dropped = int(re.search(r"the (\d+) oldest messages were left out", went.stats).group(1))
+    assert 0 < dropped < 240 and dropped % 2 == 0, went.stats
 
 
 # -- odd text ------------------------------------------------------------------------------------------------------
@@ -359,7 +355,7 @@ def flood(server, count: int, *, tokens: int = 2000):
 
 def test_50_parallel_submits_get_exactly_the_documented_slots(server):
     """With a normal conversation running, 50 at once: exactly batch + queue - 1 more are taken, the rest are busy."""
-    cancelled = server.engine.finished["cancelled"]
+    cancelled = requests_ended(server, "cancelled")
     with under_attack(server, tokens=1000) as normal:
         results = flood(server, 50)
         normal_was_running = "result" not in normal
@@ -371,9 +367,10 @@ def test_50_parallel_submits_get_exactly_the_documented_slots(server):
         assert_busy(result)
     assert sum(r.waited for r in accepted) == QUEUE, "requests told to wait for a slot"
     assert all(1 <= p <= QUEUE for r in accepted for p in queue_positions(r)), [queue_positions(r) for r in accepted]
-    assert server.engine.max_batch_seen <= BATCH
-    wait_until(lambda: server.engine.finished["cancelled"] >= cancelled + len(accepted), "the flood to be cancelled")
-    wait_until(lambda: server.engine.load == (0, 0), "an idle engine")
+    # the accepted ones left mid-reply: each was counted as cancelled, and the engine freed its slot
+    wait_until(lambda: requests_ended(server, "cancelled") >= cancelled + len(accepted), 60,
+               "the flood to be cancelled")
+    wait_until(lambda: server.engine.load == (0, 0), 60, "an idle engine")
 
 
 def test_a_submit_about_to_be_admitted_does_not_count_as_waiting(long_reply_checkpoint):
@@ -386,12 +383,12 @@ def test_a_submit_about_to_be_admitted_does_not_count_as_waiting(long_reply_chec
         assert_busy(next(r for r in results if not (r.updates and r.event != "error")))
         assert sum(r.waited for r in accepted) == 1
         assert all(p == 1 for r in accepted for p in queue_positions(r))
-        wait_until(lambda: small.engine.load == (0, 0), "an idle engine")
+        wait_until(lambda: small.engine.load == (0, 0), 60, "an idle engine")
 
 
 def test_20_mid_stream_disconnects_free_their_slots(server):
     """20 clients that go away after two streamed updates: every generation is cancelled, nothing runs for nobody."""
-    cancelled = server.engine.finished["cancelled"]
+    cancelled = requests_ended(server, "cancelled")
 
     def one(i):
         return chat(server, chat_args(f"{MARK} leave {i}", max_new_tokens=2000, seed=200 + i),
@@ -401,8 +398,8 @@ def test_20_mid_stream_disconnects_free_their_slots(server):
         with ThreadPoolExecutor(3) as pool:  # the normal conversation + 3 never exceed batch + queue
             results = list(pool.map(one, range(20)))
     assert all(r.disconnected and len(r.replies) >= 2 for r in results), [(r.event, r.error, r.disconnected, len(r.replies)) for r in results]
-    wait_until(lambda: server.engine.finished["cancelled"] >= cancelled + 20, "20 cancelled generations")
-    wait_until(lambda: server.engine.load == (0, 0), "an idle engine")
+    wait_until(lambda: requests_ended(server, "cancelled") >= cancelled + 20, 60, "20 cancelled generations")
+    wait_until(lambda: server.engine.load == (0, 0), 60, "an idle engine")
 
 
 # -- disk ----------------------------------------------------------------------------------------------------------

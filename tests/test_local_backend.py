@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint
 from chatglm_web.engine.scheduler import Engine
 from chatglm_web.generation import BackendBusy, InvalidRequest, SamplingParams, TextDelta
 from chatglm_web.families.loading import load_from_folder

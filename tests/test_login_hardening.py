@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import time
 import uuid
 
 import httpx
@@ -167,9 +165,8 @@ def test_failed_logins_are_throttled_on_the_page_and_the_api_together(chatglm3_c
         wrong_basic = {"Authorization": "Basic " + base64.b64encode(f"{USER}:wrong".encode()).decode()}
         for _ in range(MAX_FAILED_LOGINS - 1):
             assert login(srv.url, "wrong").status_code == 400
-        started = time.monotonic()
-        assert login(srv.url).status_code == 200  # under the limit: not slowed, and the count starts again
-        assert time.monotonic() - started < 1.0
+        allowed = login(srv.url)  # under the limit: let in, not throttled, and the count starts again
+        assert allowed.status_code == 200 and "retry-after" not in allowed.headers
         for i in range(MAX_FAILED_LOGINS):
             if i % 2:
                 assert login(srv.url, "wrong").status_code == 400

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-import time
 
 import httpx
 import openai
@@ -13,10 +12,12 @@ import pytest
 from gradio_client import Client
 
 from chatglm_web.generation import SamplingParams
-from server_harness import running_server
+from server_harness import requests_ended, running_server
+from waiting import wait_until
 
 KEY = "test-key-123"
 HELLO = [{"role": "user", "content": "hello"}]
+TIMEOUT = 180  # seconds: only guards against a hang on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -115,37 +116,50 @@ def test_auth_protects_the_api_like_the_page(long_reply_checkpoint):
 
 
 def test_api_and_page_users_share_one_batch(server):
+    """6 API and 2 page users, as many as the batch holds, each asking for a 2000-token reply: all eight are seen
+    writing their replies at once (each has streamed text, none has ended), so they share the engine's batch."""
     engine = server.engine
-    engine.max_batch_seen = 0
-    results, errors = [], []
+    release = threading.Event()   # set once all eight were seen mid-reply: the API users leave then
+    streaming, errors = [], []
 
     def api_user(i):
         try:
             c = openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0)
-            results.append(c.chat.completions.create(model="m", messages=HELLO, max_tokens=40, seed=i).usage)
+            with c.chat.completions.create(model="m", messages=HELLO, max_tokens=2000, seed=i, stream=True) as stream:
+                texts = 0
+                for chunk in stream:
+                    assert not (chunk.choices and chunk.choices[0].finish_reason), "the reply ended early"
+                    texts += bool(chunk.choices and chunk.choices[0].delta.content)
+                    if texts == 2:
+                        streaming.append(f"api {i}")
+                        release.wait(TIMEOUT)
+                        break  # leaving closes the stream: the request is cancelled
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    def page_user(i):
-        try:
-            job = Client(server.url, verbose=False).submit(
-                "hi", "", 0.8, 0.8, 40, 0, 1.0, i, api_name="/chat")
-            results.append(job.result(timeout=120))
-        except Exception as error:  # noqa: BLE001
-            errors.append(error)
-
-    threads = [threading.Thread(target=api_user, args=(i,)) for i in range(8)]
-    threads += [threading.Thread(target=page_user, args=(i,)) for i in range(2)]
+    threads = [threading.Thread(target=api_user, args=(i,)) for i in range(6)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    assert not errors and len(results) == 10
-    assert engine.max_batch_seen == 8, "API and page requests did not run in one batch"
+    jobs = [Client(server.url, verbose=False).submit("hi", "", 0.8, 0.8, 2000, 0, 1.0, i, api_name="/chat")
+            for i in range(2)]
+    try:
+        wait_until(lambda: errors or (len(streaming) == 6 and all(len(job.outputs()) >= 2 for job in jobs)), TIMEOUT,
+                   "all eight users to stream their replies")
+        assert not errors, errors
+        assert not any(job.done() for job in jobs), "a page reply ended early"
+        assert engine.load == (8, 0), "API and page requests did not run in one batch"
+    finally:
+        release.set()
+        for job in jobs:
+            job.cancel()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert not errors, errors
+    wait_until(lambda: engine.load == (0, 0), TIMEOUT, "every request to be cancelled")
 
 
 def test_disconnect_mid_stream_cancels_the_generation(server):
-    before = server.engine.finished["cancelled"]
+    before = requests_ended(server, "cancelled")
 
     async def read_a_little():
         async with httpx.AsyncClient() as http:
@@ -156,11 +170,10 @@ def test_disconnect_mid_stream_cancels_the_generation(server):
                         break
 
     asyncio.run(read_a_little())
-    deadline = time.time() + 10
-    while server.engine.finished["cancelled"] == before and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.engine.finished["cancelled"] == before + 1
-    assert server.engine.load == (0, 0)
+    # ended as cancelled (not run to its 2000 tokens), and its slot is free
+    wait_until(lambda: requests_ended(server, "cancelled") > before, TIMEOUT, "the request to be cancelled")
+    wait_until(lambda: server.engine.load == (0, 0), TIMEOUT, "the slot to be free")
+    assert requests_ended(server, "cancelled") == before + 1
 
 
 def test_busy_is_429(long_reply_checkpoint):

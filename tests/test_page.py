@@ -409,12 +409,12 @@ def test_the_page_strings_exist_in_both_languages():
 
 
 def test_the_errors_a_visitor_meets_most_are_in_chinese_too():
-    from chatglm_web.engine.scheduler import EngineBusy, check_engine_capacity
+    from chatglm_web.engine.admission import AdmissionPolicy, EngineBusy
     from chatglm_web.generation import InvalidRequest, check_valid_text
     from chatglm_web.page.strings import translate_error
 
     with pytest.raises(EngineBusy) as busy:
-        check_engine_capacity(8, 32, 8, 32)
+        AdmissionPolicy(8, 32).check(8, 32)
     with pytest.raises(InvalidRequest) as surrogate:
         check_valid_text("ab\ud800", "message")
     for error, chinese in ((str(busy.value), "服务器繁忙：8 条回复正在生成，32 条在排队"),

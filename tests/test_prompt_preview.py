@@ -15,7 +15,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from chatglm_web.families.chat_format import MessageCounts, TemplateFormat, normalize_messages
+from chatglm_web.families.chat_format import MessageCounts
+from chatglm_web.families.template.format import TemplateFormat
+from chatglm_web.messages import normalize_messages
 from chatglm_web.engine.scheduler import Engine
 from chatglm_web.generation import InvalidRequest, SamplingParams
 from chatglm_web.families.loading import load_from_folder

@@ -4,7 +4,20 @@ import pytest
 import torch
 
 from chatglm_web.generation import SamplingParams
-from chatglm_web.engine.sampling import choose_token, choose_tokens, draw, top_p_probs
+from chatglm_web.engine.sampling import choose_tokens, top_p_probs
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """Index drawn with probability proportional to ``weights`` (non-negative): the reference the engine's
+    batched draw is compared with."""
+    cdf = torch.cumsum(weights, 0)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=generator.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+
+
+def choose_token(logits: torch.Tensor, params, generator: torch.Generator, seen_ids: torch.Tensor | None = None) -> int:
+    """The engine's choice for one 1-D float32 logits row."""
+    return choose_tokens(logits[None].clone(), [params], [generator], [seen_ids])[0]
 
 
 def nucleus_by_sorting(probs, top_p):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_harness import app_process, free_port
 
 from chatglm_web import browser_secret
-from chatglm_web.process_secrets import hide_secrets, read_secret_file
-from chatglm_web.settings import SettingsError, parse_settings
-from server_harness import app_process, free_port
+from chatglm_web.server import hide_all_secrets
+from chatglm_web.settings import SettingsError, parse_settings, read_secret_file
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY, PASSWORD = "sk-cmdline-8c1f2e", "pw-cmdline-5d9a7b"
@@ -106,7 +106,7 @@ def test_tool_workers_get_no_secret(monkeypatch):
     monkeypatch.setenv(browser_secret.ENV_VAR, STATE_SECRET)
     monkeypatch.setattr(browser_secret, "_taken", None)
     settings = parse_settings([], environ=dict(os.environ))
-    hide_secrets(settings)
+    hide_all_secrets(settings)
     assert browser_secret.browser_state_secret() == STATE_SECRET  # still answered, from memory
     pool = WorkerPool(max_workers=1, warm=1)
     try:
@@ -162,6 +162,6 @@ def test_nothing_is_scrubbed_from_other_arguments(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["app.py", "--model", "m", "--api-key", "k3y", "--auth=u:p", "--assets-dir", "k3y0"])
     monkeypatch.setattr(sys, "orig_argv", ["python", *sys.argv])
     monkeypatch.setattr(browser_secret, "_taken", None)
-    hide_secrets(parse_settings(sys.argv[1:], environ={}))
+    hide_all_secrets(parse_settings(sys.argv[1:], environ={}))
     assert sys.argv == ["app.py", "--model", "m", "--api-key", "xxx", "--auth=xxx", "--assets-dir", "k3y0"]
     assert sys.orig_argv[1:] == sys.argv

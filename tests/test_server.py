@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import time
+from functools import partial
 
 import pytest
 from gradio_client import Client
 from transformers import GlmForCausalLM
 
-from server_harness import running_server
+from server_harness import chat_args as http_chat_args
+from server_harness import requests_ended, running_server, sse_events
+from waiting import wait_until
 
 SYSTEM = "You are a test assistant."
 
 
-def chat_args(message, *, system=SYSTEM, temperature=0.8, top_p=0.8, max_new_tokens=24, top_k=0,
-              repetition_penalty=1.0, seed=-1):
-    return (message, system, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed)
+chat_args = partial(http_chat_args, system=SYSTEM)  # the /chat endpoint's inputs, with this module's system prompt
 
 
 @pytest.fixture(scope="module")
@@ -134,18 +134,14 @@ def test_out_of_range_values_are_clear_errors(server):
 
 def test_stop_ends_a_long_reply_early(server):
     client = Client(server.url, verbose=False)
-    cancelled_before = server.engine.finished["cancelled"]
+    cancelled_before = requests_ended(server, "cancelled")
     job = client.submit(*chat_args("Write forever", max_new_tokens=4000, seed=5), api_name="/chat")
-    deadline = time.time() + 60
-    while len(job.outputs()) < 3 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(job.outputs()) >= 3
+    wait_until(lambda: len(job.outputs()) >= 3, 60, "three streamed updates")
     job.cancel()
-    deadline = time.time() + 30
-    while server.engine.finished["cancelled"] == cancelled_before and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.engine.finished["cancelled"] == cancelled_before + 1
-    assert server.engine.load == (0, 0)
+    # the reply was ended as cancelled, not run to its 4000 tokens, and its slot is free
+    wait_until(lambda: requests_ended(server, "cancelled") > cancelled_before, 30, "the request to be cancelled")
+    wait_until(lambda: server.engine.load == (0, 0), 30, "the slot to be free")
+    assert requests_ended(server, "cancelled") == cancelled_before + 1
 
 
 def test_model_loads_once_across_many_requests(server, load_counter):
@@ -158,17 +154,14 @@ def test_a_disconnected_client_has_its_request_cancelled(server):
     """An HTTP client that drops the stream mid-reply frees its slot; nothing generates for nobody."""
     import httpx
 
-    cancelled_before = server.engine.finished["cancelled"]
+    cancelled_before = requests_ended(server, "cancelled")
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        event_id = http.post("gradio_api/call/chat", json={"data": [*chat_args("Write forever", max_new_tokens=4000), "Chat"]}).json()["event_id"]
+        data = chat_args("Write forever", max_new_tokens=4000)
+        event_id = http.post("gradio_api/call/chat", json={"data": data}).json()["event_id"]
         with http.stream("GET", f"gradio_api/call/chat/{event_id}") as response:
-            lines = 0
-            for line in response.iter_lines():
-                lines += line.startswith("data:")
-                if lines >= 3:
+            for count, _ in enumerate(sse_events(response.iter_lines()), 1):
+                if count >= 3:
                     break  # leave: the connection closes here
-    deadline = time.time() + 30
-    while server.engine.finished["cancelled"] == cancelled_before and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.engine.finished["cancelled"] == cancelled_before + 1
-    assert server.engine.load == (0, 0)
+    wait_until(lambda: requests_ended(server, "cancelled") > cancelled_before, 30, "the request to be cancelled")
+    wait_until(lambda: server.engine.load == (0, 0), 30, "the slot to be free")
+    assert requests_ended(server, "cancelled") == cancelled_before + 1

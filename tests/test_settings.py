@@ -1,11 +1,31 @@
-"""Flags, CHATGLM_WEB_* and GRADIO_SERVER_* variables: precedence, and one-line errors for bad values."""
+"""Flags, CHATGLM_WEB_* and GRADIO_SERVER_* variables: precedence, one-line errors for bad values, and the one
+declaration (``Settings``) the flags, the variables, the checks, the limits and README's table come from."""
 
 from __future__ import annotations
+
+from dataclasses import FrozenInstanceError, fields
+from pathlib import Path
 
 import pytest
 
 from chatglm_web.generation import option
-from chatglm_web.settings import DEFAULT_MODEL, SettingsError, parse_settings
+from chatglm_web.settings import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MODEL,
+    OPTIONS,
+    SECRET_ENV_VARS,
+    SECRET_SETTINGS,
+    Limits,
+    Settings,
+    SettingsError,
+    env_name,
+    flag_name,
+    options_table,
+    parse_settings,
+)
 
 
 def test_flags_env_vars_and_defaults():
@@ -101,3 +121,68 @@ def test_code_interpreter_is_an_off_by_default_strict_boolean():
     assert parse_settings(["--no-code-interpreter"], environ={"CHATGLM_WEB_CODE_INTERPRETER": "1"}).code_interpreter is False
     with pytest.raises(SettingsError, match="CHATGLM_WEB_CODE_INTERPRETER='maybe' is not a boolean"):
         parse_settings([], environ={"CHATGLM_WEB_CODE_INTERPRETER": "maybe"})
+
+
+# -- one declaration: flags, variables, checks and README's table all come from it -------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_START, TABLE_END = "<!-- options table:", "<!-- end of options table -->"
+
+
+def test_readme_holds_the_generated_table_of_options():
+    """README's table is ``options_table()`` as it is: regenerate with ``python -m chatglm_web.settings --markdown``."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(TABLE_START)
+    table = text[text.index("\n", start) + 1:text.index(TABLE_END)]
+    assert table == options_table(), "README's options table is stale: paste `python -m chatglm_web.settings --markdown`"
+
+
+def test_every_declared_option_has_its_flag_variable_and_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"], environ={})
+    text = " ".join(capsys.readouterr().out.split())
+    assert set(OPTIONS) == {f.name for f in fields(Settings)} - {"model_explicit"}
+    for name in OPTIONS:
+        assert flag_name(name) in text and env_name(name) in text
+    for name in SECRET_SETTINGS:
+        assert flag_name(name + "_file") in text and env_name(name + "_file") in text
+    assert SECRET_SETTINGS == ("auth", "api_key", "backend_api_key")
+    assert "--no-engine-process" in text and "--api-key-file" in text
+    assert "(1 to 32768, default: 2048)" in text  # the range and default, from the declaration
+
+
+def test_every_variable_sets_its_option():
+    """Each option read from its variable, with a value that differs from its default."""
+    samples = {"text": "cuda:1", "int": "3", "flag": None, "choice": "bf16"}
+    for name, declared in OPTIONS.items():
+        default = getattr(Settings(), name)
+        raw = samples[declared.kind] or ("false" if default else "true")
+        if name == "auth":
+            raw = "u:p"
+        value = getattr(parse_settings([], environ={env_name(name): raw}), name)
+        assert value != default and value is not None, name
+
+
+def test_the_login_is_checked_in_one_place_whoever_builds_the_settings():
+    with pytest.raises(SettingsError, match="--auth must look like user:password"):
+        _ = Settings(auth="nocolon").auth_pair
+    assert Settings(auth="a:b:c").auth_pair == ("a", "b:c")
+    assert Settings().auth_pair is None
+
+
+def test_limits_travel_as_one_object_with_the_declared_defaults():
+    assert Settings().limits == Limits() == Limits(DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_MAX_NEW_TOKENS)
+    assert (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_CONTEXT_LENGTH) == (8, 32, 4096)
+    s = parse_settings(["--max-batch-size", "4", "--max-queue", "0", "--max-input-chars", "100"],
+                       environ={"CHATGLM_WEB_MAX_INPUT_TOKENS": "512", "CHATGLM_WEB_MAX_NEW_TOKENS": "64"})
+    assert s.limits == Limits(max_batch_size=4, max_queue=0, max_new_tokens=64, max_input_tokens=512,
+                              max_input_chars=100)
+    with pytest.raises(FrozenInstanceError):
+        s.limits.max_queue = 1
+
+
+def test_the_secrets_stay_out_of_the_engine_process_copy():
+    s = Settings(api_key="k", auth="a:b", backend_api_key="v", model="m")
+    assert s.secret_values() == ["a:b", "k", "v"]
+    assert s.without_secrets().secret_values() == [] and s.without_secrets().model == "m"
+    assert SECRET_ENV_VARS == ("CHATGLM_WEB_AUTH", "CHATGLM_WEB_API_KEY", "CHATGLM_WEB_BACKEND_API_KEY")

@@ -2,7 +2,7 @@
 
 import json
 
-from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.messages import normalize_messages
 from chatglm_web.conversations.transcript import remove_legacy_downloads, to_json, to_markdown
 
 HISTORY = [

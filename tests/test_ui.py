@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import stat
-import time
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -38,17 +38,17 @@ from chatglm_web.page import SETTINGS_KEY, STORAGE_KEY, build_page, stats_markdo
 from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import I18N, STRINGS
 from chatglm_web.conversations.transcript import LEGACY_DOWNLOADS, to_markdown
-from server_harness import CONVERSATION_PREFIX, META_PREFIX, PageClient, running_server
+from server_harness import CONVERSATION_PREFIX, META_PREFIX, PageClient, requests_ended, running_server, sse_events
+from server_harness import chat_args as http_chat_args
+from waiting import wait_until
 
 SYSTEM = "You are a test assistant."
 WAITING = "⏳"
 TIMEOUT = 120
 
 
-def chat_args(message, *, system=SYSTEM, max_new_tokens=8, seed=-1, mode="Chat"):
-    """The /chat endpoint's inputs: message, system prompt, temperature, top-p, max new tokens, top-k,
-    repetition penalty, seed, mode."""
-    return [message, system, 0.8, 0.8, max_new_tokens, 0, 1.0, seed, mode]
+# the /chat endpoint's inputs (server_harness.chat_args), with this module's system prompt and short replies
+chat_args = partial(http_chat_args, system=SYSTEM, max_new_tokens=8)
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -98,21 +98,10 @@ def chat_raw(http, data: list, session_hash: str | None = None) -> tuple[str, ob
     assert response.status_code == 200, response.text
     event, payload = None, None
     with http.stream("GET", f"gradio_api/call/chat/{response.json()['event_id']}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line[len("event:"):].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                payload = json.loads(line[len("data:"):])
-                break
-    return event, payload
-
-
-def wait_until(condition, what: str, seconds: float = 60):
-    """Poll an in-process counter or a client's output list (neither offers an event to await)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+        for event, payload in sse_events(stream.iter_lines()):
+            if event in ("complete", "error"):
+                return event, payload
+    return event, None
 
 
 def files_under(path: Path) -> dict[str, int]:
@@ -264,18 +253,19 @@ def test_the_key_file_is_created_once(tmp_path, caplog):
 def test_a_stop_while_waiting_for_a_slot_leaves_no_status_in_the_history(server, monkeypatch):
     busy = Client(server.url, verbose=False).submit(*chat_args("Keep the only slot busy", max_new_tokens=4000),
                                                      api_name="/chat")
-    wait_until(lambda: server.engine.load == (1, 0), "the first request to take the only slot")
+    wait_until(lambda: server.engine.load == (1, 0), TIMEOUT, "the first request to take the only slot")
     client = Client(server.url, verbose=False)
     waiting = client.submit(*chat_args("I will wait"), api_name="/chat")
-    wait_until(lambda: any(WAITING in str(output) for output in waiting.outputs()), "the waiting line")
+    wait_until(lambda: any(WAITING in str(output) for output in waiting.outputs()), TIMEOUT, "the waiting line")
     for reply, stats in waiting.outputs():
         assert not (isinstance(reply, str) and WAITING in reply), "the waiting line was sent as the reply"
     assert any(stats.startswith(f"{WAITING} Waiting for a free slot") for _, stats in waiting.outputs())
-    cancelled = server.engine.finished["cancelled"]
+    cancelled = requests_ended(server, "cancelled")
     waiting.cancel()  # Stop while waiting
-    wait_until(lambda: server.engine.finished["cancelled"] > cancelled, "the waiting request to be cancelled")
+    wait_until(lambda: requests_ended(server, "cancelled") > cancelled and server.engine.load == (1, 0), TIMEOUT,
+               "the waiting request to be cancelled (and only the busy one left)")
     busy.cancel()
-    wait_until(lambda: server.engine.load == (0, 0), "the slot to be free")
+    wait_until(lambda: server.engine.load == (0, 0), TIMEOUT, "the slot to be free")
 
     prompts = []
     submit = server.engine.submit
@@ -432,8 +422,6 @@ def test_the_sampling_controls_are_built_from_the_options(server):
 def test_the_statistics_line_says_when_the_reply_budget_was_lowered():
     done = Finished(reason="length", prompt_tokens=8000, completion_tokens=192, seconds=2.0)
     assert "lowered" not in stats_markdown(done)
-    if "max_new_tokens_clamped" not in Finished.__dataclass_fields__:
-        pytest.skip("Finished has no max_new_tokens_clamped field yet")
     clamped = Finished(reason="length", prompt_tokens=8000, completion_tokens=192, seconds=2.0,
                        max_new_tokens_clamped=192)
     assert "reply budget lowered to 192 tokens to fit the context" in stats_markdown(clamped)

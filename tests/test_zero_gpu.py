@@ -17,6 +17,7 @@ import pickle
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +31,10 @@ from gradio.context import LocalContext
 from gradio_client import Client
 
 from chatglm_web.engine import zero_gpu
-from chatglm_web.engine.scheduler import Engine, EngineBusy, Outcome, check_engine_capacity
+from chatglm_web.engine.admission import AdmissionPolicy, EngineBusy
+from chatglm_web.engine.events import Done, QueuePosition, Token
+from chatglm_web.engine.scheduler import Engine
+from chatglm_web.generation import FinishReason
 from chatglm_web.generation import SamplingParams, TextDelta
 from chatglm_web.families.loading import load_from_folder
 from chatglm_web.backends.local import LocalBackend
@@ -38,6 +42,8 @@ from chatglm_web.settings import Settings
 from chatglm_web.engine.zero_gpu import GPU_MAX_SECONDS, StopOnCancel, ZeroGPUEngine, gpu_seconds
 from chat_helpers import collect, user
 from server_harness import app_process, free_port, running_server
+from server_harness import chat_args as http_chat_args
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +82,13 @@ class GpuCall:
         return self.args[2]
 
 
+class GpuCalls(list):
+    """The ``GpuCall``s so far; ``after_token(call)``, when set, runs in the GPU function's thread each time it has
+    produced a token (before yielding it): a test acts at an exact token there instead of racing the thread."""
+
+    after_token = None
+
+
 @pytest.fixture
 def gpu_calls(monkeypatch):
     """Spy on ``zero_gpu.generate_on_gpu``: record each call and run it as a ZeroGPU worker would.
@@ -83,14 +96,19 @@ def gpu_calls(monkeypatch):
     The function gets its arguments pickled and unpickled, as the worker does; so, as there, its
     stopping criterion never fires and only closing the call (Stop) can end it early.
     """
-    calls: list[GpuCall] = []
+    calls = GpuCalls()
     decorated = zero_gpu.generate_on_gpu
+    problems: list[str] = []  # what the spy found wrong: it runs in the engine's threads, where an assert is lost
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
 
     def spy(*args, **kwargs):
         # ZeroGPU pickles the arguments to the forked worker and each yielded item back
         sent_args, sent_kwargs = pickle.loads(pickle.dumps((args, kwargs)))
-        assert sent_args[:6] == args[:6] and not kwargs
-        assert isinstance(sent_args[6], StopOnCancel) and not sent_args[6](), "a worker gets a fresh criterion"
+        check(sent_args[:6] == args[:6] and not kwargs, f"the arguments changed in pickling: {args} {kwargs}")
+        check(isinstance(sent_args[6], StopOnCancel) and not sent_args[6](), "a worker gets a fresh criterion")
         request = LocalContext.request.get(None)
         call = GpuCall(args, gpu_seconds(*args, **kwargs), threading.current_thread().name,
                        request.headers.get("x-ip-token") if request is not None else None)
@@ -100,8 +118,10 @@ def gpu_calls(monkeypatch):
             inner = decorated(*sent_args, **sent_kwargs)
             try:
                 for token in inner:
-                    assert type(token) is int
+                    check(type(token) is int, f"the GPU function yielded {token!r}, not a token id")
                     call.tokens.append(token)
+                    if calls.after_token is not None:
+                        calls.after_token(call)
                     yield token
             finally:
                 inner.close()
@@ -110,7 +130,8 @@ def gpu_calls(monkeypatch):
         return tokens()
 
     monkeypatch.setattr(zero_gpu, "generate_on_gpu", spy)
-    return calls
+    yield calls
+    assert not problems, problems   # in the test's thread
 
 
 def next_event(request):
@@ -121,14 +142,14 @@ def next_event(request):
 def rest(request) -> list:
     """The request's remaining events, up to and including ``done``."""
     events = [next_event(request)]
-    while events[-1][0] != "done":
+    while not isinstance(events[-1], Done):
         events.append(next_event(request))
     return events
 
 
-def tokens_of(request) -> tuple[list[int], Outcome]:
+def tokens_of(request) -> tuple[list[int], Done]:
     events = rest(request)
-    return [value for kind, value in events if kind == "token"], events[-1][1]
+    return [e.id for e in events if isinstance(e, Token)], events[-1]
 
 
 # -- the decorated function --------------------------------------------------------------------------------------
@@ -176,8 +197,8 @@ def test_a_stop_token_ends_the_reply_unseen_as_in_the_engine(backends, gpu_calls
     reply, _ = tokens_of(engine.engine.submit(ids, params))
     stop = reply[6]  # a token the reply produces: as a stop id it ends the reply there
     cut = reply.index(stop)
-    assert tokens_of(engine.engine.submit(ids, params, {stop})) == (reply[:cut], Outcome("stop"))
-    assert tokens_of(zero.engine.submit(ids, params, {stop})) == (reply[:cut], Outcome("stop"))
+    assert tokens_of(engine.engine.submit(ids, params, {stop})) == (reply[:cut], Done(FinishReason.STOP))
+    assert tokens_of(zero.engine.submit(ids, params, {stop})) == (reply[:cut], Done(FinishReason.STOP))
     assert gpu_calls[-1].tokens == reply[:cut + 1], "the GPU call went on after the stop token"
 
 
@@ -203,15 +224,22 @@ def test_the_stopping_criterion_ends_the_gpu_function_before_its_next_forward_pa
 def test_stop_ends_the_gpu_call_at_the_next_token(backends, gpu_calls):
     zero, _ = backends
     params = SamplingParams(max_new_tokens=4000)
-    request = zero.engine.submit(zero.prepare(user("go on"), params)[0], params)
-    for _ in range(5):
-        assert next_event(request)[0] == "token"
-    produced = len(gpu_calls[0].tokens)
-    request.cancel()
+    submitted, box = threading.Event(), {}
+
+    def stop_at_the_fifth(call):   # Stop pressed exactly when the GPU function has produced its 5th token
+        if len(call.tokens) == 5:
+            submitted.wait(TIMEOUT)   # (an assert here, in the GPU thread, would be lost)
+            box["request"].cancel()
+
+    gpu_calls.after_token = stop_at_the_fifth
+    box["request"] = request = zero.engine.submit(zero.prepare(user("go on"), params)[0], params)
+    submitted.set()
+    events = rest(request)
+    assert events[-1] == Done(FinishReason.CANCELLED) and request.done == Done(FinishReason.CANCELLED)
+    assert all(isinstance(event, Token) for event in events[:-1]) and len(events) <= 6
     assert gpu_calls[0].ended.wait(TIMEOUT)
-    assert len(gpu_calls[0].tokens) <= produced + 1, "the GPU function went on after Stop"
-    assert rest(request)[-1] == ("done", Outcome("cancelled"))
-    assert zero.engine.load == (0, 0) and zero.engine.finished["cancelled"] == 1
+    assert 5 <= len(gpu_calls[0].tokens) <= 6, "the GPU function went on after Stop"
+    wait_until(lambda: zero.engine.load == (0, 0), TIMEOUT, "the slot to be free")
 
 
 def test_closing_the_stream_closes_the_gpu_call(backends, gpu_calls):
@@ -238,23 +266,23 @@ def test_queue_positions_busy_message_and_leaving_the_queue(loaded, gpu_calls):
         params = SamplingParams(max_new_tokens=4000, seed=0)
         ids = LocalBackend(zero, loaded.chat_format, loaded.info).prepare(user("hi"), params)[0]
         running = zero.submit(ids, params)
-        assert next_event(running)[0] == "token"  # it holds the only GPU slot
+        assert isinstance(next_event(running), Token)  # it holds the only GPU slot
         waiting = [zero.submit(ids, params) for _ in range(2)]
-        assert [next_event(w) for w in waiting] == [("queued", 1), ("queued", 2)]
+        assert [next_event(w) for w in waiting] == [QueuePosition(1), QueuePosition(2)]
         assert zero.load == (1, 2)
         with pytest.raises(EngineBusy) as busy:
             zero.submit(ids, params)
         with pytest.raises(EngineBusy) as engine_busy:  # the batching engine's words for the same state
-            check_engine_capacity(1, 2, max_batch_size=1, max_queue=2)
+            AdmissionPolicy(max_running=1, max_waiting=2).check(1, 2)
         assert str(busy.value) == str(engine_busy.value)
         waiting[0].cancel()  # Stop while waiting: the place is freed at once, the one behind moves up
-        assert rest(waiting[0]) == [("done", Outcome("cancelled"))]
-        assert next_event(waiting[1]) == ("queued", 1)
+        assert rest(waiting[0]) == [Done(FinishReason.CANCELLED)]
+        assert next_event(waiting[1]) == QueuePosition(1)
         assert zero.load == (1, 1)
         running.cancel()
-        assert next_event(waiting[1])[0] == "token", "the freed slot went to the waiting request"
+        assert isinstance(next_event(waiting[1]), Token), "the freed slot went to the waiting request"
         waiting[1].cancel()
-        assert rest(waiting[1])[-1] == ("done", Outcome("cancelled"))
+        assert rest(waiting[1])[-1] == Done(FinishReason.CANCELLED)
         assert len(gpu_calls) == 2, "a request that left the queue must not cost a GPU call"
     finally:
         zero.shutdown()
@@ -287,18 +315,7 @@ def page(long_reply_checkpoint):
         yield server
 
 
-def chat_args(message, *, max_new_tokens=8, seed=-1):
-    return [message, "", 0.8, 0.8, max_new_tokens, 0, 1.0, seed]
-
-
-def wait_until(condition, what: str):
-    """Poll a gradio_client job's outputs (they offer no event to await)."""
-    done = threading.Event()
-    for _ in range(TIMEOUT * 50):
-        if condition():
-            return
-        done.wait(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+chat_args = partial(http_chat_args, max_new_tokens=8)  # the /chat endpoint's inputs, short replies
 
 
 def test_the_page_runs_each_reply_in_a_gpu_call_with_the_visitors_quota(page, gpu_calls, backends):
@@ -320,9 +337,10 @@ def test_the_page_runs_each_reply_in_a_gpu_call_with_the_visitors_quota(page, gp
 def test_the_page_shows_queue_positions_and_stop_ends_the_gpu_call(page, gpu_calls):
     busy = Client(page.url, verbose=False).submit(*chat_args("Keep the slot busy", max_new_tokens=4000),
                                                   api_name="/chat")
-    wait_until(lambda: page.engine.load == (1, 0), "the first request to take the only GPU slot")
+    wait_until(lambda: page.engine.load == (1, 0), TIMEOUT, "the first request to take the only GPU slot")
     waiting = Client(page.url, verbose=False).submit(*chat_args("I will wait"), api_name="/chat")
-    wait_until(lambda: any("position 1 in the queue" in str(out) for out in waiting.outputs()), "the queue position")
+    wait_until(lambda: any("position 1 in the queue" in str(out) for out in waiting.outputs()), TIMEOUT,
+               "the queue position")
     assert len(gpu_calls) == 1, "a waiting request must not hold a GPU call"
     busy.cancel()  # Stop
     assert gpu_calls[0].ended.wait(TIMEOUT), "Stop did not end the GPU call"
@@ -449,7 +467,7 @@ def test_on_zerogpu_stop_ends_the_workers_call_at_once(zero_gpu_space):
     api = zero_gpu_space.api
     released = len(api.requests("/release"))
     job = Client(zero_gpu_space.url, verbose=False).submit(*chat_args("Go on", max_new_tokens=8000), api_name="/chat")
-    wait_until(lambda: len(job.outputs()) >= 3, "the reply to stream")
+    wait_until(lambda: len(job.outputs()) >= 3, TIMEOUT, "the reply to stream")
     assert len(api.requests("/schedule")) == released + 1
     stopped = time.monotonic()
     job.cancel()  # Stop

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint
 from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 VLLM_VERSION = "0.32.0"

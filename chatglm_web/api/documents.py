@@ -50,20 +50,17 @@ import binascii
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from chatglm_web.api.tool_calls import chatglm3_messages
-from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat, plain_text
+from chatglm_web.api.tool_calls import model_messages
 from chatglm_web.documents import AttachedDocument, Document, DocumentError, FittedDocument, extract
-from chatglm_web.documents.retrieval import estimate_tokens
+from chatglm_web.documents.prompt import (CLOSE, COUNT_PIECE_CHARS, ESTIMATE_MARGIN_SHARE, MARGIN_SHARE,  # noqa: F401
+                                          MARGIN_TOKENS, MIN_ROOM_TOKENS, OPEN, NoRoom, first_kept, frame, room,
+                                          share_room, token_counter)
 from chatglm_web.documents.sniff import ACCEPTED, display_name
 from chatglm_web.generation import BackendBusy, InvalidRequest, PromptPreview, SamplingParams
+from chatglm_web.messages import plain_text
 
 MAX_FILES = 4                 # file parts in one request
-MIN_ROOM_TOKENS = 64          # a document's share of the prompt must be at least this many tokens
-MARGIN_TOKENS = 16            # kept free of the room: a block counted alone vs. inside its message ...
-MARGIN_SHARE = 0.02           # ... plus this share of the room
-ESTIMATE_MARGIN_SHARE = 0.25  # the share kept free when tokens are only estimated (no tokenizer here)
-COUNT_PIECE_CHARS = 32_768    # a long text is tokenized in pieces this long (see ``token_counter``)
-OPEN, CLOSE = "<document>", "</document>"
+# (the room, the margins, the frame and the token counter are documents.prompt's, shared with the page)
 LEFT_OUT = "left_out"
 #: the kind a data URL's media type names, for a file part without a filename
 MEDIA_EXTENSIONS = {
@@ -96,54 +93,10 @@ class FilePart:
 
 @dataclass(frozen=True)
 class Attached:
-    """The request's ChatGLM3 messages with the documents in them, and what the response reports of them."""
+    """The request's messages for the model with the documents in them, and what the response reports of them."""
 
     messages: list[dict]
     report: list[dict]
-
-
-def token_counter(backend) -> tuple[Callable[[str], int], bool]:
-    """(count_tokens, exact): how a document's text is counted against the prompt's budget.
-
-    ``ChatBackend`` itself offers no tokenizer, but the backends that build prompts here keep their chat
-    format in the public attribute ``format`` (``LocalBackend``; ``RemoteBackend``, None there when the
-    served model's tokenizer is not available here), and a format its tokenizer in ``tokenizer``:
-    ``ChatGLM3Format``'s ``ChatGLM3Tokenizer.encode(text)`` (sentencepiece ids, never a special id) or
-    ``TemplateFormat``'s Hugging Face tokenizer (``encode(text, add_special_tokens=False)``). With one of them
-    the counts are the model's own tokens (a piece encoded alone may count a token more than inside the
-    message, its dummy-prefix "▁": ``MARGIN_TOKENS`` covers the joins). Otherwise, as for a remote server
-    without a local tokenizer, whose ``preview`` estimates too, the documents package's own estimate
-    (``estimate_tokens``: one token per CJK character, one per four others), and ``exact`` is False.
-
-    A tokenizer's ``encode`` may hold the GIL while it runs (sentencepiece does: about 0.3 s for a megabyte),
-    which would stall the event loop however off it the call is made; so a text longer than
-    COUNT_PIECE_CHARS is counted in pieces of that length and the counts summed (a cut may split a token:
-    a count over by a token or two per piece, on the safe side).
-    """
-    chat_format = getattr(backend, "format", None)
-    if isinstance(chat_format, ChatGLM3Format):
-        tokenizer = chat_format.tokenizer
-        return _in_pieces(lambda text: len(tokenizer.encode(text))), True
-    if isinstance(chat_format, TemplateFormat):
-        tokenizer = chat_format.tokenizer
-        return _in_pieces(lambda text: len(tokenizer.encode(text, add_special_tokens=False))), True
-    return estimate_tokens, False
-
-
-def _in_pieces(count: Callable[[str], int]) -> Callable[[str], int]:
-    def counted(text: str) -> int:
-        if len(text) <= COUNT_PIECE_CHARS:
-            return count(text)
-        return sum(count(text[at:at + COUNT_PIECE_CHARS]) for at in range(0, len(text), COUNT_PIECE_CHARS))
-    return counted
-
-
-def frame(blocks: Sequence[str], question: str) -> str:
-    """A user message's text with its documents' blocks: each between OPEN and CLOSE lines, then the question."""
-    parts = [f"{OPEN}\n{block}\n{CLOSE}" for block in blocks]
-    if question.strip():
-        parts.append(question)
-    return "\n\n".join(parts)
 
 
 def file_parts(messages: Sequence[dict]) -> list[FilePart]:
@@ -232,50 +185,38 @@ def _first_kept(backend, messages: list[dict], parts: list[FilePart], tools: lis
                 params: SamplingParams) -> tuple[int | None, PromptPreview]:
     """The earliest message with a document that stays in the context with everything after it, framed (its
     documents' text not yet in), and the preview of the conversation from there; (None, the whole
-    conversation's preview) when none does. Blocking: tokenizes."""
-    system = messages[:1] if messages and messages[0].get("role") == "system" else []
-    framed = with_documents(messages, parts, {part: "" for part in parts})
-    preview = None
-    for start in sorted({part.message for part in parts}):
-        preview = backend.preview(chatglm3_messages(system + framed[start:], tools), params)
-        if preview.dropped_messages == 0:
-            return start, preview
-    return None, preview
+    conversation's preview) when none does (``documents.prompt.first_kept``). Blocking: tokenizes."""
+    counts: dict[int, int] = {}
+    for part in parts:
+        counts[part.message] = counts.get(part.message, 0) + 1
+    return first_kept(lambda kept: backend.preview(model_messages(kept, tools), params), messages, counts,
+                      plain_text)
 
 
 def _room(preview: PromptPreview, exact: bool) -> int:
-    room = preview.budget - preview.total
-    margin = MARGIN_TOKENS + MARGIN_SHARE * room if exact else ESTIMATE_MARGIN_SHARE * room
-    return int(room - margin)
+    return room(preview, exact)
 
 
 def fit_documents(read_parts: list[tuple[FilePart, Document, str]], room: int, count_tokens: Callable[[str], int],
                   preview: PromptPreview) -> dict[FilePart, FittedDocument]:
-    """Each (part, document, question) fitted into a share of ``room`` tokens, smallest document first, each
-    getting an equal share of what the ones before it left; ``InvalidRequest`` when a share is under
-    MIN_ROOM_TOKENS or holds not even one passage. Blocking: tokenizes and indexes the documents."""
-    attached = [(part, AttachedDocument(document, count_tokens), question)
-                for part, document, question in read_parts]
-    attached.sort(key=lambda item: item[1].document_tokens)
-    fitted: dict[FilePart, FittedDocument] = {}
-    left = room
-    for position, (part, document, question) in enumerate(attached):
-        share = left // (len(attached) - position)
-        name = document.document.name
-        if share < MIN_ROOM_TOKENS:
+    """Each (part, document, question) fitted into a share of ``room`` tokens (``documents.prompt.share_room``);
+    ``InvalidRequest`` when a share is under MIN_ROOM_TOKENS or holds not even one passage. Blocking:
+    tokenizes and indexes the documents."""
+    attached = [(AttachedDocument(document, count_tokens), question) for _, document, question in read_parts]
+    try:
+        fitted = share_room(attached, room)
+    except NoRoom as error:
+        part, name, share = read_parts[error.index][0], error.name, error.share
+        if error.reason == "no_room":
             raise InvalidRequest(
                 f"{part.where}: there is no room in the prompt for {name}: the prompt may use {preview.budget:,} of "
                 f"the model's {preview.context_length:,} tokens and the conversation without the documents takes "
                 f"{preview.total:,}. Shorten the conversation, lower max_tokens or attach fewer documents.",
-                param=part.param)
-        result = document.fit(question, share)
-        if not result.block:
-            raise InvalidRequest(
-                f"{part.where}: not even one passage of {name} fits in the {share:,} tokens of the prompt left for "
-                "it. Shorten the conversation, lower max_tokens or attach fewer documents.", param=part.param)
-        fitted[part] = result
-        left -= result.block_tokens
-    return fitted
+                param=part.param) from None
+        raise InvalidRequest(
+            f"{part.where}: not even one passage of {name} fits in the {share:,} tokens of the prompt left for "
+            "it. Shorten the conversation, lower max_tokens or attach fewer documents.", param=part.param) from None
+    return {part: result for (part, _, _), result in zip(read_parts, fitted)}
 
 
 def report(parts: Sequence[FilePart], documents: dict[FilePart, Document],
@@ -322,7 +263,7 @@ async def attach_documents(backend, messages: Sequence, tools: list[dict], param
 
 def _compose(messages: list[dict], parts: list[FilePart], blocks: dict[FilePart, str], tools: list[dict],
              max_chars: int | None) -> list[dict]:
-    """The ChatGLM3 messages with the blocks in; ``InvalidRequest`` when a message with documents is now longer
+    """The model's messages with the blocks in; ``InvalidRequest`` when a message with documents is now longer
     than the server's character limit for one message (``--max-input-chars``), which the backend would refuse
     without naming the documents."""
     with_blocks = with_documents(messages, parts, blocks)
@@ -333,7 +274,7 @@ def _compose(messages: list[dict], parts: list[FilePart], blocks: dict[FilePart,
                                  f"long, over this server's limit of {max_chars:,} characters for one message "
                                  "(--max-input-chars). Attach a shorter document or fewer documents.",
                                  param=f"messages.{part.message}")
-    return chatglm3_messages(with_blocks, tools)
+    return model_messages(with_blocks, tools)
 
 
 def _request_files(messages: Sequence) -> tuple[list[dict], list[FilePart]] | None:

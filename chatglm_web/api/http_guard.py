@@ -8,19 +8,24 @@ In order:
    page and what it loads, the login form's POST, ``/healthz``, and the API (``/v1``, ``/metrics``), which
    checks its own credentials (Bearer key, or the login as HTTP Basic). Logged in means what Gradio itself
    means (``logged_in_user()``).
+   The MCP routes (``--mcp``, ``/gradio_api/mcp``) need the API's credentials (``Credentials``) whenever there
+   are any (``--api-key`` or ``--auth``), checked here; their tools run without calling back into Gradio's
+   own routes (``api.mcp``).
 3. **Uploads.** Requests that write files into Gradio's upload folder are refused (``refuses_upload()``):
    the page has no upload control.
 4. **Failed logins** are throttled per client address (``LoginThrottle``): after ``MAX_FAILED_LOGINS``
    failures within ``LOGIN_WINDOW_SECONDS``, that client's next attempts get 429 with Retry-After until the
    oldest failure has left the window. The page's login form is counted here, HTTP Basic/Bearer on the API in
-   ``openai_api.py`` with the same ``LoginThrottle``.
+   ``openai_api`` with the same ``LoginThrottle``.
 
 Refusals have the API's error shape: ``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
 
+import base64
 import collections
+import hmac
 import math
 import time
 
@@ -42,7 +47,8 @@ FILE_WRITE_ROUTES = frozenset({"/gradio_api/upload", "/gradio_api/process_record
 PUBLIC_PAGES = frozenset({"/", "/theme.css", "/favicon.ico", "/gradio_api/startup-events", "/healthz"})
 PUBLIC_PREFIXES = ("/assets/", "/static/")  # the front end's files, the same for everyone
 LOGIN_FORM = "/login"  # POST: Gradio's login form
-OWN_CREDENTIALS = ("/v1/", "/metrics")  # the API: Bearer key or the login as HTTP Basic (openai_api.py)
+OWN_CREDENTIALS = ("/v1/", "/metrics")  # the API: Bearer key or the login as HTTP Basic (openai_api)
+MCP_PREFIX = "/gradio_api/mcp"  # Gradio's MCP server (--mcp): the same credentials, checked by the guard
 
 
 def body_limit(max_input_chars: int) -> int:
@@ -59,10 +65,14 @@ def route_path(scope) -> str:
     return path.rstrip("/") or "/"
 
 
+def is_mcp(path: str) -> bool:
+    return path == MCP_PREFIX or path.startswith(MCP_PREFIX + "/")
+
+
 def needs_no_login(method: str, path: str) -> bool:
     """Whether a request may be made without the login (``path`` as ``route_path()`` gives it)."""
-    if path == "/metrics" or path.startswith(OWN_CREDENTIALS[0]):
-        return True  # checked by the API itself
+    if path == "/metrics" or path.startswith(OWN_CREDENTIALS[0]) or is_mcp(path):
+        return True  # checked by the API itself, or by the guard's credentials check
     if method == "POST":
         return path == LOGIN_FORM
     return method in ("GET", "HEAD") and (path in PUBLIC_PAGES or path.startswith(PUBLIC_PREFIXES))
@@ -151,6 +161,62 @@ def too_many_failed_logins(wait: int) -> JSONResponse:
                           headers={"Retry-After": str(wait)})
 
 
+class Credentials:
+    """What a request may carry instead of the page's login cookie: ``Authorization: Bearer <api key>`` (with
+    ``--api-key``) or the login as HTTP Basic (with ``--auth``). Wrong credentials count as a failed login of the
+    client in the shared ``LoginThrottle``; a client over its limit is refused before they are looked at."""
+
+    def __init__(self, api_key: str | None = None, auth: tuple[str, str] | None = None,
+                 throttle: LoginThrottle | None = None):
+        self.api_key, self.auth, self.throttle = api_key, auth, throttle
+
+    @property
+    def any(self) -> bool:
+        return bool(self.api_key or self.auth)
+
+    def matches(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if self.api_key and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                                                self.api_key.encode()):
+            return True
+        if self.auth and scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                user = password = ""
+            return (hmac.compare_digest(user.encode(), self.auth[0].encode())
+                    & hmac.compare_digest(password.encode(), self.auth[1].encode()))
+        return False
+
+    def problem(self, header: str, client: str, what: str = "This") -> dict | None:
+        """None when ``header`` holds valid credentials (or none are needed); else the refusal as keywords of
+        ``error_response`` (status, message, kind, code, headers): 429 for a client over its failed logins, 401."""
+        if not self.any:
+            return None
+        if header and self.throttle is not None:
+            wait = self.throttle.retry_after(client)
+            if wait is not None:
+                return {"status": 429, "message": failed_logins_message(wait), "kind": "rate_limit_error",
+                        "code": "too_many_failed_logins", "headers": {"Retry-After": str(wait)}}
+        if self.matches(header):
+            if self.throttle is not None:
+                self.throttle.succeeded(client)
+            return None
+        if header and self.throttle is not None:
+            self.throttle.failed(client)
+        return {"status": 401, "message": f"{what} needs {self.wanted}.", "kind": "invalid_request_error",
+                "code": "invalid_api_key", "headers": None}
+
+    def refusal(self, header: str, client: str, what: str = "This") -> JSONResponse | None:
+        """``problem()`` as the response to answer."""
+        problem = self.problem(header, client, what)
+        return None if problem is None else error_response(**problem)
+
+    @property
+    def wanted(self) -> str:
+        return "an 'Authorization: Bearer <api key>' header" if self.api_key else "the page's login as HTTP Basic auth"
+
+
 class _BodyTooLarge(Exception):
     """Raised into the app by ``receive`` when the body passes the limit; the guard answers 413 instead."""
 
@@ -159,12 +225,14 @@ class HttpGuard:
     """The ASGI middleware (see the module's docstring). ``throttle`` is shared with the API's credential check."""
 
     def __init__(self, app, *, max_body_bytes: int, login_required: bool = False,
-                 throttle: LoginThrottle | None = None, uploads_allowed: bool = False):
+                 throttle: LoginThrottle | None = None, uploads_allowed: bool = False,
+                 credentials: Credentials | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.login_required = login_required
         self.throttle = throttle
         self.uploads_allowed = uploads_allowed
+        self.credentials = credentials or Credentials(throttle=throttle)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket" and self.login_required and not self._logged_in(scope):
@@ -178,7 +246,13 @@ class HttpGuard:
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(scope, receive, send, f"{declared:,} bytes")
             return
-        if self.login_required and not needs_no_login(method, path) and not self._logged_in(scope):
+        if is_mcp(path):
+            refusal = self.credentials.refusal(HTTPConnection(scope).headers.get("authorization", ""),
+                                               client_address(scope), "The MCP server")
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        elif self.login_required and not needs_no_login(method, path) and not self._logged_in(scope):
             await error_response(401, "Not logged in: this server needs its login (open the page and log in).",
                                  kind="authentication_error", code="login_required")(scope, receive, send)
             return

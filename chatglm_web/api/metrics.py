@@ -18,7 +18,10 @@ from typing import AsyncIterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from chatglm_web.generation import BackendBusy, ChatEvent, Finished, InvalidRequest, Queued, SamplingParams, TextDelta
+from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, FinishReason, InvalidRequest, Queued,
+                                    SamplingParams, TextDelta)
+
+REJECTED = "rejected"  # refused before generating (bad input, busy): a metrics reason beside FinishReason's
 
 disable_created_metrics()  # no *_created series: they only add noise to every scrape
 
@@ -42,7 +45,7 @@ class ServingMetrics:
                               buckets=_TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("chatglm_web_time_per_output_token_seconds",
                               "Mean time between output tokens, one observation per request", buckets=_TPOT_BUCKETS, registry=r)
-        for reason in ("stop", "length", "cancelled", "error", "rejected"):
+        for reason in [*FinishReason, REJECTED]:
             self.finished.labels(reason)  # present from the start, at 0
 
     def exposition(self) -> bytes:
@@ -92,9 +95,9 @@ class MeteredBackend:
                         tokens_before = event.completion_tokens
                     yield event
         except (InvalidRequest, BackendBusy):
-            m.finished.labels("rejected").inc()
+            m.finished.labels(REJECTED).inc()
             raise
         finally:
             if state is not None:  # ended without Finished: the consumer went away
-                m.finished.labels("cancelled").inc()
+                m.finished.labels(FinishReason.CANCELLED).inc()
                 move(None)

@@ -3,9 +3,9 @@
     GET  /v1/models             the one model
     POST /v1/chat/completions   streamed (SSE) or not; temperature, top_p, max_tokens, seed, stop,
                                 plus top_k and repetition_penalty; ``usage`` in the reply; ``tools``
-                                and ``tool_choice`` ("auto" / "none"): see ``api_tools.py``; documents as
+                                and ``tool_choice`` ("auto" / "none"): see ``tool_calls``; documents as
                                 user messages' ``file`` parts, reported in a ``documents`` field: see
-                                ``api_documents.py``
+                                ``documents``
     GET  /healthz               200 when the model is loaded (or the backend reachable) and the engine alive
     GET  /metrics               Prometheus text format
 
@@ -25,8 +25,6 @@ never holds up the event loop (``/healthz``, other requests' streams). A request
 
 from __future__ import annotations
 
-import base64
-import hmac
 import json
 import time
 import uuid
@@ -41,11 +39,12 @@ from starlette.middleware import Middleware
 
 from chatglm_web.api import strict_json
 from chatglm_web.api.documents import attach_documents
-from chatglm_web.api.tool_calls import ReplyParts, ToolCallIn, ToolSpec, chatglm3_messages, check_tool_choice, tool_calls_out
-from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, SamplingParams, TextDelta
-from chatglm_web.api.http_guard import HttpGuard, LoginThrottle, body_limit, failed_logins_message
+from chatglm_web.api.tool_calls import ReplyParts, ToolCallIn, ToolSpec, check_tool_choice, model_messages, tool_calls_out
+from chatglm_web.generation import BackendBusy, Finished, FinishReason, InvalidRequest, SamplingParams, TextDelta
+from chatglm_web.api.http_guard import Credentials, HttpGuard, LoginThrottle, body_limit
 
-FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop"}
+#: The API's finish_reason for each of ours (an error is answered as an error, not a finish reason).
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
 API_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingParams option -> the API's name for it
 MAX_MESSAGES = 2048  # messages in one request
 
@@ -116,7 +115,7 @@ def api_app_kwargs(backend, *, metrics, api_key: str | None = None, auth: tuple[
     ``LoginThrottle``."""
     throttle = LoginThrottle() if api_key or auth else None
     guard = Middleware(HttpGuard, max_body_bytes=body_limit(backend.max_input_chars), login_required=bool(auth),
-                       throttle=throttle)
+                       throttle=throttle, credentials=Credentials(api_key, auth, throttle))
     return {"routes": api_routes(backend, metrics=metrics, api_key=api_key, auth=auth, throttle=throttle),
             "exception_handlers": {APIError: _error_response}, "middleware": [guard]}
 
@@ -132,25 +131,15 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     model_id = backend.info.name
     max_new_tokens = getattr(backend, "max_new_tokens", None)  # the server's --max-new-tokens
 
+    credentials = Credentials(api_key, auth, throttle)
+
     def authorize(request: Request) -> None:
         """Let the request through or raise 401; wrong credentials count as a failed login of the client."""
-        if not api_key and not auth:
-            return
-        header = request.headers.get("authorization", "")
-        client = request.client.host if request.client else "unknown"
-        if header and throttle is not None:
-            wait = throttle.retry_after(client)
-            if wait is not None:
-                raise APIError(429, failed_logins_message(wait), kind="rate_limit_error",
-                               code="too_many_failed_logins", headers={"Retry-After": str(wait)})
-        if _credentials_match(header, api_key, auth):
-            if throttle is not None:
-                throttle.succeeded(client)
-            return
-        if header and throttle is not None:
-            throttle.failed(client)
-        wanted = "an 'Authorization: Bearer <api key>' header" if api_key else "the page's login as HTTP Basic auth"
-        raise APIError(401, f"This API needs {wanted}.", code="invalid_api_key")
+        problem = credentials.problem(request.headers.get("authorization", ""),
+                                      request.client.host if request.client else "unknown", "This API")
+        if problem is not None:
+            raise APIError(problem["status"], problem["message"], kind=problem["kind"], code=problem["code"],
+                           headers=problem["headers"])
 
     @router.get("/v1/models")
     async def list_models(request: Request):
@@ -194,22 +183,8 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     return list(router.routes)
 
 
-def _credentials_match(header: str, api_key: str | None, auth: tuple[str, str] | None) -> bool:
-    scheme, _, value = header.partition(" ")
-    if api_key and scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), api_key.encode()):
-        return True
-    if auth and scheme.lower() == "basic":
-        try:
-            user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            user = password = ""
-        return (hmac.compare_digest(user.encode(), auth[0].encode())
-                & hmac.compare_digest(password.encode(), auth[1].encode()))
-    return False
-
-
 def parse_chat_request(raw: bytes, max_new_tokens: int | None = None):
-    """A ``/v1/chat/completions`` body -> (request, SamplingParams, tools, ChatGLM3 messages); ``APIError`` 400
+    """A ``/v1/chat/completions`` body -> (request, SamplingParams, tools, the model's messages); ``APIError`` 400
     for anything the API does not take. CPU work proportional to the body: run it off the event loop."""
     try:
         body = strict_json.parse(raw)
@@ -234,7 +209,7 @@ def parse_chat_request(raw: bytes, max_new_tokens: int | None = None):
         raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
     try:
         tools = check_tool_choice(chat.tools, chat.tool_choice)
-        messages = chatglm3_messages([m.model_dump() for m in chat.messages], tools)
+        messages = model_messages([m.model_dump() for m in chat.messages], tools)
     except InvalidRequest as error:
         raise APIError(400, str(error), param=error.param) from None
     return chat, params, tools, messages
@@ -314,7 +289,7 @@ async def _sse(stream, first, completion_id: str, model_id: str, include_usage: 
     """Server-sent events in OpenAI's chunk format; a client that goes away cancels the generation. The first
     chunk also carries ``extra`` (the request's ``documents``).
 
-    With ``tools``, the text of a ChatGLM3 message that is a call (a metadata line came first) is held
+    With ``tools``, the text of an assistant message that is a call (a metadata line came first) is held
     back and sent at the end as one ``tool_calls`` delta (finish reason ``tool_calls``)."""
     created = int(time.time())
 

@@ -4,8 +4,8 @@ messages -> checked (roles, characters per message) before any tokenizing
          -> fitted to the context off the event loop, newest message first, each message
             tokenized once (oldest turns dropped, system prompt kept; a reply budget larger
             than what the context leaves is lowered)
-         -> prompt ids (the model family's ``ChatFormat``) -> the shared ``Engine``
-         -> generated ids -> visible text pieces (and ChatGLM3 metadata lines) -> ``ChatEvent``s
+         -> prompt ids (the model family's ``ChatFormat``) -> the shared engine (``engine.protocol``)
+         -> generated ids -> visible text pieces (and a family's metadata lines) -> ``ChatEvent``s
 Every request ends with one log line: its outcome, token counts and duration.
 
 ``preview(messages, params)`` runs the same checks and fitting (``prepare``) and describes the prompt ids
@@ -20,14 +20,15 @@ import time
 from typing import AsyncIterator
 
 from chatglm_web.families.chat_format import ReplyEvents, merge_text
-from chatglm_web.engine.scheduler import Engine
-from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
-                         SamplingParams, check_valid_text)
+from chatglm_web.engine.events import Done, QueuePosition, Token
+from chatglm_web.settings import CHARS_PER_CONTEXT_TOKEN
+from chatglm_web.engine.protocol import GenerationEngine
+from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, FinishReason, InvalidRequest, ModelInfo,
+                                    PromptPreview, Queued, SamplingParams, check_valid_text)
 
 log = logging.getLogger("chatglm_web.requests")
 
 ROLES = {"system", "user", "assistant", "observation"}
-CHARS_PER_CONTEXT_TOKEN = 8  # default character limit per message: 8 characters for each context token
 
 
 def check_messages(messages, max_chars: int) -> None:
@@ -105,7 +106,7 @@ def describe_prompt(chat_format, messages: list[dict], ids: list[int], *, droppe
 
 
 class LocalBackend:
-    def __init__(self, engine: Engine, chat_format, info: ModelInfo, *, max_input_tokens: int | None = None,
+    def __init__(self, engine: GenerationEngine, chat_format, info: ModelInfo, *, max_input_tokens: int | None = None,
                  max_new_tokens: int | None = None, max_input_chars: int | None = None):
         self.engine = engine
         self.format = chat_format
@@ -175,25 +176,25 @@ class LocalBackend:
         try:
             async for events in request.batches():
                 out = []
-                for kind, value in events:
-                    if kind == "queued":
-                        yield Queued(value)
-                    elif kind == "token":
+                for event in events:
+                    if isinstance(event, QueuePosition):
+                        yield Queued(event.position)
+                    elif isinstance(event, Token):
                         last = time.perf_counter()
                         first = first or last
                         count += 1
-                        out += reply.push(value)
+                        out += reply.push(event.id)
                         if reply.stopped:
                             break
                     else:
                         out += reply.finish()
                 for event in merge_text(out):
                     yield event
-                kind, value = events[-1]
-                if reply.stopped or kind == "done":
-                    reason = "stop" if reply.stopped else value.reason
-                    error = None if reply.stopped else value.error
-                    outcome = reason if reason != "error" else f"error ({error})"
+                done = events[-1] if isinstance(events[-1], Done) else None
+                if reply.stopped or done:
+                    reason = FinishReason.STOP if reply.stopped else done.reason
+                    error = None if reply.stopped else done.error
+                    outcome = reason if reason != FinishReason.ERROR else f"error ({error})"
                     yield Finished(
                         reason=reason,
                         prompt_tokens=len(ids),

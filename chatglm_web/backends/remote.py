@@ -42,12 +42,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chatglm_web.families.chat_format import ChatGLM3Format, ReplyEvents, merge_text, normalize_messages
-from chatglm_web.engine.admission import AdmissionLine
-from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, InvalidRequest, ModelInfo, PromptPreview, Queued,
+from chatglm_web.families.chat_format import ReplyEvents, merge_text
+from chatglm_web.families.family import carries_tools
+from chatglm_web.messages import normalize_messages
+from chatglm_web.engine.admission import AdmissionLine, AdmissionPolicy
+from chatglm_web.generation import (BackendBusy, ChatEvent, Finished, FinishReason, InvalidRequest, ModelInfo, PromptPreview, Queued,
                          SamplingParams, TextDelta)
 from chatglm_web.backends.local import CHARS_PER_CONTEXT_TOKEN, LocalBackend, describe_prompt, kept_messages
-from chatglm_web.settings import StartupError
+from chatglm_web.settings import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, StartupError
 from chatglm_web.families.streaming_text import StopStrings
 
 log = logging.getLogger("chatglm_web.requests")
@@ -217,10 +219,10 @@ class RemoteBackend:
     def __init__(self, url: str, served_model: str, chat_format, info: ModelInfo, *, api_key: str | None = None,
                  max_input_tokens: int | None = None, max_new_tokens: int | None = None,
                  max_input_chars: int | None = None, read_timeout: float = READ_TIMEOUT,
-                 max_batch_size: int = 8, max_queue: int = 32):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE):
         self.url = normalize_url(url)
         self.served_model = served_model
-        self.format = chat_format  # ChatGLM3Format -> /v1/completions; TemplateFormat or None -> chat
+        self.format = chat_format  # safe_prompt_ids (ChatGLM3) -> /v1/completions; a template or None -> chat
         self.info = info
         self.api_key = api_key
         self.max_input_tokens = max_input_tokens
@@ -228,7 +230,7 @@ class RemoteBackend:
         self.max_input_chars = max_input_chars or CHARS_PER_CONTEXT_TOKEN * info.context_length
         self.timeout = httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout)
         self._ids = itertools.count(1)
-        self.admission = AdmissionLine(max_batch_size, max_queue)
+        self.admission = AdmissionLine(AdmissionPolicy(max_batch_size, max_queue))
 
     @classmethod
     def connect(cls, url: str, api_key: str | None = None, *, model: str | None = None, **limits) -> "RemoteBackend":
@@ -249,10 +251,10 @@ class RemoteBackend:
             remote = None
             notes.append(f"No tokenizer for {served['id']} here ({error}); the server's chat template formats "
                          "the prompts and long conversations are not shortened. Name the model with --model.")
-        context = int(served.get("max_model_len") or (remote.context_length if remote else 0) or 4096)
+        context = int(served.get("max_model_len") or (remote.context_length if remote else 0) or DEFAULT_CONTEXT_LENGTH)
         info = ModelInfo(name=model or served["id"], precision="set by the server", device=url,
                          context_length=context, notes=notes,
-                         tools=remote is not None and isinstance(remote.chat_format, ChatGLM3Format))
+                         tools=remote is not None and carries_tools(remote.chat_format))
         backend = cls(url, served["id"], remote.chat_format if remote else None, info, api_key=api_key, **limits)
         log.info("generation server %s serves %s (context %d tokens, %s)", url, served["id"], context,
                  "prompt ids from the app" if backend.uses_token_ids else "the server's chat template")
@@ -260,7 +262,7 @@ class RemoteBackend:
 
     @property
     def uses_token_ids(self) -> bool:
-        return isinstance(self.format, ChatGLM3Format)
+        return bool(getattr(self.format, "safe_prompt_ids", False))
 
     # the same checks, context fitting and reply budget as the local model
     validate = LocalBackend.validate
@@ -381,15 +383,15 @@ class RemoteBackend:
         for event in reply.finish():
             yield event
         if reply.stopped:
-            reason = "stop"
-        elif failure is None and reason not in ("stop", "length"):
+            reason = FinishReason.STOP
+        elif failure is None and reason not in (FinishReason.STOP, FinishReason.LENGTH):
             failure = f"the generation server at {self.url} ended the reply " + (
                 "without saying why" if reason is None else f"early ({reason})")
         if not self.uses_token_ids:  # the server's own counts, when it sends them
             counts["prompt"] = usage.get("prompt_tokens", counts["prompt"])
             counts["reply"] = usage.get("completion_tokens", counts["reply"])
         yield Finished(
-            reason="error" if failure and not reply.stopped else reason,
+            reason=FinishReason.ERROR if failure and not reply.stopped else FinishReason(reason),
             prompt_tokens=counts["prompt"],
             completion_tokens=counts["reply"],
             seconds=(last - first) if first else 0.0,

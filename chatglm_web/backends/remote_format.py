@@ -1,22 +1,24 @@
 """The chat format of a model served elsewhere: tokenizer and config files only, never weights.
 
     remote = load_remote_format("THUDM/chatglm3-6b")   # or a local folder
-    remote.chat_format      # ChatGLM3Format, TemplateFormat, or None (no chat template here)
+    remote.chat_format      # a family's ChatFormat, or None (no chat template here)
     remote.context_length   # from config.json; the server's own max_model_len wins when it says
     remote.name
 
-ChatGLM3 checkpoints (``model_type`` chatglm or glm, with a sentencepiece ``tokenizer.model``) get the
-app's injection-safe tokenizer; any other model its Hugging Face tokenizer and chat template.
+The first family that reads the tokenizer files gives the format (``families.registry.tokenizer_format``):
+ChatGLM3's injection-safe tokenizer for its checkpoints, any other model its Hugging Face tokenizer and
+chat template.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from chatglm_web.families.loading import ModelLoadError
+from chatglm_web.families.template.format import read_json
+from chatglm_web.settings import DEFAULT_CONTEXT_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ TOKENIZER_FILES = ["config.json", "generation_config.json", "tokenizer.model", "
                    "tokenizer.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
                    "merges.txt", "chat_template.jinja", "chat_template.json", "*.tiktoken"]
 _CONTEXT_KEYS = ("seq_length", "max_position_embeddings", "max_sequence_length", "n_positions")
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = DEFAULT_CONTEXT_LENGTH  # what a config that names no context length gets
 
 
 @dataclass
@@ -54,14 +56,6 @@ def tokenizer_folder(model_id: str) -> Path:
         raise ModelLoadError(f"cannot find or download the tokenizer of {model_id!r}: {error}") from error
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _context_length(config: dict) -> int:
     for key in _CONTEXT_KEYS:
         if isinstance(config.get(key), int) and config[key] > 0:
@@ -69,30 +63,19 @@ def _context_length(config: dict) -> int:
     return DEFAULT_CONTEXT
 
 
-def _eos_ids(folder: Path, config: dict) -> list[int]:
-    eos = _read_json(folder / "generation_config.json").get("eos_token_id", config.get("eos_token_id"))
-    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
-
-
 def load_remote_format(model_id: str) -> RemoteFormat:
     """Chat format, context length (config fallback) and name of ``model_id`` without loading weights."""
-    from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat
-    from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+    from chatglm_web.families.registry import tokenizer_format
 
     folder = tokenizer_folder(model_id)
     if not (folder / "config.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise ModelLoadError(f"{model_id} has neither config.json nor tokenizer_config.json: not a model or tokenizer")
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     context = _context_length(config)
     try:
-        if config.get("model_type") in ("chatglm", "glm") and (folder / "tokenizer.model").is_file():
-            return RemoteFormat(ChatGLM3Format(ChatGLM3Tokenizer.from_pretrained(folder)), context, model_id)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        chat_format = tokenizer_format(folder)
     except Exception as error:  # sentencepiece and transformers raise many kinds
         raise ModelLoadError(f"cannot load the tokenizer of {model_id}: {error}") from error
-    if not getattr(tokenizer, "chat_template", None):
+    if chat_format is None:
         log.warning("%s has no chat template here; the server's own template formats the prompts", model_id)
-        return RemoteFormat(None, context, model_id)
-    return RemoteFormat(TemplateFormat(tokenizer, _eos_ids(folder, config)), context, model_id)
+    return RemoteFormat(chat_format, context, model_id)

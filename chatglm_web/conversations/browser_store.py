@@ -167,9 +167,10 @@ class BrowserStore:
         return {"format": EXPORT_FORMAT, "version": 1, "conversations": [c.to_dict() for c in conversations]}
 
 
-def read_import(data) -> list[Conversation]:
+def read_import(data, ending_of=None) -> list[Conversation]:
     """The conversations in an imported JSON document: an export of all (``EXPORT_FORMAT``), one
-    conversation's JSON download, or a linear ``{"messages": [...]}`` download of an older version.
+    conversation's JSON download, or a linear ``{"messages": [...]}`` download of an older version (its
+    marker messages read by ``ending_of``, see ``tree.from_history``).
     Raises ``InvalidConversation`` saying what is wrong."""
     if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT:
         items = data.get("conversations")
@@ -179,7 +180,7 @@ def read_import(data) -> list[Conversation]:
             raise InvalidConversation(f"too many conversations: {len(items):,}, the limit is {MAX_CONVERSATIONS}")
         return [Conversation.from_dict(item) for item in items]
     if isinstance(data, dict) and isinstance(data.get("messages"), list) and "format" not in data:
-        conversation = from_history(data["messages"])
+        conversation = from_history(data["messages"], ending_of=ending_of)
         if conversation.empty:
             raise InvalidConversation("the file holds no messages")
         # read back as any import is, so that what is stored opens again (content, sizes, number of messages)

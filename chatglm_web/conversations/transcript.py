@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.messages import normalize_messages
 
 #: Where versions before 0.2 wrote a Markdown and a JSON file on every change of the chat, never deleted.
 LEGACY_DOWNLOADS = Path(tempfile.gettempdir()) / "chatglm-web-downloads"

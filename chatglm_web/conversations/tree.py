@@ -124,11 +124,16 @@ class Conversation:
         self._touch()
         return node
 
-    def add_user(self, parent_id: str, text: str) -> Node:
-        """A message after ``parent_id`` (the root or a reply); beside an earlier one there, a new version."""
+    def add_user(self, parent_id: str, text: str, documents: list[dict] | None = None) -> Node:
+        """A message after ``parent_id`` (the root or a reply); beside an earlier one there, a new version.
+        ``documents``: references to the documents attached to it (``document_refs``; their text is not kept)."""
         if self.nodes[parent_id].role == "user":
             raise ValueError("a message follows a reply, not another message")
-        node = self._add(parent_id, "user", [{"role": "user", "content": text}])
+        message = {"role": "user", "content": text}
+        refs = document_refs(documents)
+        if refs:
+            message["documents"] = refs
+        node = self._add(parent_id, "user", [message])
         if not self.titled_by_user and parent_id == ROOT and not self.title:
             self.title = auto_title(text)
         return node
@@ -237,12 +242,13 @@ def auto_title(text: str) -> str:
     return words if len(words) <= TITLE_CHARS else words[:TITLE_CHARS - 1].rstrip() + "…"
 
 
-def from_history(history: list, *, title: str = "") -> Conversation:
+def from_history(history: list, *, title: str = "", ending_of=None) -> Conversation:
     """A conversation from a linear Gradio history (what versions before 0.5 kept in the browser, or a
-    Markdown-era JSON download): user messages, the assistant messages after each, and a marker message
-    (``markers.is_marker``) after a reply becoming how that reply ended."""
-    from chatglm_web.page.markers import failed_error, marker_kind
+    Markdown-era JSON download): user messages and the assistant messages after each.
 
+    ``ending_of(content)``, when given, reads a marker message: ``(end, error)`` for an assistant message
+    that says how the reply before it ended ("stopped", "length", "failed", "interrupted"; the page's
+    ``markers.ending_of``), None for an ordinary message. Without it every message is kept as it is."""
     conversation = Conversation()
     parent = ROOT
     reply: Node | None = None
@@ -257,17 +263,17 @@ def from_history(history: list, *, title: str = "") -> Conversation:
             text = content if isinstance(content, str) else _text_of(content)
             parent, reply = conversation.add_user(parent, text).id, None
             continue
-        kind = marker_kind(message.get("content"))
+        ending = ending_of(message.get("content")) if ending_of else None
         if reply is None:
             if conversation.nodes[parent].role != "user":
                 continue   # a reply before any message
             reply = conversation.add_reply(parent)
             conversation.set_reply(reply.id, [])
             parent = reply.id
-        if kind is not None:
-            reply.end = kind
-            if kind == "failed":
-                reply.error = failed_error(message.get("content"))
+        if ending is not None:
+            reply.end, error = ending
+            if reply.end == "failed":
+                reply.error = error
         else:
             reply.messages.append(dict(message))
     if title:
@@ -276,7 +282,7 @@ def from_history(history: list, *, title: str = "") -> Conversation:
 
 
 def _text_of(content) -> str:
-    from chatglm_web.families.chat_format import plain_text
+    from chatglm_web.messages import plain_text
 
     return plain_text(content)
 
@@ -387,7 +393,36 @@ def _clean(message: dict) -> dict:
     metadata = message.get("metadata")
     if isinstance(metadata, dict):
         out["metadata"] = {k: v for k, v in metadata.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
+    refs = document_refs(message.get("documents")) if message["role"] == "user" else []
+    if refs:
+        out["documents"] = refs
     return out
+
+
+#: What a user message keeps of each document attached to it (the page's chip; the text is never kept).
+DOCUMENT_REF_KEYS = {"id": str, "name": str, "kind": str, "pages": int, "chars": int, "tokens": int}
+MAX_DOCUMENT_REFS = 8
+
+
+def document_refs(value) -> list[dict]:
+    """The well-formed document references in ``value`` (a list of {id, name, kind, pages, chars, tokens};
+    ``pages`` may be null), at most MAX_DOCUMENT_REFS, strings cut to 255 characters; others left out."""
+    if not isinstance(value, list):
+        return []
+    refs = []
+    for item in value[:MAX_DOCUMENT_REFS]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not isinstance(item.get("name"), str):
+            continue
+        ref = {}
+        for key, kind in DOCUMENT_REF_KEYS.items():
+            found = item.get(key)
+            if kind is int and (isinstance(found, bool) or not isinstance(found, int)):
+                found = None if key == "pages" else 0
+            elif kind is str:
+                found = found[:255] if isinstance(found, str) else ""
+            ref[key] = found
+        refs.append(ref)
+    return refs
 
 
 def _message_ok(message) -> bool:

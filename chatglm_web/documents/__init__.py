@@ -10,13 +10,16 @@ This package owns everything between an uploaded file and the text block the pro
     retrieval.py  passages of a document and a BM25 index over them (Chinese and Latin text, no network)
     fitting.py    whole document or retrieved passages, as a prompt block that fits a token budget, and
                   how much of the document that block holds
+    prompt.py     the room a conversation leaves for documents, shared among several, and the
+                  ``<document>`` frame in a user message (the API's and the page's common part)
 
     document = extract(upload_path, "report.pdf")               # DocumentError with a message otherwise
     attached = AttachedDocument(document, lambda text: len(tokenizer.encode(text)))  # once per conversation
     fitted = attached.fit(question, token_budget=6000)          # each question
     fitted.block, fitted.mode, fitted.included_chars, fitted.total_chars, fitted.suggested_model
 
-Imports: the standard library, and pypdf / python-docx in the worker process only. Nothing from
+Imports: the standard library, ``generation`` and ``messages`` (``prompt.py``), and pypdf / python-docx in
+the worker process only. Nothing from
 ``chatglm_web.page`` or the server: the page wires this package in, never the other way round.
 """
 

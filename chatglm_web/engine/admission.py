@@ -1,8 +1,17 @@
-"""Admission for a backend that does not queue visibly itself (a remote server): at most ``running``
-requests at once, ``waiting`` more in line with their position, and everyone else told at once
-that the server is busy, with the same rules and message as the local engine.
+"""Admission: how many requests run at once, how many may wait, and the busy message beyond that.
+One policy, used by every way of generating: the scheduler (``Engine``), the engine process, ZeroGPU
+and the remote backend.
 
-    line = AdmissionLine(running=8, waiting=32)
+    policy = AdmissionPolicy(max_running=8, max_waiting=32)
+    policy.check(running, waiting)        # EngineBusy, with the one message, when the line is full
+    policy.split(unfinished)              # (running, waiting) of requests counted together
+
+``WaitingLine`` is the line itself for an engine that runs requests on its own threads (the
+scheduler, ZeroGPU): requests in order, cancelled ones dropped, positions announced, taken while
+slots are free. ``AdmissionLine`` is the same line on an event loop, for a backend whose server
+does not queue visibly itself (a remote server):
+
+    line = AdmissionLine(policy)
     place = line.join()                      # EngineBusy when the line is full
     try:
         async for position in place.wait():  # each change of position while waiting (1 = next)
@@ -10,22 +19,91 @@ that the server is busy, with the same rules and message as the local engine.
         ... generate ...
     finally:
         place.leave()                        # frees the slot, or the place in line
-
-Everything runs on one event loop (the server's), so no locks are needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from dataclasses import dataclass
 
-from chatglm_web.engine.scheduler import check_engine_capacity
+from chatglm_web.engine.request import GenerationRequest
+from chatglm_web.generation import BackendBusy, FinishReason
+from chatglm_web.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
+
+
+class EngineBusy(BackendBusy):
+    """Every slot and every place in line is taken; the client should try again shortly."""
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    max_running: int = DEFAULT_MAX_BATCH_SIZE
+    max_waiting: int = DEFAULT_MAX_QUEUE
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_running", max(1, int(self.max_running)))
+        object.__setattr__(self, "max_waiting", max(0, int(self.max_waiting)))
+
+    def check(self, running: int, waiting: int) -> None:
+        """Raise ``EngineBusy`` when ``running`` + ``waiting`` requests fill every slot and place in line."""
+        if running + waiting >= self.max_running + self.max_waiting:
+            raise EngineBusy(
+                f"The server is busy: {running} replies are being written and {waiting} are waiting, "
+                f"which is all it takes at once. Please try again in a moment."
+            )
+
+    def has_slot(self, running: int) -> bool:
+        return running < self.max_running
+
+    def split(self, unfinished: int) -> tuple[int, int]:
+        """(running, waiting) of ``unfinished`` requests: the first ``max_running`` count as running."""
+        running = min(unfinished, self.max_running)
+        return running, unfinished - running
+
+
+class WaitingLine:
+    """Requests waiting for a slot, first come first served. Not locked: its engine holds its own lock."""
+
+    def __init__(self, policy: AdmissionPolicy):
+        self.policy = policy
+        self._line: collections.deque[GenerationRequest] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._line)
+
+    def __iter__(self):
+        return iter(self._line)
+
+    def append(self, request: GenerationRequest) -> None:
+        self._line.append(request)
+
+    def drop_cancelled(self) -> None:
+        """End every cancelled request still waiting (``CANCELLED``) and take it out of the line."""
+        for request in [r for r in self._line if r.cancelled]:
+            self._line.remove(request)
+            request.end(FinishReason.CANCELLED)
+
+    def take(self, running: int) -> list[GenerationRequest]:
+        """The requests that get a slot now, ``running`` being taken already; the rest learn their positions."""
+        taken = []
+        while self._line and self.policy.has_slot(running + len(taken)):
+            taken.append(self._line.popleft())
+        for position, request in enumerate(self._line, start=1):
+            request.queued_at(position)
+        return taken
+
+    def clear(self) -> list[GenerationRequest]:
+        """Empty the line; the requests that were in it."""
+        requests, self._line = list(self._line), collections.deque()
+        return requests
 
 
 class AdmissionLine:
-    def __init__(self, running: int, waiting: int):
-        self.max_running = max(1, running)
-        self.max_waiting = max(0, waiting)
+    """The policy's line on one event loop (everything runs there, so no locks are needed)."""
+
+    def __init__(self, policy: AdmissionPolicy):
+        self.policy = policy
         self.running = 0
         self._line: collections.deque[Place] = collections.deque()
 
@@ -35,12 +113,12 @@ class AdmissionLine:
 
     def check(self) -> None:
         """Raise ``EngineBusy`` if a request joining now would be refused."""
-        check_engine_capacity(self.running, self.waiting, self.max_running, self.max_waiting)
+        self.policy.check(self.running, self.waiting)
 
     def join(self) -> "Place":
         self.check()
         place = Place(self)
-        if self.running < self.max_running and not self._line:
+        if self.policy.has_slot(self.running) and not self._line:
             self.running += 1
             place.admitted = True
         else:
@@ -50,12 +128,19 @@ class AdmissionLine:
     def _free(self) -> None:
         self.running -= 1
         admitted = []
-        while self._line and self.running < self.max_running:
+        while self._line and self.policy.has_slot(self.running):
             place = self._line.popleft()
             self.running += 1
             place.admitted = True
             admitted.append(place)
         self._wake(admitted)
+
+    def _remove(self, place: "Place") -> None:
+        self._line.remove(place)
+        self._wake()
+
+    def position_of(self, place: "Place") -> int:
+        return self._line.index(place) + 1
 
     def _wake(self, extra=()) -> None:
         """Every request in line (and ``extra`` just admitted) re-reads its position."""
@@ -74,7 +159,7 @@ class Place:
 
     @property
     def position(self) -> int:
-        return self.line._line.index(self) + 1
+        return self.line.position_of(self)
 
     async def wait(self):
         """Yield this request's position each time it changes, until it holds a slot."""
@@ -95,5 +180,4 @@ class Place:
         if self.admitted:
             self.line._free()
         else:
-            self.line._line.remove(self)
-            self.line._wake()
+            self.line._remove(self)

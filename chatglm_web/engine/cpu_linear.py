@@ -11,7 +11,7 @@ bench model (2 cores): a 1024 x 5460 product took 1,030 us plain, 442 us with ``
 280-330 us here at 1 row; 2,475 / 1,314 / 706 us at 8 rows. The same weights give the same logits up to
 float rounding (summation order).
 
-Applied by the engine process (``engine_process.py``) to its CPU model, whose decode loop runs in
+Applied by the engine process (``process.py``) to its CPU model, whose decode loop runs in
 that process's main thread (oneDNN's kernels are slower when called from a thread started later).
 Only plain fp32 ``nn.Linear`` layers are packed: not GPU weights, not 16-bit ones, not quantized
 layers (bitsandbytes' are subclasses of ``nn.Linear`` and are left alone). The weights become buffers

@@ -13,17 +13,18 @@ the engine slows down exactly when it is needed most. Here the engine process do
 generate, and the web process nothing but serve.
 
 The child process (``spawn``: safe with CUDA and with the threads a server has) loads the model
-with the same code as an in-process start (``loading.load_chat_model``), runs an ``Engine`` and
-sends back the model's chat format and info, so the web process holds no weights. One
-``multiprocessing`` pipe carries pickled tuples:
+with the same code as an in-process start (``families.loading.load_chat_model``), runs an ``Engine``
+and sends back the model's chat format and info, so the web process holds no weights. One
+``multiprocessing`` pipe carries the messages below as data (frozen dataclasses, pickled), with the
+engine's own typed events (``events.py``) inside:
 
-    web -> engine   ("submit", id, prompt_ids, params, stop_ids) | ("cancel", id) | ("stop",)
-    engine -> web   ("ready", chat_format, info) | ("failed", message)
-                    ("events", [(id, kind, value), ...], steps, max_batch_seen)
+    web -> engine   Submit(request_id, prompt_ids, params, stop_ids) | Cancel(request_id) | Stop()
+    engine -> web   Ready(chat_format, info) | Failed(message) | Events([(request_id, event), ...])
 
 Events are sent in batches: whatever all requests produced since the last send, so the cost per
 message stays flat as users are added. Admission (``--max-batch-size`` running, ``--max-queue``
-waiting, busy beyond) is decided here in the web process, at once, with the Engine's rules; the
+waiting, busy beyond) is decided here in the web process, at once, with the engine's own
+``AdmissionPolicy``; the
 engine process frees a slot before it reports the request done, so it never refuses what was
 admitted. If the engine process dies, every open request ends with an error, ``alive`` turns
 false (``/healthz`` answers 503) and the web server stays up. The engine process ends when the web
@@ -32,16 +33,19 @@ process closes the pipe, however that happens.
 
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing
 import queue
 import signal
 import threading
+from dataclasses import dataclass
 
-from chatglm_web.engine.scheduler import Engine, GenerationRequest, Outcome, check_engine_capacity, describe_failure, split_load
-from chatglm_web.generation import SamplingParams
-from chatglm_web.settings import StartupError
+from chatglm_web.engine.admission import AdmissionPolicy
+from chatglm_web.engine.events import Done, EngineEvent, describe_failure
+from chatglm_web.engine.request import GenerationRequest
+from chatglm_web.engine.scheduler import Engine
+from chatglm_web.generation import FinishReason, SamplingParams
+from chatglm_web.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -52,41 +56,60 @@ class EngineStartError(StartupError, RuntimeError):
     """The engine process could not load the model; the message is one line for the user."""
 
 
-class _RemoteRequest(GenerationRequest):
-    """A request whose generation runs in the engine process; cancelling it tells that process."""
+# -- the messages on the pipe -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Submit:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: tuple[int, ...]
 
-    def __init__(self, engine: "EngineProcess", *args):
-        super().__init__(*args)
-        self._engine = engine
 
-    def cancel(self) -> None:
-        if not self.cancelled and not self._finished:
-            self._engine._send(("cancel", self.id))
-        super().cancel()
+@dataclass(frozen=True)
+class Cancel:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    chat_format: object
+    info: object
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Events:
+    events: list[tuple[int, EngineEvent]]
 
 
 class EngineProcess:
-    """An ``Engine`` running in a child process, with the Engine's request surface."""
+    """An ``Engine`` running in a child process, with the engine's surface (``protocol.GenerationEngine``)."""
 
     def __init__(self, connection, process, *, max_batch_size: int, max_queue: int, context_length: int):
         self._connection = connection
         self._process = process
-        self.max_batch_size = max(1, max_batch_size)
-        self.max_queue = max(0, max_queue)
+        self.admission = AdmissionPolicy(max_batch_size, max_queue)
         self.context_length = context_length
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._open: dict[int, _RemoteRequest] = {}
+        self._open: dict[int, GenerationRequest] = {}
         self._stopping = False
         self._dead = False
-        self.steps = 0
-        self.max_batch_seen = 0
-        self.finished = collections.Counter()
         self._reader = threading.Thread(target=self._read, name="chatglm-web-engine-reader", daemon=True)
         self._reader.start()
 
     @classmethod
-    def start(cls, settings, *, max_batch_size: int = 8, max_queue: int = 32, timeout: float = START_TIMEOUT):
+    def start(cls, settings, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
+              timeout: float = START_TIMEOUT):
         """Start the engine process and wait until its model is loaded: (engine, chat_format, info).
 
         Raises ``EngineStartError`` with the loader's one-line message when the model cannot load.
@@ -102,39 +125,36 @@ class EngineProcess:
                 raise EngineStartError(f"the engine process did not load the model within {timeout:.0f} s")
             message = parent_end.recv()
         except (EOFError, OSError):
-            message = ("failed", f"the engine process exited while loading the model (exit code "
-                                 f"{_exit_code(process)})")
+            message = Failed(f"the engine process exited while loading the model (exit code {_exit_code(process)})")
         except BaseException:
             process.kill()
             raise
-        if message[0] != "ready":
+        if not isinstance(message, Ready):
             process.join(10)
             if process.is_alive():
                 process.kill()
-            raise EngineStartError(message[1])
-        _, chat_format, info = message
+            raise EngineStartError(message.message if isinstance(message, Failed) else f"unexpected {message!r}")
         engine = cls(parent_end, process, max_batch_size=max_batch_size, max_queue=max_queue,
-                     context_length=info.context_length)
-        return engine, chat_format, info
+                     context_length=message.info.context_length)
+        return engine, message.chat_format, message.info
 
-    # -- the Engine's surface -------------------------------------------------------------------
+    # -- the engine's surface -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=()) -> GenerationRequest:
-        if not prompt_ids:
-            raise ValueError("empty prompt")
         with self._lock:
             if not self.alive:
                 raise RuntimeError("the generation engine has stopped")
             self._check_capacity()
-            request = _RemoteRequest(self, list(prompt_ids), params, set(stop_ids), self.context_length)
-            request._on_done = lambda outcome, request_id=request.id: self._done(request_id, outcome)
+            request = GenerationRequest(prompt_ids, params, stop_ids, self.context_length,
+                                        on_done=lambda done: self._forget(request.id),
+                                        on_cancel=lambda: self._send(Cancel(request.id)))
             self._open[request.id] = request
-        self._send(("submit", request.id, request.prompt_ids, params, sorted(request.stop_ids)))
+        self._send(Submit(request.id, request.prompt_ids, params, tuple(sorted(request.stop_ids))))
         return request
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting), counted as the Engine counts them."""
-        return split_load(len(self._open), self.max_batch_size)
+        """(running, waiting), counted as the engine counts them."""
+        return self.admission.split(len(self._open))
 
     @property
     def alive(self) -> bool:
@@ -145,11 +165,11 @@ class EngineProcess:
             self._check_capacity()
 
     def _check_capacity(self) -> None:
-        check_engine_capacity(*self.load, self.max_batch_size, self.max_queue)
+        self.admission.check(*self.load)
 
     def shutdown(self) -> None:
         self._stopping = True
-        self._send(("stop",))
+        self._send(Stop())
         self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
@@ -162,15 +182,14 @@ class EngineProcess:
         return self._process.pid
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _send(self, message: tuple) -> None:
+    def _send(self, message) -> None:
         try:
             with self._send_lock:
                 self._connection.send(message)
         except (OSError, ValueError):  # the engine process is gone: the reader fails the open requests
             pass
 
-    def _done(self, request_id: int, outcome: Outcome) -> None:
-        self.finished.update([outcome.reason])
+    def _forget(self, request_id: int) -> None:
         with self._lock:
             self._open.pop(request_id, None)
 
@@ -178,14 +197,13 @@ class EngineProcess:
         """Deliver the engine process's events to their requests until it ends."""
         try:
             while True:
-                kind, *rest = self._connection.recv()
-                if kind != "events":
+                message = self._connection.recv()
+                if not isinstance(message, Events):
                     continue
-                events, self.steps, self.max_batch_seen = rest
-                for request_id, event, value in events:
+                for request_id, event in message.events:
                     request = self._open.get(request_id)
                     if request is not None:
-                        request._emit(event, value)
+                        request.deliver(event)
         except (EOFError, OSError):
             pass
         except Exception:  # a bug here must still end every open request
@@ -199,7 +217,7 @@ class EngineProcess:
         with self._lock:
             requests = list(self._open.values())
         for request in requests:
-            request._end("error", error)
+            request.end(FinishReason.ERROR, error)
 
 
 def _exit_code(process) -> int | None:
@@ -221,15 +239,15 @@ def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> N
     try:
         loaded = load_chat_model(settings)
     except Exception as error:
-        connection.send(("failed", error_line(error)))
+        connection.send(Failed(error_line(error)))
         return
     if loaded.model.device.type == "cpu":
         prepack_linear_layers(loaded.model)  # fp32 weights in oneDNN's layout: faster CPU decode steps
     engine = Engine(loaded.model, max_batch_size=max_batch_size, max_queue=max_queue,
                     context_length=loaded.info.context_length, own_thread=False)
-    connection.send(("ready", loaded.chat_format, loaded.info))
+    connection.send(Ready(loaded.chat_format, loaded.info))
     outbox: queue.SimpleQueue = queue.SimpleQueue()
-    sender = threading.Thread(target=_send_events, args=(connection, outbox, engine), daemon=True)
+    sender = threading.Thread(target=_send_events, args=(connection, outbox), daemon=True)
     commands = threading.Thread(target=_serve_commands, args=(connection, engine, outbox), daemon=True)
     sender.start()
     commands.start()
@@ -245,32 +263,31 @@ def _serve_commands(connection, engine: Engine, outbox: queue.SimpleQueue) -> No
     requests: dict[int, GenerationRequest] = {}  # the unfinished ones, for cancels
     lock = threading.Lock()  # a request may finish (engine thread) before submit() returns here
 
-    def deliver(request_id: int, kind: str, value) -> None:
-        if kind == "done":
+    def deliver(request_id: int, event: EngineEvent) -> None:
+        if isinstance(event, Done):
             with lock:
                 requests.pop(request_id, None)
-        outbox.put((request_id, kind, value))
+        outbox.put((request_id, event))
 
     try:
         while True:
-            command, *args = connection.recv()
-            if command == "submit":
-                request_id, prompt_ids, params, stop_ids = args
+            command = connection.recv()
+            if isinstance(command, Submit):
                 try:
-                    request = engine.submit(
-                        prompt_ids, params, stop_ids, on_event=lambda kind, value, i=request_id: deliver(i, kind, value))
+                    request = engine.submit(command.prompt_ids, command.params, command.stop_ids,
+                                            on_event=lambda event, i=command.request_id: deliver(i, event))
                 except Exception as error:  # not expected: the web process admits within the same limits
-                    deliver(request_id, "done", Outcome("error", describe_failure(error)))
+                    deliver(command.request_id, Done(FinishReason.ERROR, describe_failure(error)))
                     continue
-                with lock:  # its "done" is either already delivered (finished) or comes after this
-                    if not request._finished:
-                        requests[request_id] = request
-            elif command == "cancel":
+                with lock:  # its Done is either already delivered (finished) or comes after this
+                    if request.done is None:
+                        requests[command.request_id] = request
+            elif isinstance(command, Cancel):
                 with lock:
-                    request = requests.get(args[0])
+                    request = requests.get(command.request_id)
                 if request is not None:
                     request.cancel()
-            elif command == "stop":
+            elif isinstance(command, Stop):
                 break
     except (EOFError, OSError):  # the web process is gone
         pass
@@ -278,7 +295,7 @@ def _serve_commands(connection, engine: Engine, outbox: queue.SimpleQueue) -> No
         engine.shutdown()
 
 
-def _send_events(connection, outbox: queue.SimpleQueue, engine: Engine) -> None:
+def _send_events(connection, outbox: queue.SimpleQueue) -> None:
     """Send the events in batches: each send takes everything that is waiting."""
     while True:
         item = outbox.get()
@@ -291,7 +308,7 @@ def _send_events(connection, outbox: queue.SimpleQueue, engine: Engine) -> None:
                 break
         if batch:
             try:
-                connection.send(("events", batch, engine.steps, engine.max_batch_seen))
+                connection.send(Events(batch))
             except (OSError, ValueError):
                 return
         if item is None:

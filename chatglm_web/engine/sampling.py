@@ -13,6 +13,8 @@ sampled with one pass of each operation and one transfer of the chosen ids to th
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from chatglm_web.generation import SamplingParams
@@ -90,14 +92,18 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], generators: list
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=vocab - 1)
 
 
-def draw(weights: torch.Tensor, generator: torch.Generator) -> int:
-    """Index drawn with probability proportional to ``weights`` (non-negative)."""
-    cdf = torch.cumsum(weights, 0)
-    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=generator.device) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), cdf.numel() - 1)
+def request_seed(params: SamplingParams) -> int:
+    """The request's seed: its own, or a random one when it has none."""
+    return params.seed if params.seed is not None else random.getrandbits(63)
 
 
-def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-                 seen_ids: torch.Tensor | None = None) -> int:
-    """Pick the next id from a 1-D float32 logits row."""
-    return choose_tokens(logits[None].clone(), [params], [generator], [seen_ids])[0]
+def seeded_generator(seed: int) -> torch.Generator:
+    """The request's own random generator (on the CPU, so a seed draws the same on any device)."""
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def penalized_ids(params: SamplingParams, seen: list[int], device) -> torch.Tensor | None:
+    """The ids a repetition penalty applies to (None when there is no penalty: no tensor built)."""
+    if params.repetition_penalty == 1.0:
+        return None
+    return torch.tensor(seen, device=device)

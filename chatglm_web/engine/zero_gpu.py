@@ -5,15 +5,15 @@ runs in a forked worker process, gets plain (picklable) arguments and yields pla
 instead of the batching engine's thread that owns CUDA, ``ZeroGPUEngine`` gives each admitted
 request a thread that iterates the decorated generator ``generate_on_gpu``:
 
-    submit -> waiting: ("queued", position) each time it changes   (--max-queue, then EngineBusy)
+    submit -> waiting: QueuePosition each time it changes   (the engine's AdmissionPolicy, then EngineBusy)
            -> one of --max-batch-size slots: generate_on_gpu(...) yields token ids
-           -> ("token", id) events -> ("done", Outcome)
+           -> Token events -> Done(FinishReason)
 
-It has the surface ``LocalBackend`` uses (``submit``, ``check_capacity``, ``load``, ``alive``,
-``finished``, ``shutdown``) and hands out the engine's ``GenerationRequest`` objects, so the page,
-the API, stop strings, metrics, Stop, regenerate and undo work unchanged. Seeds, sampling and
-when a reply ends follow the engine's own rules (``engine.request_seed``, ``finish_reason``, ...),
-so a seeded reply is the engine's, token for token.
+It has the engine's surface (``protocol.GenerationEngine``) and hands out the engine's
+``GenerationRequest`` objects, so the page, the API, stop strings, metrics, Stop, regenerate and undo
+work unchanged. Admission, seeds, sampling and when a reply ends follow the engine's own rules
+(``admission``, ``sampling.request_seed``, ``request.finish_reason``), so a seeded reply is the
+engine's, token for token.
 
 Stop: cancelling a request closes the decorated generator at its next token. On ZeroGPU that
 sets the worker's stop event (``spaces`` then closes the generator in the worker); in-process
@@ -31,7 +31,6 @@ on any device (``--zero-gpu`` on a CPU is how the tests run it).
 
 from __future__ import annotations
 
-import collections
 import contextvars
 import itertools
 import logging
@@ -42,10 +41,13 @@ import spaces  # before torch touches CUDA: on ZeroGPU it patches torch (app.py 
 import torch
 from transformers import DynamicCache
 
-from chatglm_web.engine.scheduler import (EngineBusy, GenerationRequest, check_engine_capacity, describe_failure, finish_reason,
-                     penalized_ids, request_seed, seeded_generator)
-from chatglm_web.generation import SamplingParams
-from chatglm_web.engine.sampling import choose_tokens
+from chatglm_web.engine.admission import AdmissionPolicy, EngineBusy, WaitingLine
+from chatglm_web.engine.events import describe_failure
+from chatglm_web.engine.request import GenerationRequest, finish_reason
+from chatglm_web.engine.sampling import choose_tokens, penalized_ids, request_seed, seeded_generator
+from chatglm_web.engine.scheduler import context_length_of
+from chatglm_web.generation import FinishReason, SamplingParams
+from chatglm_web.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -118,42 +120,26 @@ def generate_on_gpu(model_key: int, prompt_ids: list[int], params: SamplingParam
         input_ids = torch.tensor([[token]], device=device)
 
 
-class _Request(GenerationRequest):
-    """A request whose cancellation also frees its queue place at once (there is no engine loop to notice)."""
-
-    def __init__(self, *args, on_cancel):
-        super().__init__(*args)
-        self._on_cancel = on_cancel
-
-    def cancel(self) -> None:
-        if not self.cancelled:
-            super().cancel()
-            self._on_cancel()
-
-
 class ZeroGPUEngine:
     """At most ``max_batch_size`` concurrent ``generate_on_gpu`` calls, ``max_queue`` requests waiting."""
 
-    def __init__(self, model, *, max_batch_size: int = 8, max_queue: int = 32, context_length: int | None = None):
+    def __init__(self, model, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, max_queue: int = DEFAULT_MAX_QUEUE,
+                 context_length: int | None = None):
         self.model = model
-        self.max_batch_size = max(1, max_batch_size)
-        self.max_queue = max(0, max_queue)
-        self.context_length = context_length or getattr(model.config, "max_position_embeddings", 4096)
+        self.admission = AdmissionPolicy(max_batch_size, max_queue)
+        self.context_length = context_length or context_length_of(model)
         self._key = next(_keys)
         _models[self._key] = model
         self._lock = threading.RLock()
-        self._waiting: collections.deque[tuple[_Request, contextvars.Context]] = collections.deque()
-        self._running: dict[_Request, threading.Thread] = {}
+        self._waiting = WaitingLine(self.admission)
+        self._contexts: dict[int, contextvars.Context] = {}  # request id -> the caller's context, while waiting
+        self._running: dict[GenerationRequest, threading.Thread] = {}
         self._stopping = False
-        self.calls = 0  # GPU calls made, for tests
-        self.finished = collections.Counter()  # reason -> count
 
-    # -- the surface LocalBackend uses ----------------------------------------------------------
+    # -- the engine's surface -------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids=()) -> GenerationRequest:
-        if not prompt_ids:
-            raise ValueError("empty prompt")
-        request = _Request(prompt_ids, params, set(stop_ids), self.context_length, on_cancel=self._dispatch)
-        request._on_done = lambda outcome: self.finished.update([outcome.reason])
+        # a cancelled waiter leaves the line at once: there is no engine loop to notice it
+        request = GenerationRequest(prompt_ids, params, stop_ids, self.context_length, on_cancel=self._dispatch)
         # The caller's context goes with the call: on ZeroGPU, spaces reads the Gradio request from it
         # (the visitor's quota) and the Gradio event (to stop queueing for a GPU when the visitor left).
         context = contextvars.copy_context()
@@ -161,7 +147,8 @@ class ZeroGPUEngine:
             if self._stopping:
                 raise EngineBusy("The server is shutting down.")
             self._check_capacity()
-            self._waiting.append((request, context))
+            self._contexts[request.id] = context
+            self._waiting.append(request)
             self._dispatch()
         return request
 
@@ -183,10 +170,11 @@ class ZeroGPUEngine:
         """Refuse new requests, end the waiting ones, stop the running calls at their next token."""
         with self._lock:
             self._stopping = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting = self._waiting.clear()
+            self._contexts.clear()
             threads = list(self._running.items())
-        for request, _ in waiting:
-            request._end("error", "the server is shutting down")
+        for request in waiting:
+            request.end(FinishReason.ERROR, "the server is shutting down")
         for request, thread in threads:
             request.cancel()
         for _, thread in threads:
@@ -195,63 +183,61 @@ class ZeroGPUEngine:
 
     # -- scheduling -----------------------------------------------------------------------------
     def _check_capacity(self) -> None:
-        check_engine_capacity(*self.load, self.max_batch_size, self.max_queue)
+        self.admission.check(*self.load)
 
     def _dispatch(self) -> None:
         """Drop cancelled waiters, start calls for free slots, tell the rest their (changed) positions."""
         with self._lock:
-            for entry in [e for e in self._waiting if e[0].cancelled]:
-                self._waiting.remove(entry)
-                entry[0]._end("cancelled")
-            while self._waiting and len(self._running) < self.max_batch_size and not self._stopping:
-                request, context = self._waiting.popleft()
+            self._waiting.drop_cancelled()
+            if self._stopping:
+                return
+            for request in self._waiting.take(len(self._running)):
+                context = self._contexts.pop(request.id)
                 thread = threading.Thread(target=context.run, args=(self._serve, request), daemon=True,
                                           name=f"chatglm-web-zerogpu-{request.id}")
                 self._running[request] = thread
                 thread.start()
-            for position, (request, _) in enumerate(self._waiting, start=1):
-                request._queued_at(position)
+            for request_id in set(self._contexts) - {r.id for r in self._waiting}:
+                del self._contexts[request_id]  # dropped while waiting
 
-    def _serve(self, request: _Request) -> None:
+    def _serve(self, request: GenerationRequest) -> None:
         try:
             self._generate(request)
         except Exception as error:  # the call could not start, failed, or ZeroGPU refused or aborted it
             log.error("GPU call for request %d failed: %s", request.id, describe_failure(error))
-            request._end("error", _explain(error))
+            request.end(FinishReason.ERROR, _explain(error))
         finally:
             with self._lock:
                 self._running.pop(request, None)
                 self._dispatch()
 
-    def _generate(self, request: _Request) -> None:
+    def _generate(self, request: GenerationRequest) -> None:
         """Stream one GPU call's tokens as the request's events; close the call as soon as it is not needed."""
         if request.cancelled:
-            request._end("cancelled")
+            request.end(FinishReason.CANCELLED)
             return
-        with self._lock:
-            self.calls += 1
-        params, stop_ids, max_length = request.params, tuple(sorted(request.stop_ids)), request.max_length
-        tokens = generate_on_gpu(self._key, request.prompt_ids, params, stop_ids, max_length,
-                                 request_seed(params), StopOnCancel(request._cancelled))
+        params, stop_ids = request.params, tuple(sorted(request.stop_ids))
+        tokens = generate_on_gpu(self._key, request.prompt_ids, params, stop_ids, request.max_length,
+                                 request_seed(params), StopOnCancel(request.cancel_event))
         reason = None
         try:
             for generated, token in enumerate(tokens, start=1):
                 if request.cancelled:
                     break
-                reason = finish_reason(token, generated=generated, length=len(request.prompt_ids) + generated,
-                                       params=params, stop_ids=stop_ids, max_length=max_length)
-                if reason != "stop":  # a stop token is not shown
-                    request._emit("token", token)
+                reason = request.finish_reason(token, generated=generated,
+                                               length=len(request.prompt_ids) + generated)
+                if reason != FinishReason.STOP:  # a stop token is not shown
+                    request.token(token)
                 if reason:
                     break
         finally:
             tokens.close()  # ends the call now; on ZeroGPU: spaces sets the worker's stop event
         if reason:
-            request._end(reason)
+            request.end(reason)
         elif request.cancelled:
-            request._end("cancelled")
+            request.end(FinishReason.CANCELLED)
         else:
-            request._end("error", "the GPU call ended before the reply did")
+            request.end(FinishReason.ERROR, "the GPU call ended before the reply did")
 
 
 def _explain(error: Exception) -> str:

@@ -1,19 +1,22 @@
-"""How a model family turns messages into prompt ids and generated ids back into visible text.
+"""What every family's chat format shares: visible text streams, reply events, remembered token counts.
 
-``ChatGLM3Format``  native ChatGLM3 prompt (role tokens, metadata lines), sentencepiece only,
-                    so user text can never become a special token; hides the reply's metadata line.
-``TemplateFormat``  any Hugging Face chat model: the tokenizer's own chat template.
+``TextStream``    generated ids -> visible text (incremental detokenizing, then an optional text filter):
+                  ``push(token_id)`` returns the new visible text, ``finish()`` the rest and
+                  ``take_metadata()`` a message's metadata line once it is known (None for a family without)
+``ReplyEvents``   a format's text stream -> ``ReplyMetadata`` / ``TextDelta`` events, cut at the request's
+                  stop strings
+``merge_text``    neighbouring ``TextDelta``s joined
+``MessageCounts`` the token counts of the last ``MESSAGE_COUNT_CACHE`` messages measured (a conversation is
+                  measured again on every request and every preview)
 
-Both give: ``prompt_ids(messages)``, ``stop_token_ids``, ``text_stream()`` -> an object whose
-``push(token_id)`` returns the new visible text, ``finish()`` the rest and ``take_metadata()`` a
-ChatGLM3 message's metadata line once it is known (``ReplyEvents`` turns that into ``TextDelta`` /
-``ReplyMetadata`` events, through the request's stop strings), and, for fitting a long
-conversation into the context one message at a time, ``message_tokens(message)`` (what one message
-adds to the prompt: exact for ChatGLM3, an estimate for templates; remembered for the last
-``MESSAGE_COUNT_CACHE`` messages measured, as a conversation is measured again on every request and
-every preview) and ``fixed_tokens`` (what every prompt has besides its messages). For showing a prompt:
-``prompt_text(messages, ids)`` (the prompt as text, special tokens written out) and
+Each family's format (``chatglm3/format.py``, ``template/format.py``; the interface is ``family.ChatFormat``)
+gives: ``prompt_ids(messages)``, ``stop_token_ids``, ``text_stream()``, and, for fitting a long conversation
+into the context one message at a time, ``message_tokens(message)`` (what one message adds to the prompt:
+exact or an estimate) and ``fixed_tokens`` (what every prompt has besides its messages). For showing a
+prompt: ``prompt_text(messages, ids)`` (the prompt as text, special tokens written out) and
 ``prompt_split(messages, ids)`` ((system, history, new) tokens, summing to ``len(ids)``).
+
+``plain_text`` and ``normalize_messages`` live in ``chatglm_web.messages``; they are importable from here too.
 """
 
 from __future__ import annotations
@@ -23,13 +26,22 @@ import json
 import threading
 from collections import OrderedDict
 
-from chatglm_web.families.chatglm3.reply import ReplyTextFilter
-from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
-from chatglm_web.generation import ReplyMetadata, TextDelta
 from chatglm_web.families.streaming_text import IncrementalDecoder, StopStrings
+from chatglm_web.generation import ReplyMetadata, TextDelta
+from chatglm_web.messages import normalize_messages, plain_text
+
+__all__ = [
+    "MESSAGE_COUNT_CACHE",
+    "MessageCounts",
+    "ReplyEvents",
+    "TextStream",
+    "merge_text",
+    "normalize_messages",
+    "plain_text",
+]
 
 
-class _TextStream:
+class TextStream:
     """Generated ids -> visible text: incremental detokenizing, then an optional text filter."""
 
     def __init__(self, tokenizer, text_filter=None):
@@ -49,38 +61,6 @@ class _TextStream:
     def take_metadata(self) -> str | None:
         """A message's metadata line to announce, once (None: nothing new). Template formats have none."""
         return None
-
-
-class _ChatGLM3TextStream(_TextStream):
-    """ChatGLM3 reply ids -> visible text, message by message.
-
-    The first line of each assistant message is its metadata (hidden from the text). ``<|assistant|>``
-    inside a reply starts another message: the current one is flushed and a fresh decoder and filter
-    take the next (its own metadata line, its own dummy-prefix space).
-    """
-
-    def __init__(self, tokenizer: ChatGLM3Tokenizer):
-        super().__init__(tokenizer, ReplyTextFilter())
-        self._tokenizer = tokenizer
-        self._assistant_id = tokenizer.special_token_ids["<|assistant|>"]
-        self._later_message = False  # the current message is not the reply's first
-        self._announced = False
-
-    def push(self, token_id: int) -> str:
-        if token_id != self._assistant_id:
-            return super().push(token_id)
-        rest = self.finish()
-        self._decoder, self._filter = IncrementalDecoder(self._tokenizer), ReplyTextFilter()
-        self._later_message, self._announced = True, False
-        return rest
-
-    def take_metadata(self) -> str | None:
-        metadata = self._filter.metadata
-        if metadata is None or self._announced:
-            return None
-        self._announced = True
-        metadata = metadata.strip()
-        return metadata if metadata or self._later_message else None
 
 
 class ReplyEvents:
@@ -128,38 +108,6 @@ def merge_text(events: list) -> list:
     return merged
 
 
-def plain_text(content) -> str:
-    """Message content as plain text: a string, or Gradio 6 content blocks ([{"type": "text", "text": ...}])."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        content = [content]
-    if isinstance(content, (list, tuple)):
-        parts = []
-        for block in content:
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, dict) and block.get("type", "text") == "text" and "text" in block:
-                parts.append(str(block["text"]))
-            # files/images are not understood by a text model: left out of the prompt
-        return "\n".join(parts)
-    if content is None:
-        return ""
-    return str(content)
-
-
-def normalize_messages(messages: list[dict]) -> list[dict]:
-    """Keep role/content (+ChatGLM3 metadata/tools), flatten content to text."""
-    out = []
-    for message in messages:
-        item = {"role": message.get("role"), "content": plain_text(message.get("content"))}
-        for key in ("metadata", "tools"):
-            if message.get(key) and isinstance(message.get(key), (str, list)):
-                item[key] = message[key]
-        out.append(item)
-    return out
-
-
 MESSAGE_COUNT_CACHE = 4096  # messages whose token counts a format remembers
 
 
@@ -204,95 +152,3 @@ class MessageCounts:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["size"])
-
-
-class ChatGLM3Format:
-    def __init__(self, tokenizer: ChatGLM3Tokenizer):
-        self.tokenizer = tokenizer
-        self.stop_token_ids = list(tokenizer.stop_token_ids)
-        self._counts = MessageCounts()
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.build_chat_input(normalize_messages(messages))
-
-    @property
-    def fixed_tokens(self) -> int:
-        return len(self.tokenizer.prefix_ids) + 1  # [gMASK] sop ... <|assistant|>
-
-    def message_tokens(self, message: dict) -> int:
-        """Exact: ChatGLM3 prompts are the concatenation of independently encoded messages."""
-        return self._counts.get(normalize_messages([message])[0], self._count)
-
-    def _count(self, message: dict) -> int:
-        prefix = len(self.tokenizer.prefix_ids)
-        return len(self.tokenizer.build_chat_input([message], add_generation_prompt=False)) - prefix
-
-    def prompt_text(self, messages: list[dict], ids: list[int]) -> str:
-        """The prompt ``ids`` as text, special tokens written out: ``[gMASK]sop<|user|>\\n hi<|assistant|>``."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def prompt_split(self, messages: list[dict], ids: list[int]) -> tuple[int, int, int]:
-        """(system, history, new) tokens of ``ids``, the prompt of ``messages``: ``[gMASK] sop`` and the system
-        message; the messages between; the last message and ``<|assistant|>``. Exact, and checked: the
-        messages' counts and the fixed tokens must make up ``ids``."""
-        counts = [self.message_tokens(m) for m in messages]
-        if not counts or self.fixed_tokens + sum(counts) != len(ids):
-            raise ValueError(f"{len(ids)} prompt ids are not the prompt of these {len(messages)} messages")
-        prefix = len(self.tokenizer.prefix_ids)
-        system = prefix + (counts[0] if messages[0].get("role") == "system" and len(messages) > 1 else 0)
-        new = counts[-1] + self.fixed_tokens - prefix
-        return system, len(ids) - system - new, new
-
-    def text_stream(self) -> _TextStream:
-        return _ChatGLM3TextStream(self.tokenizer)
-
-
-class TemplateFormat:
-    def __init__(self, tokenizer, stop_token_ids: list[int]):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("this tokenizer has no chat template, so it is not a chat model")
-        self.tokenizer = tokenizer
-        self.stop_token_ids = list(stop_token_ids)
-        self._counts = MessageCounts()
-
-    fixed_tokens = 0  # the template's own text is counted per message (and checked on the final prompt)
-    _PER_MESSAGE = 8  # role markers and separators of a typical template
-
-    def _render(self, messages: list[dict], *, tokenize: bool, add_generation_prompt: bool = True):
-        messages = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=tokenize)
-        if tokenize and hasattr(out, "keys"):  # BatchEncoding
-            out = out["input_ids"]
-        return list(out) if tokenize else out
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self._render(messages, tokenize=True)
-
-    def message_tokens(self, message: dict) -> int:
-        """An estimate (the content's tokens plus the usual markers); the final prompt is measured exactly."""
-        return self._counts.get(normalize_messages([message])[0], self._estimate)
-
-    def _estimate(self, message: dict) -> int:
-        return len(self.tokenizer.encode(message["content"], add_special_tokens=False)) + self._PER_MESSAGE
-
-    def prompt_text(self, messages: list[dict], ids: list[int]) -> str:
-        """The chat template's text for ``messages`` (what ``ids`` encode), its markers written out."""
-        return self._render(messages, tokenize=False)
-
-    def prompt_split(self, messages: list[dict], ids: list[int]) -> tuple[int, int, int]:
-        """(system, history, new) tokens of ``ids``, the prompt of ``messages``, by rendering the conversation up
-        to the system message and up to the last message: the template's text before a message goes with it
-        (without a system message, any fixed start goes with the first message). Sums to ``len(ids)``."""
-        total = len(ids)
-        has_system = messages[0].get("role") == "system" and len(messages) > 1
-        system = len(self._render(messages[:1], tokenize=True, add_generation_prompt=False)) if has_system else 0
-        system = min(system, total)
-        before_new = system
-        if len(messages) > (2 if has_system else 1):  # there is history
-            before_new = len(self._render(messages[:-1], tokenize=True, add_generation_prompt=False))
-        before_new = min(max(before_new, system), total)
-        return system, before_new - system, total - before_new
-
-    def text_stream(self) -> _TextStream:
-        return _TextStream(self.tokenizer)

@@ -2,8 +2,9 @@
 
     loaded = load_chat_model(settings)   # LoadedModel(model, chat_format, info)
 
-* ChatGLM3 checkpoints (``model_type`` chatglm or glm) load natively through ``chatglm3``;
-  any other folder / Hub id loads with ``AutoModelForCausalLM`` and its chat template.
+* The first family of ``registry.FAMILIES`` that detects the folder loads it: ChatGLM3 checkpoints
+  (``model_type`` chatglm or glm) natively through ``chatglm3``; any other folder / Hub id with
+  ``AutoModelForCausalLM`` and its chat template (``template``).
 * ``auto`` precision: a GPU with room for 16-bit weights -> bf16 (fp16 where bf16 is not
   supported); a smaller GPU -> 4-bit NF4 (double quantization, 16-bit compute); no GPU -> CPU
   (fp32 when it fits comfortably in RAM, else bf16).
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from chatglm_web.generation import ModelInfo
-from chatglm_web.settings import DEFAULT_MODEL, Settings, StartupError
+from chatglm_web.settings import DEFAULT_CONTEXT_LENGTH, DEFAULT_MODEL, Settings, StartupError
 from chatglm_web.spaces_env import hardware_label, on_spaces
 
 log = logging.getLogger(__name__)
@@ -207,41 +208,24 @@ def check_checkpoint_folder(folder: Path, name: str) -> None:
 
 
 def load_from_folder(folder: Path, settings: Settings, name: str) -> LoadedModel:
-    from chatglm_web.families.chat_format import ChatGLM3Format, TemplateFormat
-    from chatglm_web.families.chatglm3 import loader as chatglm3
+    from chatglm_web.families.family import carries_tools
+    from chatglm_web.families.registry import family_for
 
     check_checkpoint_folder(folder, name)
     device, precision, _ = _plan(folder, settings)
     load_device = "cpu" if settings.zero_gpu else device  # ZeroGPU: CPU first, then .to(device) below
     kwargs = from_pretrained_kwargs(precision, load_device)
     try:
-        if chatglm3.is_chatglm_checkpoint(folder):
-            tokenizer = chatglm3.ChatGLM3Tokenizer.from_pretrained(folder)
-            model = chatglm3.load_glm_model(folder, tokenizer, **kwargs)
-            chatglm3.set_generation_defaults(model, tokenizer)
-            chat_format = ChatGLM3Format(tokenizer)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            chat_format = TemplateFormat(tokenizer, _eos_ids(model))
+        model, chat_format = family_for(folder).load(folder, **kwargs)
     except Exception as error:  # transformers, sentencepiece and bitsandbytes raise many kinds
         raise ModelLoadError(f"could not load {name} ({precision} on {device}): {error}") from error
     if load_device != device:
         model.to(device)
     model.eval()
-    context = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+    context = int(getattr(model.config, "max_position_embeddings", 0) or DEFAULT_CONTEXT_LENGTH)
     info = ModelInfo(name=name, precision=precision, device=hardware_label(device, settings.zero_gpu),
-                     context_length=context, tools=isinstance(chat_format, ChatGLM3Format))
+                     context_length=context, tools=carries_tools(chat_format))
     return LoadedModel(model, chat_format, info)
-
-
-def _eos_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = model.config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -290,7 +274,7 @@ def _locate(model_id: str, explicit: bool) -> Path | None:
 
 
 def load_offline_demo(settings: Settings) -> LoadedModel:
-    from chatglm_web.families.chat_format import TemplateFormat
+    from chatglm_web.families.template.format import TemplateFormat, model_eos_ids
     from chatglm_web.families.template.offline import OFFLINE_MODEL_NAME, load_offline_model
 
     device = resolve_device(settings.device)
@@ -308,7 +292,7 @@ def load_offline_demo(settings: Settings) -> LoadedModel:
                "demo model. To chat with ChatGLM3, run on a machine that can reach the Hugging Face Hub, or "
                "download the model and start with `python app.py --model /path/to/chatglm3-6b`."],
     )
-    return LoadedModel(model, TemplateFormat(tokenizer, _eos_ids(model)), info)
+    return LoadedModel(model, TemplateFormat(tokenizer, model_eos_ids(model)), info)
 
 
 def load_chat_model(settings: Settings) -> LoadedModel:

@@ -7,12 +7,14 @@
 ``conversation_list``  the list in the sidebar, and saving (``store.js`` is its browser half)
 ``sharing``  share links, the read-only view, Replay
 ``meter``    the token meter and the exact prompt
+``attachments``  documents attached to a message (📎; ``documents.js`` is its browser half): chips, caps per
+             session and client, the documents into the prompt, dropped when the session ends
 ``markers``  how a reply ended (stopped, cut off, failed, interrupted), kept with the conversation
 ``strings``  every string in English and Chinese (``gr.I18n`` and the server's own lookups)
 ``style``    the page's CSS (layout, contrast, touch targets, message containment)
 
 May import the backend interface (``generation``), ``agent``, ``steps``, ``toolbox``, ``transcript``,
-``conversations``, ``branding`` and ``browser_secret``; nothing imports the page but ``server``.
+``conversations``, ``documents``, ``branding`` and ``browser_secret``; nothing imports the page but ``server``.
 """
 
 from chatglm_web.page.chat import conversation, stats_markdown

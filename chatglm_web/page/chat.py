@@ -23,7 +23,7 @@ from gradio.processing_utils import save_bytes_to_cache
 from gradio.utils import get_upload_folder
 
 from chatglm_web.tools.agent import StepFinished, run_agent
-from chatglm_web.families.chat_format import normalize_messages
+from chatglm_web.messages import normalize_messages
 from chatglm_web.generation import (BackendBusy, ChatBackend, Finished, InvalidRequest, Queued, SamplingParams, TextDelta,
                           check_valid_text)
 from chatglm_web.page.steps import TurnView, step_messages

@@ -16,6 +16,7 @@ import gradio as gr
 
 from chatglm_web.conversations.browser_store import BrowserStore, Row, Saved, ops, read_import
 from chatglm_web.conversations.tree import Conversation, InvalidConversation
+from chatglm_web.page.markers import ending_of
 from chatglm_web.page.strings import text
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class ConversationList:
             return {p.list_note: text("import_failed", lang, error=text("import_too_large", lang, size=size,
                                                                         limit=MAX_IMPORT_BYTES))}
         try:
-            conversations = read_import(json.loads(str(chosen.get("text", ""))))
+            conversations = read_import(json.loads(str(chosen.get("text", ""))), ending_of)
         except (ValueError, InvalidConversation) as error:
             return {p.list_note: text("import_failed", lang, error=str(error))}
         saved = self.store.put_many(conversations, picked.get("metas"))

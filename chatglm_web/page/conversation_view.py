@@ -1,5 +1,7 @@
 """A conversation tree as the chat shows it: the shown branch's messages, with after a reply how it ended
-(a marker, ``markers.py``) and after a message with several versions its ‹ 2/3 › links.
+(a marker, ``markers.py``) and after a message with several versions its ‹ 2/3 › links. A message with
+documents has their chips under it, and a reply made with them a line saying what of them the model saw
+(``attachments.py``).
 
     messages, shown = view(tree, lang)    shown[i]: the tree node the chat's message i belongs to
 
@@ -15,6 +17,7 @@ import html
 import re
 
 from chatglm_web.conversations.tree import Conversation
+from chatglm_web.page.attachments import chips_message, is_live, note_message, report_of
 from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import text
 
@@ -48,6 +51,11 @@ def view(tree: Conversation | None, lang: str, streaming: str | None = None) -> 
     messages, shown = [], []
     for node in tree.path():
         body = [dict(m) for m in node.messages]
+        if node.role == "user" and body and "documents" in body[0]:   # its documents' chips, under it
+            body.append(chips_message(body[0].pop("documents"), lang, is_live))
+        note = note_message(report_of(node.generation), lang) if node.role == "assistant" else None
+        if note is not None:   # what of the documents the model saw
+            body.append(note)
         if node.role == "assistant" and node.end is not None and node.id != streaming:
             body.append(marker(node.end, lang, node.error))
         if node.role == "user" or body:

@@ -29,7 +29,6 @@ import html
 import json
 import logging
 from contextlib import aclosing
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +36,7 @@ import gradio as gr
 
 from chatglm_web.branding import Branding
 from chatglm_web.browser_secret import browser_state_key, browser_state_secret
-from chatglm_web.generation import ChatBackend, ModelInfo, option
+from chatglm_web.generation import ChatBackend, ModelInfo, SamplingParams, option
 from chatglm_web.settings import DEFAULT_MODEL
 from chatglm_web.conversations.browser_store import BrowserStore, ops
 from chatglm_web.conversations.legacy_storage import CONVERSATION_KEY as LEGACY_CONVERSATION_KEY, open_browser_state
@@ -49,7 +48,9 @@ from chatglm_web.page import turns
 from chatglm_web.page.chat import make_chat_fn
 from chatglm_web.page.conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
                                 list_update, rows_state, saved_note)
+from chatglm_web.page.attachments import ATTACH_JS, DETACH_JS, DOCUMENTS_JS, PageDocuments, button_html
 from chatglm_web.page.conversation_view import is_nav, view
+from chatglm_web.page.markers import ending_of
 from chatglm_web.page.meter import DEBOUNCE_JS, make_meter
 from chatglm_web.page.sharing import LINK_JS, Sharing, model_title_of
 from chatglm_web.page.sharing import banner_html as shared_banner_html
@@ -163,11 +164,12 @@ def _download_button(labels: Labels, key: str, elem_id: str, render_text, source
 
 
 def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int = 2048,
-               state_secret: str | None = None, toolbox=None) -> gr.Blocks:
+               state_secret: str | None = None, toolbox=None, listed_chat_api: bool = True) -> gr.Blocks:
     """The chat page. ``state_secret`` seals what the browser keeps and what share links carry; by default
     ``browser_secret.browser_state_secret()`` ($CHATGLM_WEB_STATE_SECRET or a key file made once).
     ``toolbox`` (``toolbox.Toolbox``) adds the Tools and, when it has a sandbox, Code interpreter modes,
-    offered only when the model can call tools."""
+    offered only when the model can call tools. ``listed_chat_api=False``: the ``/chat`` endpoint stays
+    callable but is left off the API page (and so off the MCP server's tools, see ``api.mcp``)."""
     remove_legacy_downloads()
     info = backend.info
     for note in info.notes:   # for the operator, not the audience
@@ -198,6 +200,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
     with gr.Blocks(title=f"{model_title(info)} · {branding.title}", analytics_enabled=False, fill_height=True,
                    delete_cache=DELETE_CACHE) as page:
         p.lang = gr.State("en")
+        p.documents = PageDocuments(backend, toolbox)   # documents attached in each browser session (📎)
         p.busy = gr.State(False)
         p.plan = gr.State(None)
         # (not a callable default: Gradio would call it in a load step of its own, which could run after ``restore``
@@ -217,6 +220,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             p.store_ops = gr.JSON(None)  # what a step wants store.js to write
             holder = gr.Textbox()
             share_token = gr.Textbox()
+            picked_document = gr.JSON(None)      # what documents.js read of a picked file
+            removed_document = gr.Textbox()      # the pending chip whose ✕ was pressed
 
         with gr.Row(elem_id="topbar", equal_height=True):
             labels(gr.HTML(top_bar_html(info, "en"), elem_id="model-title"),
@@ -244,10 +249,13 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
                                                 html_attributes=gr.InputHTMLAttributes(enterkeyhint="send")),
                                      label="message_label",
                                      placeholder=lambda lg: text("input_placeholder", lg, model=model_title(info)))
+                    labels(gr.HTML(button_html("en"), elem_id="attach", scale=0, min_width=44),
+                           value=button_html)
                     send = labels(gr.Button(i18n("send"), variant="primary", elem_id="send", scale=0, min_width=88),
                                   value="send")
                     stop_button = labels(gr.Button(i18n("stop"), variant="stop", elem_id="stop", scale=0,
                                                    min_width=88, visible=False), value="stop")
+                p.attached = gr.HTML("", elem_id="attachments")   # the pending documents' chips
                 with gr.Row(elem_id="meter-row", equal_height=True):
                     meter_line = gr.HTML("", elem_id="token-meter")
                     view_prompt = labels(gr.Button(i18n("view_prompt"), size="sm", elem_id="view-prompt", scale=0,
@@ -324,7 +332,7 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
             return {chatbot: chat, p.shown: shown, p.stats: ""}
 
         lists = ConversationList(store, p, show_conversation)
-        meter = make_meter(backend, toolbox)
+        meter = make_meter(backend, toolbox, p.documents)
         meter_inputs = [textbox, p.tree, *settings, p.lang]
 
         def measuring(dependency):
@@ -422,7 +430,8 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         measuring(switch.click(switch_language, [p.lang, p.tree, p.rows, p.search, p.readonly, p.shared_about,
                                                  *settings],
                                _unique([p.lang, saved_settings, *relabel_outputs, p.shown, p.conversation_list,
-                                        p.share_banner]), **quiet))
+                                        p.share_banner]), **quiet)).then(
+            p.documents.relabel, [p.lang], [p.attached], **quiet)   # the pending chips in the new language
         mode.change(lambda value, current_lang: gr.Chatbot(examples=examples(value, current_lang)), [mode, p.lang],
                     [chatbot], **quiet)
         open_drawer.click(lambda: gr.Sidebar(open=True), None, [drawer], **quiet)
@@ -475,12 +484,19 @@ def build_page(backend: ChatBackend, branding: Branding, *, max_new_tokens: int 
         measuring(lists.writing(loaded))
 
         # -- the /chat API endpoint (API clients only; stateless per call apart from its session's history) --
-        _api_endpoint(backend, toolbox)
+        _api_endpoint(backend, toolbox, listed_chat_api)
         if toolbox is not None:
             def end_session(request: gr.Request):  # the tab was closed or reloaded: its kernel goes
                 toolbox.end_session(request.session_hash)
 
             page.unload(end_session)
+        page.unload(p.documents.end_session)   # the tab was closed or reloaded: its documents go
+        attach_go = gr.Button("attach", elem_id="attach-go", elem_classes=["hidden-helper"])
+        detach_go = gr.Button("detach", elem_id="detach-go", elem_classes=["hidden-helper"])
+        measuring(attach_go.click(p.documents.attach, [picked_document, p.lang], [p.attached, p.stats],
+                                  js=ATTACH_JS, **QUIET))
+        measuring(detach_go.click(p.documents.detach, [removed_document, p.lang], [p.attached], js=DETACH_JS,
+                                  **QUIET))
     return page
 
 
@@ -498,7 +514,7 @@ def _restored(store: BrowserStore, sharing: Sharing, snapshot: dict, old_history
     tab = snapshot.get("tab") if isinstance(snapshot.get("tab"), str) else None
     tree = store.open_or_none(snapshot.get("data"), tab)
     if isinstance(old_history, list) and old_history:   # kept by a version before the list: it joins the list
-        migrated = from_history(old_history)
+        migrated = from_history(old_history, ending_of=ending_of)
         if not migrated.empty:
             saved = store.save(migrated, {"metas": snapshot.get("metas")}, tab=tree is None)
             found.update(rows=rows_state(saved.rows), ops=saved.ops, migrated=True,
@@ -547,16 +563,20 @@ def _wire_turns(backend, toolbox, lists: ConversationList, measuring, p, send, s
                       seed, mode, current_lang, request: gr.Request):
         async with aclosing(turns.respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k,
                                           repetition_penalty, seed, mode, current_lang, toolbox=toolbox,
-                                          backend=backend, stops=stops,
+                                          backend=backend, stops=stops, documents=p.documents,
                                           request=request)) as updates:   # a visitor who leaves ends it
             async for update in updates:
                 yield update
 
     def finish(tree, lang, request: gr.Request):
         stops.forget(getattr(request, "session_hash", None))   # a Stop that came too late
-        return turns.finish(tree, lang)
+        return (*turns.finish(tree, lang), p.documents.relabel(lang, request))   # (chips given back, if any)
 
-    show = partial(turns.show, info=backend.info)
+    def show(plan, tree, lang, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
+             mode, request: gr.Request):   # (a function of its own: Gradio finds gr.Request by its type hint)
+        return turns.show(plan, tree, lang, system_prompt, temperature, top_p, max_new_tokens, top_k,
+                          repetition_penalty, seed, mode, info=backend.info, documents=p.documents, request=request)
+
     begin = turns.Begin(turns.Refusals())
     state = [p.busy, p.readonly, p.lang]
     starts = [
@@ -570,21 +590,49 @@ def _wire_turns(backend, toolbox, lists: ConversationList, measuring, p, send, s
         began = trigger(begin_turn, inputs, [p.plan], **quiet)
         began.failure(begin.refused, [p.lang], [p.stats], **quiet)   # refused: why, in the statistics line
         shown = lists.saving(began.success(show, [p.plan, p.tree, p.lang, *settings],
-                                           [chatbot, p.shown, textbox, p.stats, p.plan, *controls], **quiet))
+                                           [chatbot, p.shown, textbox, p.stats, p.plan, *controls, p.attached],
+                                           **quiet))
         reply = shown.then(respond, [p.plan, p.tree, *settings, p.lang], [chatbot, p.shown, p.stats, textbox],
                            show_progress="hidden", api_visibility="undocumented")
-        finished = lists.saving(reply.then(finish, [p.tree, p.lang], [chatbot, p.shown, *controls], **quiet))
+        finished = lists.saving(reply.then(finish, [p.tree, p.lang], [chatbot, p.shown, *controls, p.attached],
+                                           **quiet))
         measuring(finished).then(None, js=REFOCUS_JS, **quiet)
     stop_button.click(turns.stopper(stops), None, None, **quiet)
-    measuring(lists.saving(chatbot.undo(turns.undo, [p.tree, p.shown, p.busy, p.readonly, p.lang],
-                                        [chatbot, p.shown, textbox], **quiet)))
+    def undo(tree, shown, busy, readonly, lang, undone: gr.UndoData, request: gr.Request):
+        return turns.undo(tree, shown, busy, readonly, lang, undone, documents=p.documents, request=request)
+
+    measuring(lists.saving(chatbot.undo(undo, [p.tree, p.shown, p.busy, p.readonly, p.lang],
+                                        [chatbot, p.shown, textbox, p.attached], **quiet)))
     # mid-reply, what is kept says "interrupted" (a reload then shows the partial reply for what it is)
     lists.saving(chatbot.change(lambda: None, None, None, trigger_mode="always_last", **quiet))
     measuring(lists.saving(version_go.click(turns.navigate_versions, [p.stored_in, p.tree, p.busy, p.lang],
                                             [chatbot, p.shown], js=VERSION_JS, **quiet)))
 
 
-def _api_endpoint(backend, toolbox) -> None:
+def schema_json(value, *, schema: dict, **kwargs) -> gr.JSON:
+    """A ``gr.JSON`` input (every value reaches the checks as it was sent) whose API schema says what the value
+    should be: gr.JSON's own schema (``{"type": {}}``) is not a JSON schema, and MCP clients refuse it. The
+    instance's ``api_info`` is replaced, not the class subclassed: Gradio writes a ``.pyi`` file next to the
+    module of every Component subclass."""
+    component = gr.JSON(value, **kwargs)
+    component.api_info = lambda: dict(schema)
+    return component
+
+
+def _api_schemas(modes) -> dict[str, dict]:
+    """The ``/chat`` endpoint's inputs as JSON schemas, from ``SamplingParams``' own declaration."""
+    properties = SamplingParams.model_json_schema()["properties"]
+    schemas = {"system_prompt": {"type": "string", "description": "the system prompt; empty for the model's own"}}
+    for name in SAMPLING:
+        schemas[name] = {key: properties[name][key] for key in ("type", "minimum", "maximum", "description")
+                         if key in properties[name]}
+    schemas["seed"] = {"type": "integer", "minimum": -1, "maximum": 2**63 - 1,
+                       "description": "the same seed and settings repeat a reply; -1 = a random seed"}
+    schemas["mode"] = {"type": "string", "enum": list(modes), "description": "Chat, or the model may call tools"}
+    return schemas
+
+
+def _api_endpoint(backend, toolbox, listed: bool = True) -> None:
     """``/chat``: (message, system prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
     mode) -> streamed (reply, statistics line). A Gradio client may leave out every argument after the message
     (its default is the page's). The conversation continues within the client's session (as a Gradio
@@ -596,26 +644,41 @@ def _api_endpoint(backend, toolbox) -> None:
                 "mode": f'"{CHAT}"'}
     with gr.Group(visible=False):
         message = gr.Textbox(label="message")
-        inputs = [gr.JSON(json.dumps(value) if not isinstance(value, str) else value, label=name)
-                  for name, value in defaults.items()]
+        schemas = _api_schemas(toolbox.modes if toolbox is not None else (CHAT,))
+        inputs = [schema_json(json.dumps(value) if not isinstance(value, str) else value, label=name,
+                              schema=schemas[name]) for name, value in defaults.items()]
         reply, stats = gr.JSON(label="reply"), gr.Markdown()
         session_history = gr.State([])
         trigger = gr.Button()
 
-    async def chat(message_text, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
+    async def chat(message, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed,
                    mode, history, request: gr.Request):
+        """One reply of the model to a message, streamed; within a Gradio client's session the conversation
+        goes on from call to call.
+
+        Args:
+            message: the user's message
+            system_prompt: the system prompt; empty for the model's own
+            temperature: randomness, 0 to 2; 0 = always the most likely token
+            top_p: sample from the smallest set of tokens whose probability reaches top_p
+            max_new_tokens: the longest reply in tokens
+            top_k: sample only from the k most likely tokens; 0 = no limit
+            repetition_penalty: over 1 makes tokens already in the conversation less likely
+            seed: the same seed and settings repeat a reply; -1 = a random seed
+            mode: "Chat", or "Tools" / "Code interpreter" to let the model call tools
+        """
         history = history or []
         # aclosing: a client that leaves closes this generator, and with it the generation
-        async with aclosing(chat_fn(message_text, history, system_prompt or "", temperature, top_p, max_new_tokens,
+        async with aclosing(chat_fn(message, history, system_prompt or "", temperature, top_p, max_new_tokens,
                                     top_k, repetition_penalty, seed, CHAT if mode is None else mode,
                                     request=request)) as updates:
             async for answer, line in updates:
                 # the exchange so far joins the session's conversation
                 said = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else list(answer)
-                yield answer, [*history, {"role": "user", "content": message_text}, *said], line
+                yield answer, [*history, {"role": "user", "content": message}, *said], line
 
     trigger.click(chat, [message, *inputs, session_history], [reply, session_history, stats], api_name="chat",
-                  postprocess=False, show_progress="hidden")
+                  postprocess=False, show_progress="hidden", api_visibility="public" if listed else "undocumented")
 
 
 def theme(branding: Branding) -> gr.themes.Base:
@@ -638,5 +701,6 @@ def launch_kwargs(branding: Branding) -> dict:
 
     # The page's CSS goes in <head> as it is (Gradio scopes ``css`` to its container, and the footer and the
     # container itself are outside that scope); the branding's CSS is scoped as usual.
-    return {"theme": theme(branding), "css": branding.css, "head": f"<style>{PAGE_CSS}</style><script>{STORE_JS}</script>",
+    return {"theme": theme(branding), "css": branding.css, "head": f"<style>{PAGE_CSS}</style><script>{STORE_JS}</script>"
+                    f"<script>{DOCUMENTS_JS}</script>",
             "max_file_size": MAX_FILE_SIZE, "i18n": I18N, "footer_links": ["api", "gradio"], "js": FOCUS_INPUT_JS}

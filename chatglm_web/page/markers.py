@@ -63,6 +63,12 @@ def marker_kind(content) -> str | None:
     return {"⏹": "stopped", "✂": "length"}[symbol]
 
 
+def ending_of(content) -> tuple[str, str] | None:
+    """(kind, error) of a marker message, for reading an old linear history back (``tree.from_history``)."""
+    kind = marker_kind(content)
+    return None if kind is None else (kind, failed_error(content) if kind == "failed" else "")
+
+
 def failed_error(content) -> str:
     """The error a "failed" marker names (its words without the "⚠ Failed: " around it)."""
     words = plain_text(content).strip()[1:-1]

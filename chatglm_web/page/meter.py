@@ -12,6 +12,8 @@ import asyncio
 import html
 import logging
 
+import gradio as gr
+
 from chatglm_web.generation import InvalidRequest, SamplingParams
 from chatglm_web.tools.toolbox import CHAT, INTERPRETER, TOOLS
 from chatglm_web.page.chat import conversation, seed_value
@@ -68,14 +70,21 @@ def meter_line(preview, typed: bool, lang: str) -> str:
     return f'<p class="token-meter">{html.escape(line)}</p>'
 
 
-def make_meter(backend, toolbox):
+def make_meter(backend, toolbox, documents=None):
+    """``documents`` (``attachments.PageDocuments``): the meter counts the documents the next turn takes."""
+
     async def meter(message, tree, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty,
-                    seed, mode, lang):
+                    seed, mode, lang, request: gr.Request = None):
         """(the meter line, the exact prompt) for the message being typed after the shown conversation."""
         history = tree.messages() if tree is not None else []
         sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
                         repetition_penalty=repetition_penalty, seed=seed)
         try:
+            if documents is not None:   # the branch's and the pending documents, in their messages
+                framed = await asyncio.to_thread(documents.preview, tree, message if isinstance(message, str) else "",
+                                                 system_prompt, mode, sampling, lang, request)
+                if framed is not None:
+                    history, message = framed
             preview, typed = await asyncio.to_thread(measure, backend, toolbox, message, history, system_prompt,
                                                      mode, sampling)
         except InvalidRequest as error:

@@ -1,4 +1,4 @@
-"""How a tool-loop turn looks in the chat, and how the history keeps the exact ChatGLM3 messages.
+"""How a tool-loop turn looks in the chat, and how the history keeps the exact messages the model saw.
 
 The page shows a turn as Chatbot messages (plain dicts in Gradio's "messages" format):
 - the model's text, as ordinary assistant messages;
@@ -8,8 +8,9 @@ The page shows a turn as Chatbot messages (plain dicts in Gradio's "messages" fo
 - images the code produced, as image messages after their step;
 - a note when the turn stopped early (the round bound).
 
-The exact ChatGLM3 messages a step stands for (the assistant message with its metadata line, then the
-``observation``) travel in the step's ``metadata["id"]``: ``"chatglm3:" + JSON``. Gradio's Chatbot keeps
+The exact messages a step stands for (the assistant message with its metadata line, then the tool's
+result) travel in the step's ``metadata["id"]``, as the model family's step payload (``ToolCalls.step_payload``
+and ``step_messages``; ``families.registry.tool_calls()``). Gradio's Chatbot keeps
 ``id`` as it is through every round trip (the browser, the BrowserState-kept history, the function's
 ``history`` argument) but drops unknown metadata keys and re-indents text content, so the id is the one
 place that survives exactly. ``step_messages(message)`` reads it back when the next prompt is built.
@@ -19,33 +20,23 @@ from __future__ import annotations
 
 import json
 
-from chatglm_web.tools.agent import AgentDone, MessageDone, Step, StepFinished, StepStarted
+from chatglm_web.families.registry import tool_calls
 from chatglm_web.generation import TextDelta
-
-PAYLOAD_PREFIX = "chatglm3:"
+from chatglm_web.tools.agent import AgentDone, MessageDone, Step, StepFinished, StepStarted
 
 
 def step_messages(message: dict) -> list[dict] | None:
-    """The ChatGLM3 messages an assistant Chatbot message stands for when it is not plain text: a step's
-    call and observation, or ``[]`` for what the model never saw (a note, an image). None: plain text."""
+    """The messages an assistant Chatbot message stands for when it is not plain text: a step's call and
+    result, or ``[]`` for what the model never saw (a note, an image). None: plain text."""
     metadata = message.get("metadata") if isinstance(message.get("metadata"), dict) else {}
     payload = metadata.get("id")
-    if isinstance(payload, str) and payload.startswith(PAYLOAD_PREFIX):
-        try:
-            kept = json.loads(payload[len(PAYLOAD_PREFIX):])
-        except ValueError:
-            return []
-        return [_chatglm3_message(m) for m in kept if isinstance(m, dict)] if isinstance(kept, list) else []
+    if isinstance(payload, str):
+        kept = tool_calls().step_messages(payload)
+        if kept is not None:
+            return kept
     if metadata.get("title") or _is_file(message.get("content")):
         return []
     return None
-
-
-def _chatglm3_message(message: dict) -> dict:
-    out = {"role": str(message.get("role")), "content": str(message.get("content", ""))}
-    if message.get("metadata"):
-        out["metadata"] = str(message["metadata"])
-    return out
 
 
 def _is_file(content) -> bool:
@@ -90,7 +81,7 @@ def step_message(step: Step) -> dict:
     metadata = {"title": step_title(step), "status": step.status}
     if step.status == "done":
         metadata["duration"] = round(step.seconds, 2)
-        metadata["id"] = PAYLOAD_PREFIX + json.dumps([step.call, step.observation], ensure_ascii=False)
+        metadata["id"] = tool_calls().step_payload([step.call, step.observation])
     return {"role": "assistant", "content": step_content(step), "metadata": metadata}
 
 

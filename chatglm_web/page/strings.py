@@ -132,6 +132,58 @@ STRINGS: dict[str, tuple[str, str]] = {
     "end_length": ("✂ Cut off at the max-new-tokens limit", "✂ 达到最大生成长度，已截断"),
     "end_failed": ("⚠ Failed: {error}", "⚠ 失败：{error}"),
     "end_interrupted": ("⚠ Interrupted (the page was closed while the reply was streaming)", "⚠ 已中断（回复生成时页面被关闭）"),
+    # documents attached to a message (page/attachments.py)
+    "doc_attach": ("Attach a document ({accepted}; up to {limit}, {pages} pages, {chars:,} characters of text)",
+                   "附加文档（{accepted}；最大 {limit}、{pages} 页、{chars:,} 个字符）"),
+    "doc_remove": ("Remove {name}", "移除 {name}"),
+    "doc_pending_note": ("goes with your next message", "将随下一条消息发送"),
+    "doc_chip": ("{name} · {kind} · {tokens:,} tokens", "{name} · {kind} · {tokens:,} tokens"),
+    "doc_kind_pages": ("{kind}, {pages} pages", "{kind}，{pages} 页"),
+    "doc_kind_text": ("text file", "文本文件"),
+    "doc_kind_markdown": ("Markdown file", "Markdown 文件"),
+    "doc_kind_html": ("HTML page", "HTML 网页"),
+    "doc_kind_pdf": ("PDF", "PDF"),
+    "doc_kind_docx": ("Word document", "Word 文档"),
+    "doc_attach_again": ("· no longer here: documents are kept only while the page is open; attach it again to "
+                         "ask about it", "· 已不在服务器上：文档只在页面打开期间保留；如需继续提问请重新附加"),
+    "doc_whole": ("📄 {name}: the whole document was in the prompt ({tokens:,} tokens).",
+                  "📄 {name}：整篇文档都放入了提示（{tokens:,} tokens）。"),
+    "doc_passages": ("📄 {name}: too long to read whole; the {count} passages most relevant to the question were "
+                     "in the prompt ({included:,} of {total:,} tokens, {share}).",
+                     "📄 {name}：文档太长，无法整篇放入；提示中放入了与问题最相关的 {count} 段（{total:,} tokens 中的 "
+                     "{included:,}，{share}）。"),
+    "doc_left_out": ("📄 {name}: left out of the prompt; the later conversation fills the context.",
+                     "📄 {name}：没有放入提示；之后的对话已占满上下文。"),
+    "doc_missing": ("📄 {name}: not in the prompt; documents are kept only while the page is open. Attach it "
+                    "again to ask about it.", "📄 {name}：没有放入提示；文档只在页面打开期间保留。如需提问请重新附加。"),
+    "doc_suggest": (" For the whole document, use a longer-context model such as {model}.",
+                    " 如需整篇阅读，请使用上下文更长的模型，例如 {model}。"),
+    "doc_no_room": ("There is no room in the prompt for {name}: the prompt may use {budget:,} of the model's "
+                    "{context:,} tokens and the conversation without the documents takes {total:,}. Lower Max new "
+                    "tokens or start a new conversation.",
+                    "提示中没有空间放入 {name}：提示最多可用模型 {context:,} 个 token 中的 {budget:,} 个，而不含文档的对话已占 "
+                    "{total:,} 个。请调低最大生成长度或开始新对话。"),
+    "doc_too_many_chars": ("With its documents the message is {chars:,} characters long, over this server's limit of "
+                           "{limit:,} characters for one message. Attach a shorter document.",
+                           "加上文档后消息长 {chars:,} 个字符，超过了本服务器单条消息 {limit:,} 个字符的上限。请附加更短的文档。"),
+    "doc_file_too_large": ("{name} is {size}; the page takes documents of up to {limit}.",
+                           "{name} 大小为 {size}；页面接受的文档最大为 {limit}。"),
+    "doc_unreadable": ("{name} could not be read by the browser.", "浏览器无法读取 {name}。"),
+    "doc_too_many_pending": ("At most {count} documents go with one message; send this one first.",
+                             "一条消息最多附加 {count} 个文档；请先发送这一条。"),
+    "doc_too_many_session": ("This page already holds {count} documents, the limit; start a new page (reload) to "
+                             "attach others.", "此页面已保存 {count} 个文档，已达上限；请重新加载页面后再附加。"),
+    "doc_too_many_client": ("Your address already holds {count} documents on this server, the limit; close other "
+                            "tabs of this page to attach more.", "你的地址在本服务器上已保存 {count} 个文档，已达上限；"
+                            "请关闭此页面的其他标签页后再附加。"),
+    "doc_session_chars": ("{name} was not kept: this page's documents may hold {limit:,} characters of text in all.",
+                          "{name} 没有保存：此页面的文档总共最多 {limit:,} 个字符。"),
+    "doc_client_chars": ("{name} was not kept: the documents of your address may hold {limit:,} characters of text "
+                         "in all.", "{name} 没有保存：你的地址的文档总共最多 {limit:,} 个字符。"),
+    "doc_server_full": ("{name} was not kept: the server holds as many documents as it can right now; try again "
+                        "later.", "{name} 没有保存：服务器目前保存的文档已达上限；请稍后再试。"),
+    "doc_too_many_reads": ("Too many documents read: at most {count} every {minutes} minutes from one address; try "
+                           "again later.", "读取的文档太多：每个地址每 {minutes} 分钟最多 {count} 个；请稍后再试。"),
     # errors
     "error": ("⚠️ {error}", "⚠️ {error}"),
     "generation_failed": ("Generation failed: {error}", "生成失败：{error}"),

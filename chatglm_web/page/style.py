@@ -88,6 +88,31 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #reply-stats { order: 4; flex: 0 0 auto; font-size: 0.85rem; min-height: 1.4em; }
 #reply-stats p { margin: 0; }
 #send, #stop { min-height: 44px; }
+/* documents (page/attachments.py): the 📎 button, the pending chips over the message box, the chips under a
+   message and the line under a reply saying what of them the model saw */
+#attach { flex: 0 0 44px !important; min-width: 44px !important; width: 44px !important; align-self: flex-end;
+  padding: 0 !important; margin: 0 !important; }
+#attach .html-container { padding: 0 !important; }
+#attach .attach-button { width: 44px; min-height: 44px; padding: 0; border-radius: 12px; font-size: 1.2rem;
+  border: 1px solid var(--border-color-primary); background: var(--background-fill-primary); cursor: pointer; }
+#attach .attach-button:hover, #attach .attach-button:focus-visible { background: var(--background-fill-secondary); }
+#attachments { flex: 0 0 auto; min-height: 0; }
+.doc-pending { display: flex; flex-wrap: wrap; align-items: center; gap: 6px; font-size: 0.85rem; }
+.doc-pending-note { color: var(--body-text-color-subdued); }
+.doc-chip { display: inline-flex; align-items: center; gap: 4px; max-width: 100%; padding: 2px 10px;
+  border-radius: 999px; border: 1px solid var(--border-color-primary); background: var(--background-fill-secondary);
+  font-size: 0.85rem; overflow-wrap: anywhere; }
+.doc-chip .doc-gone { color: var(--body-text-color-subdued); }
+.chip-remove { border: none; background: transparent; color: inherit; cursor: pointer; padding: 0 4px;
+  min-width: 24px; min-height: 24px; border-radius: 6px; }
+.chip-remove:hover, .chip-remove:focus-visible { background: var(--background-fill-primary); }
+.doc-chips { display: flex; flex-wrap: wrap; gap: 6px; justify-content: flex-end; }
+.doc-note { display: block; font-size: 0.85rem; color: var(--body-text-color-subdued); }
+#chatbot .message-row:has(.doc-chips) + .message-buttons button[aria-label="Edit"],
+#chatbot .message-row:has(.doc-chips) + .message-buttons button[aria-label="编辑"] { display: none !important; }
+#chatbot .message:has(.doc-chips), #chatbot .message:has(.doc-chips) > div,
+#chatbot .message:has(.doc-note), #chatbot .message:has(.doc-note) > div { background: transparent !important;
+  border: none !important; box-shadow: none !important; padding: 0 !important; min-height: 0 !important; }
 #chat-input textarea { border: 1px solid var(--border-color-primary) !important; border-radius: 12px !important;
   padding: 10px 12px !important; }
 
@@ -112,6 +137,7 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
   #language-switch, #open-settings, #send, #stop, #new-chat, #undo-delete { min-height: 44px; min-width: 44px; }
   #view-prompt { min-height: 32px !important; }
   #chatbot button { min-width: 32px; min-height: 32px; }
+  .chip-remove { min-width: 32px; min-height: 32px; }
   footer a { min-height: 28px !important; }
   #settings-drawer input[type="number"], #settings-drawer button { min-height: 32px !important; }
   #settings-drawer input[type="range"] { padding: 10px 0 !important; box-sizing: content-box !important; }

@@ -203,7 +203,9 @@ class Begin:
         # (a user node shows its message first; its version links follow under the same node)
         if node_id is None or tree.nodes[node_id].role != "user" or shown.index(node_id) != edit.index:
             raise self.refusals.refuse(request, text("not_editable", lang))
-        return {"parent": tree.nodes[node_id].parent, "text": _accept(edit.value, lang, self.refusals, request)}
+        documents = tree.nodes[node_id].messages[0].get("documents")   # the new version keeps its documents
+        return {"parent": tree.nodes[node_id].parent, "text": _accept(edit.value, lang, self.refusals, request),
+                **({"documents": documents} if documents else {})}
 
     def refused(self, lang, request: gr.Request):
         """The failure step after a refused begin: the reason, once, in the statistics line."""
@@ -226,34 +228,46 @@ def generation_settings(system_prompt, temperature, top_p, max_new_tokens, top_k
 
 
 def show(plan, tree: Conversation, lang, system_prompt, temperature, top_p, max_new_tokens, top_k,
-         repetition_penalty, seed, mode, info=None):
+         repetition_penalty, seed, mode, info=None, documents=None, request: gr.Request = None):
     """The accepted turn on the page: the message in the chat, the box emptied, Stop instead of Send; the tree
     gets the message (or its new version) and an empty reply. Outputs (chatbot, shown, textbox, stats, plan,
-    busy, send, stop)."""
+    busy, send, stop), and with ``documents`` (``attachments.PageDocuments``) the pending chips, emptied: a new
+    message takes the pending documents (an edited one keeps its own)."""
     settings = (system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, seed, mode)
     if "text" in plan:
-        user = tree.add_user(plan["parent"], plan["text"])
+        refs = plan.get("documents")
+        if refs is None and documents is not None:
+            refs = documents.take(request)
+        user = tree.add_user(plan["parent"], plan["text"], refs)
     else:
         user = tree.nodes[plan["user"]]
     reply = tree.add_reply(user.id, generation_settings(*settings, info=info))
     plan = {**plan, "user_node": user.id, "reply": reply.id}
     chat, shown = chat_update(tree, lang, True, reply.id)
-    return (chat, shown, gr.Textbox(value=""), "", plan, *Controls.running())
+    pending = (documents.relabel(lang, request),) if documents is not None else ()
+    return (chat, shown, gr.Textbox(value=""), "", plan, *Controls.running(), *pending)
 
 
-def undo(tree, shown, busy, readonly, lang, undone: gr.UndoData):
-    """Take back the last exchange shown: its message returns to the input box (other versions stay).
-    Nothing while a reply streams. Outputs (chatbot, shown, textbox)."""
+def undo(tree, shown, busy, readonly, lang, undone: gr.UndoData, documents=None, request: gr.Request = None):
+    """Take back the last exchange shown: its message returns to the input box (other versions stay), and with
+    ``documents`` (``attachments.PageDocuments``) its documents to the pending chips. Nothing while a reply
+    streams. Outputs (chatbot, shown, textbox), and with ``documents`` the pending chips."""
+    pending = () if documents is None else (gr.skip(),)
     node_id = node_at(tree, shown, undone.index)
     if busy or readonly or node_id is None:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), *pending
     node = tree.nodes[node_id]
     if node.role == "assistant":
         node = tree.nodes[node.parent]
     message = node.messages[0]["content"]
+    refs = node.messages[0].get("documents")
     tree.remove(node.id)
+    if documents is not None:
+        if refs:
+            documents.give_back(request, refs)
+        pending = (documents.relabel(lang, request),)
     chat, shown = chat_update(tree, lang, False)
-    return chat, shown, gr.Textbox(value=printable(plain_text(message)))
+    return chat, shown, gr.Textbox(value=printable(plain_text(message))), *pending
 
 
 def navigate_versions(request, tree, busy, lang):
@@ -266,8 +280,9 @@ def navigate_versions(request, tree, busy, lang):
 
 async def respond(plan, tree: Conversation, system_prompt, temperature, top_p, max_new_tokens, top_k,
                   repetition_penalty, seed, mode, lang, toolbox=None, backend=None,
-                  stops: StopSignals | None = None, request: gr.Request | None = None):
-    """(chatbot, shown, stats, textbox) updates of the reply ``show`` added to the tree."""
+                  stops: StopSignals | None = None, request: gr.Request | None = None, documents=None):
+    """(chatbot, shown, stats, textbox) updates of the reply ``show`` added to the tree; ``documents``
+    (``attachments.PageDocuments``) puts the branch's documents into the prompt."""
     if not plan or "reply" not in plan:   # begin refused it
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
@@ -276,14 +291,15 @@ async def respond(plan, tree: Conversation, system_prompt, temperature, top_p, m
     stop = stops.watch(session)
     try:
         async for update in _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k,
-                                     repetition_penalty, mode, lang, toolbox, backend, stop, request):
+                                     repetition_penalty, mode, lang, toolbox, backend, stop, request,
+                                     documents):
             yield update
     finally:
         stops.done(session)
 
 
 async def _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens, top_k, repetition_penalty, mode,
-                   lang, toolbox, backend, stop: asyncio.Event, request):
+                   lang, toolbox, backend, stop: asyncio.Event, request, documents=None):
     reply_id, user_id = plan["reply"], plan["user_node"]
     user = tree.nodes[user_id]
     path = [node.id for node in tree.path()]
@@ -298,6 +314,9 @@ async def _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens
     def given_back(error: str):
         """Nothing came: the turn is taken back (a new message returns to the input box)."""
         if reply_id in tree.nodes:
+            refs = tree.nodes[user_id].messages[0].get("documents")
+            if "text" in plan and refs and documents is not None and "documents" not in plan:
+                documents.give_back(request, refs)   # pending again, with the message back in the box
             tree.remove(user_id if "text" in plan else reply_id)
         return update(text("error", lang, error=translate_error(error, lang)),
                       gr.Textbox(value=plan["text"]) if "text" in plan else gr.skip(), False)
@@ -306,6 +325,11 @@ async def _respond(plan, tree, system_prompt, temperature, top_p, max_new_tokens
         tree.set_reply(reply_id, tree.nodes[reply_id].messages, end, error)
 
     try:
+        if documents is not None:   # the branch's documents into their messages (the chat shows them as chips)
+            history, message = await documents.compose(
+                tree, user_id, reply_id, history, message, system_prompt, mode,
+                {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "top_k": top_k,
+                 "repetition_penalty": repetition_penalty, "seed": seed}, lang, request)
         turn = await start_turn(backend, toolbox, message, history, system_prompt, mode, request, lang,
                                 temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed)

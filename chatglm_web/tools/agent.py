@@ -1,4 +1,4 @@
-"""The tool loop: ChatGLM3's tool calls and code interpreter on any ``ChatBackend``. No Gradio here.
+"""The tool loop: a model family's tool calls and code interpreter on any ``ChatBackend``. No Gradio here.
 
     runner = ToolRunner(registry)        # Tools mode: tools from a ToolRegistry
     runner = InterpreterRunner(kernel)   # Code interpreter mode: code runs in this session's sandboxed kernel
@@ -9,18 +9,20 @@
 One turn, round by round:
   the model's reply streams (``TextDelta`` for the text of plain messages, ``Queued`` and each
   round's ``Finished`` passed through); each assistant message it holds ends with ``MessageDone``
-  (the exact ChatGLM3 message: role, metadata line, content). A reply whose last message has a
+  (the exact message: role, metadata line, content). A reply whose last message has a
   metadata line (a tool name, ``interpreter``) is a call: ``StepStarted``, the runner executes it off
   the event loop (a tool through the registry, schema-checked and with a timeout; code in the
   sandbox), ``StepFinished`` with the result and the ``observation`` message sent back, and the
   model continues with the conversation plus the call and the observation.
-The turn ends with ``AgentDone(messages, note)``: every ChatGLM3 message the turn added (assistant
+The turn ends with ``AgentDone(messages, note)``: every message the turn added (assistant
 messages with their metadata, observations), to keep in history so later prompts contain them.
 
 Rules:
-- A call is parsed with ``ast`` (``chatglm3.reply``), never evaluated. A malformed call, an unknown
-  tool or an argument the schema refuses is answered as an observation that says what is wrong (the
-  model can correct itself), and shown as a failed step.
+- The model family's dialect (``families.family.ToolCalls``: a runner's ``calls``, by default
+  ``families.registry.tool_calls()``) writes the system messages and the observations and reads the
+  calls, never evaluated (ChatGLM3's with ``ast``). A malformed call, an unknown tool or an argument
+  the schema refuses is answered as an observation that says what is wrong (the model can correct
+  itself), and shown as a failed step.
 - At most ``max_rounds`` calls are executed per turn; a further call is not run and the turn ends
   with a note saying so.
 - A reply cut off (max new tokens, Stop, an error) ends the turn; an unfinished call is not run.
@@ -34,16 +36,13 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
-from chatglm_web.families.chatglm3.reply import ToolCallError, parse_reply, strip_code_fence
+from chatglm_web.families.family import ToolCallError, ToolCalls
+from chatglm_web.families.registry import tool_calls
 from chatglm_web.generation import ChatBackend, Finished, Queued, ReplyMetadata, SamplingParams, TextDelta
 from chatglm_web.tools.sandbox import SandboxBusy
 
 MAX_ROUNDS = 5
-INTERPRETER = "interpreter"
-#: The system prompt ChatGLM3 was trained with for the code interpreter (spec §7).
-INTERPRETER_SYSTEM_PROMPT = (
-    "你是一位智能AI助手，你叫ChatGLM，你连接着一台电脑，但请注意不能联网。在使用Python解决任务时，你可以运行代码并得到结果，"
-    "如果运行结果有错误，你需要尽可能对代码进行改进。你可以处理用户上传到电脑上的文件，文件默认存储路径是/mnt/data/。")
+INTERPRETER = "interpreter"  # the kind of a code interpreter step (and the runner's)
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class StepFinished:
 
 @dataclass(frozen=True)
 class MessageDone:
-    """An assistant message of the turn is complete (exact ChatGLM3 message)."""
+    """An assistant message of the turn is complete (the exact message)."""
 
     message: dict
 
@@ -96,26 +95,25 @@ class ToolRunner:
 
     kind = "tool"
 
-    def __init__(self, registry, timeout: float = 10.0):
+    def __init__(self, registry, timeout: float = 10.0, calls: ToolCalls | None = None):
         self.registry = registry
         self.timeout = timeout
+        self.calls = calls or tool_calls()
 
     def system_message(self) -> dict:
-        from chatglm_web.tools.registry import TOOLS_SYSTEM_PROMPT
-
-        return {"role": "system", "content": TOOLS_SYSTEM_PROMPT, "tools": self.registry.specs()}
+        return self.calls.tools_system_message(self.registry.specs())
 
     async def run(self, step: Step) -> Step:
         if step.name not in self.registry.tools:
             known = ", ".join(sorted(self.registry.tools)) or "none"
-            return _refused(step, f"there is no tool named {step.name!r}; the tools are: {known}")
+            return _refused(step, f"there is no tool named {step.name!r}; the tools are: {known}", self.calls)
         try:
-            parsed = parse_reply(f"{step.call['metadata']}\n{step.call['content']}", tools_available=True)
+            call = self.calls.read_call(step.call)
         except ToolCallError as error:
-            return _refused(step, str(error))
-        step = replace(step, arguments=parsed.tool_call.arguments)
+            return _refused(step, str(error), self.calls)
+        step = replace(step, arguments=call.arguments)
         result = await asyncio.to_thread(self.registry.call, step.name, step.arguments, timeout=self.timeout)
-        return _finished(step, ran=True, ok=result.ok, output=result.content, error=result.error,
+        return _finished(step, self.calls, ran=True, ok=result.ok, output=result.content, error=result.error,
                          seconds=result.seconds)
 
 
@@ -124,41 +122,45 @@ class InterpreterRunner:
 
     kind = INTERPRETER
 
-    def __init__(self, sandbox):
+    def __init__(self, sandbox, calls: ToolCalls | None = None):
         self.sandbox = sandbox   # anything with execute(code) -> ExecutionResult: a pool's SessionKernel
+        self.calls = calls or tool_calls()
 
     @staticmethod
-    def system_message() -> dict:
-        return {"role": "system", "content": INTERPRETER_SYSTEM_PROMPT}
+    def system_message(calls: ToolCalls | None = None) -> dict:
+        """The interpreter mode's system message (callable on the class: no kernel needed)."""
+        return (calls or tool_calls()).interpreter_system_message()
 
     async def run(self, step: Step) -> Step:
-        if step.name != INTERPRETER:
-            return _refused(step, f"there are no tools here, only the code interpreter; got {step.name!r}")
-        code = strip_code_fence(step.call["content"])
+        code = self.calls.interpreter_code(step.call)
+        if code is None:
+            return _refused(step, f"there are no tools here, only the code interpreter; got {step.name!r}",
+                            self.calls)
         step = replace(step, code=code)
         if not code:
-            return _refused(step, "the interpreter message holds no code")
+            return _refused(step, "the interpreter message holds no code", self.calls)
         started = asyncio.get_running_loop().time()
         try:
             result = await asyncio.to_thread(self.sandbox.execute, code)
         except SandboxBusy as busy:   # no kernel can be had now: the message says when to try again
-            return _refused(step, str(busy))
+            return _refused(step, str(busy), self.calls)
         problem = ("the code ran past its time limit" if result.timed_out else result.error) or None
         if result.restarted:
             problem = (problem + "; " if problem else "") + "the kernel was restarted"
-        return _finished(step, ran=True, ok=problem is None, output=result.observation(), error=problem,
-                         images=tuple(result.images), seconds=asyncio.get_running_loop().time() - started)
+        return _finished(step, self.calls, ran=True, ok=problem is None, output=result.observation(),
+                         error=problem, images=tuple(result.images),
+                         seconds=asyncio.get_running_loop().time() - started)
 
 
-def _finished(step: Step, *, ran: bool, ok: bool, output: str, error: str | None, images=(),
+def _finished(step: Step, calls: ToolCalls, *, ran: bool, ok: bool, output: str, error: str | None, images=(),
               seconds: float = 0.0) -> Step:
     return replace(step, status="done", ran=ran, ok=ok, output=output, error=error, images=images, seconds=seconds,
-                   observation={"role": "observation", "content": output})
+                   observation=calls.result_message(output))
 
 
-def _refused(step: Step, problem: str) -> Step:
+def _refused(step: Step, problem: str, calls: ToolCalls) -> Step:
     """A call that is not run: the model is told why, as its observation."""
-    return _finished(step, ran=False, ok=False, output=json.dumps({"error": problem}, ensure_ascii=False),
+    return _finished(step, calls, ran=False, ok=False, output=json.dumps({"error": problem}, ensure_ascii=False),
                      error=problem)
 
 

@@ -56,7 +56,8 @@ Public API::
     registry.call("calculator", {"expression": "2**10"}) -> ToolResult(ok, content, error, seconds)
     registry.problems -> ["<file>: <what is wrong>", ...]
     registry.close()
-    TOOLS_SYSTEM_PROMPT   # the official tools system prompt; the specs go in the message's "tools"
+
+The system message that offers the specs is the model family's (``families.family.ToolCalls``).
 """
 
 from __future__ import annotations
@@ -79,8 +80,6 @@ from chatglm_web.tools.workers import (DECLARATIONS, ERROR_CHARS, MAX_WORKERS, W
 
 log = logging.getLogger(__name__)
 
-TOOLS_SYSTEM_PROMPT = ("Answer the following questions as best as you can. "
-                       "You have access to the following tools:")
 DEFAULT_TIMEOUT = 10.0
 RESULT_LIMIT = 8000
 LOAD_TIMEOUT = 30.0       # importing one tool module while loading
@@ -100,7 +99,7 @@ class Tool:
     module_path: Path
 
     def spec(self) -> dict:
-        """The tool as ChatGLM3's system message lists it."""
+        """The tool as a system message's ``tools`` lists it."""
         return {"name": self.name, "description": self.description,
                 "parameters": copy.deepcopy(self.parameters)}
 

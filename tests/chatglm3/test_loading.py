@@ -13,9 +13,10 @@ import pytest
 import torch
 from transformers import GlmForCausalLM
 
-from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer, UnsupportedChatGLMConfig
+from chatglm_web.families.chatglm3.config import UnsupportedChatGLMConfig
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.families.chatglm3.loader import load_glm_model, resolve_checkpoint, set_generation_defaults
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -257,7 +258,7 @@ def test_peak_memory_stays_near_one_copy(tmp_path, tokenizer_model):
     size = sum(f.stat().st_size for f in folder.glob("*.bin"))
     script = textwrap.dedent(f"""
         import resource, torch, gc
-        from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+        from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
         from chatglm_web.families.chatglm3.loader import load_glm_model
         import transformers.models.glm.modeling_glm  # import cost out of the measurement
         tok = ChatGLM3Tokenizer.from_pretrained({str(folder)!r})
@@ -286,6 +287,33 @@ def test_other_precisions_apply_to_converted_layers(quantizable_checkpoint, prec
         assert isinstance(q_proj, bnb.nn.Linear8bitLt) and q_proj.weight.dtype == torch.int8
     else:
         assert q_proj.weight.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    ids = torch.tensor([tokenizer.build_chat_input([{"role": "user", "content": "hi"}])])
+    ids = torch.tensor([tokenizer.build_chat_input([{"role": "user", "content": "hi, tell me about the sea"}])])
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits.float()).all()
+        logits = model(ids).logits[0].float()
+        reference = load(quantizable_checkpoint)(ids).logits[0]
+    assert torch.isfinite(logits).all()
+    assert_same_model(logits, reference)
+
+
+def assert_same_model(logits: torch.Tensor, reference: torch.Tensor) -> None:
+    """``logits`` ([positions, vocabulary]) come from the weights that gave the fp32 ``reference``, within what
+    8-bit, fp16 or bf16 weights change: at every position the two are nearly parallel (cosine similarity > 0.99;
+    bitsandbytes' 8-bit CPU path gives about 0.9998 here, bf16 0.99996) and most positions pick the same next
+    token (bf16 and 8-bit differ on about one position in 28 here, where the tiny random model's top logits are
+    close)."""
+    similarity = torch.nn.functional.cosine_similarity(logits, reference, dim=-1)
+    assert similarity.min() > 0.99, f"the logits differ from fp32's: cosine similarity {similarity.min():.4f}"
+    same = (logits.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert same >= 0.75, f"only {same:.0%} of the positions pick fp32's next token"
+
+
+def test_the_logits_comparison_tells_other_weights_apart(quantizable_checkpoint, tmp_path, tokenizer_model):
+    """``assert_same_model`` fails for a model of the same shape with other weights (another seed)."""
+    spec = TinyChatGLM3(hidden_size=128, num_attention_heads=4, kv_channels=32, ffn_hidden_size=256)
+    other = write_checkpoint(tmp_path / "other", spec, tokenizer_model=tokenizer_model, seed=1)
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(quantizable_checkpoint)
+    ids = torch.tensor([tokenizer.build_chat_input([{"role": "user", "content": "hi, tell me about the sea"}])])
+    with torch.no_grad():
+        reference, logits = load(quantizable_checkpoint)(ids).logits[0], load(other)(ids).logits[0]
+    with pytest.raises(AssertionError, match="cosine similarity"):
+        assert_same_model(logits, reference)

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from chatglm_web.families.chatglm3 import ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
 from chatglm_web.families.chatglm3.loader import load_glm_model
-from chatglm_web.families.chatglm3.synthetic import TinyChatGLM3, write_checkpoint
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint
 
 TOL = 1e-4
 STD = 0.2  # large enough weights that logits are far from 0 (the comparison is not vacuous)

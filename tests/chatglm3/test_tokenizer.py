@@ -5,7 +5,7 @@ import json
 import pytest
 import sentencepiece as spm
 
-from chatglm_web.families.chatglm3.synthetic import write_checkpoint
+from synthetic_checkpoints import write_checkpoint
 from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
 
 

@@ -16,7 +16,8 @@ import sentencepiece as spm
 
 from chatglm_web.families.chatglm3.reply import parse_reply
 from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
-from chatglm_web.tools.registry import TOOLS_SYSTEM_PROMPT, ToolRegistry, default_tools_folder
+from chatglm_web.families.chatglm3.tool_prompts import TOOLS_SYSTEM_PROMPT
+from chatglm_web.tools.registry import ToolRegistry, default_tools_folder
 
 SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
             "<|observation|>"]

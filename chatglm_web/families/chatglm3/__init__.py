@@ -1,48 +1,31 @@
 """ChatGLM3 on current transformers, natively: no ``trust_remote_code``, no code from the checkpoint.
 
-Public API:
+The family's one entry point is ``FAMILY`` (``family.ChatGLM3Family``, a ``families.family.ModelFamily``):
+``families.registry`` asks it whether a folder is ChatGLM3 (``detects``), loads with it (``load``,
+``tokenizer_format``), and the rest of the app reaches ChatGLM3 only through the ``ChatFormat`` it returns
+(``format.ChatGLM3Format``) and that format's ``tools`` (``tool_calls.TOOL_CALLS``). Its parts:
 
-    from chatglm_web.families import chatglm3
-    model, tokenizer, info = chatglm3.load("THUDM/chatglm3-6b", precision="4bit")  # or a local folder
-    ids = chatglm3.build_prompt(tokenizer, [{"role": "system", "content": "..."},
-                                            {"role": "user", "content": "你好"}])
-    reply = chatglm3.parse_reply(text, tools_available=False)   # metadata line, tool calls (no eval)
+``config.py``        ``config.json`` read as data and mapped to ``GlmConfig``; unsupported options (P-tuning
+                     prefix, original int4 kernels, non-RMSNorm, ...) raise ``UnsupportedChatGLMConfig``
+``weights.py``       the original tensors renamed and split while they stream in (``chatglm3_weight_mapping``)
+``loader.py``        ``GlmForCausalLM`` from a chatglm or glm folder or Hub id; bitsandbytes 4/8-bit, fp16, bf16,
+                     fp32; ChatGLM3's generation defaults (stop on ``</s>``, ``<|user|>``, ``<|observation|>``)
+``tokenizer.py``     ``ChatGLM3Tokenizer`` (sentencepiece only): prompt ids equal to the official
+                     ``build_chat_input``; user text never becomes a special token
+``format.py``        ``ChatGLM3Format``: prompt ids, token counts, the reply stream (metadata lines hidden)
+``reply.py``         a reply's metadata line and tool call, parsed with ``ast`` (never ``eval``)
+``tool_prompts.py``  the tools and code interpreter system prompts ChatGLM3 was trained with
+``tool_calls.py``    ``TOOL_CALLS``: tools on the system message, calls written and read, observations, steps
+``steps.py``         the payload (``"chatglm3:"`` + JSON) the page keeps a tool step's exact messages in
 
-* ``load`` reads ``config.json`` as data (``config.to_glm_config``), builds transformers'
-  ``GlmForCausalLM`` and renames/splits the original tensors while they stream in
-  (``weights.chatglm3_weight_mapping``); bitsandbytes 4/8-bit, fp16, bf16 and fp32 all apply.
-  Native GLM folders (``model_type: glm``) load as they are. Unsupported options (P-tuning
-  prefix, original int4 kernels, non-RMSNorm, ...) raise ``UnsupportedChatGLMConfig`` naming the key.
-* ``ChatGLM3Tokenizer`` (sentencepiece only) builds prompt ids equal to the official
-  ``build_chat_input``; user text never becomes a special token.
-* Generation stops on ``</s>``, ``<|user|>`` and ``<|observation|>`` (``tokenizer.stop_token_ids``).
-* ``synthetic.write_checkpoint`` writes random checkpoints in the exact original on-disk format.
+May import: ``generation``, ``messages``, the shared modules of ``families`` (``family``, ``chat_format``,
+``streaming_text``) and itself. Nothing above it: not ``families.loading`` or ``families.registry``, not
+``settings``, ``engine``, ``backends``, ``tools``, ``api`` or ``page``. Test checkpoints in the original
+on-disk format are written by ``tests/synthetic_checkpoints.py``.
 """
 
 from __future__ import annotations
 
-from chatglm_web.families.chatglm3.config import UnsupportedChatGLMConfig, to_glm_config
-from chatglm_web.families.chatglm3.reply import ParsedReply, ToolCall, parse_reply
-from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLM3Tokenizer
+from chatglm_web.families.chatglm3.family import FAMILY
 
-
-def build_prompt(tokenizer: ChatGLM3Tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids for a conversation, ending with ``<|assistant|>``."""
-    return tokenizer.build_chat_input(messages)
-
-
-def load(model_id: str, precision: str = "auto", device: str = "auto"):
-    """(model, tokenizer, info) for a ChatGLM3/GLM checkpoint folder or Hub id."""
-    from chatglm_web.families.loading import ModelLoadError, load_from_folder
-    from chatglm_web.settings import Settings
-    from chatglm_web.families.chatglm3.loader import is_chatglm_checkpoint, resolve_checkpoint
-
-    folder = resolve_checkpoint(model_id)
-    if not is_chatglm_checkpoint(folder):
-        raise ModelLoadError(f"{model_id} is not a ChatGLM3/GLM checkpoint")
-    loaded = load_from_folder(folder, Settings(model=model_id, precision=precision, device=device), model_id)
-    return loaded.model, loaded.chat_format.tokenizer, loaded.info
-
-
-__all__ = ["load", "build_prompt", "parse_reply", "ParsedReply", "ToolCall", "ChatGLM3Tokenizer",
-           "SPECIAL_TOKENS", "UnsupportedChatGLMConfig", "to_glm_config"]
+__all__ = ["FAMILY"]

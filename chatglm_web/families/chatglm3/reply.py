@@ -22,7 +22,7 @@ Decisions:
   Anything else - a malformed block, positional arguments, ``**`` of anything but such a dict,
   names, attribute access, calls such as ``__import__('os')`` - raises :class:`ToolCallError` (a
   ``ValueError``) and nothing is executed. ``ToolCallError`` carries ``metadata`` and ``content``
-  so a caller can show the raw reply instead. ``api_tools.call_message`` writes calls this way, so
+  so a caller can show the raw reply instead. ``tool_calls.render_arguments`` writes calls this way, so
   every JSON object of arguments reads back equal.
 - Streaming: the visible pieces from :class:`ReplyTextFilter` concatenate to exactly
   ``parse_reply(full, tools_available=False).content``: leading whitespace of the content is
@@ -34,11 +34,22 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
+from chatglm_web.families.family import (  # the family-neutral shapes, re-exported here
+    ToolCall,
+    ToolCallError,
+)
 
-@dataclass
-class ToolCall:
-    name: str
-    arguments: dict
+__all__ = [
+    "MAX_METADATA_CHARS",
+    "ParsedReply",
+    "ReplyTextFilter",
+    "ToolCall",
+    "ToolCallError",
+    "parse_reply",
+    "parse_tool_call",
+    "split_metadata",
+    "strip_code_fence",
+]
 
 
 @dataclass
@@ -46,15 +57,6 @@ class ParsedReply:
     content: str
     metadata: str
     tool_call: ToolCall | None = None
-
-
-class ToolCallError(ValueError):
-    """A reply announced a tool call whose text is not a safe literal ``tool_call(...)``."""
-
-    def __init__(self, message: str, metadata: str = "", content: str = ""):
-        super().__init__(message)
-        self.metadata = metadata
-        self.content = content
 
 
 # A metadata line is empty or a tool name. A first line longer than this comes from a model that

