@@ -295,6 +295,24 @@ def test_an_edited_message_keeps_its_documents():
     assert edited.id != user.id and edited.messages[0] == {"role": "user", "content": "Where?", "documents": refs}
 
 
+def test_the_markdown_download_says_the_documents_in_words_not_html():
+    from chatglm_web.conversations.transcript import to_markdown
+
+    refs = [{"id": "dx", "name": "a<b>.pdf", "kind": "pdf", "pages": 2, "chars": 90, "tokens": 30}]
+    tree = Conversation()
+    user = tree.add_user(ROOT, "When?", refs)
+    reply = tree.add_reply(user.id)
+    tree.set_reply(reply.id, [{"role": "assistant", "content": "At noon."}])
+    reply.generation["documents"] = json.dumps([{"name": "a<b>.pdf", "mode": "whole", "included_tokens": 30,
+                                                 "total_tokens": 30, "suggested_model": None}])
+    shown, _ = view(tree, "en")
+    assert any("<span" in plain_text(m["content"]) for m in shown)  # the page shows chips
+    markdown = to_markdown(view(tree, "en", plain=True)[0])
+    assert "<span" not in markdown and "&lt;" not in markdown
+    assert "📄 a<b>.pdf" in markdown and "At noon." in markdown
+    assert "whole document" in markdown
+
+
 def test_junk_from_a_hostile_browser_is_answered_and_names_are_escaped(server, http):
     page = opened(http)
     attach_index, detach_index = page.handler("attach-go", "click"), page.handler("detach-go", "click")

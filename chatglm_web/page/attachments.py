@@ -334,8 +334,11 @@ def pending_html(refs: list[dict], lang: str) -> str:
     return f'<div class="doc-pending">{chips} <span class="doc-pending-note">{note}</span></div>'
 
 
-def chips_message(refs: list[dict], lang: str, live=None) -> dict:
-    """The chat's message under a message with documents: a chip each (``live(id)``: still held)."""
+def chips_message(refs: list[dict], lang: str, live=None, *, plain: bool = False) -> dict:
+    """The chat's message under a message with documents: a chip each (``live(id)``: still held). ``plain``:
+    as text (a download), one line a document."""
+    if plain:
+        return {"role": "user", "content": "\n".join(f"📄 {describe(ref, lang)}" for ref in refs)}
     chips = " ".join(chip(ref, lang, live=live(ref.get("id")) if live else True) for ref in refs)
     return {"role": "user", "content": f'<span class="{CHIPS_CLASS}">{chips}</span>'}
 
@@ -373,10 +376,12 @@ def note_line(entry: dict, lang: str) -> str:
     return line
 
 
-def note_message(report: list[dict], lang: str) -> dict | None:
-    """The line under a reply saying what of its documents the model saw."""
+def note_message(report: list[dict], lang: str, *, plain: bool = False) -> dict | None:
+    """The line under a reply saying what of its documents the model saw (``plain``: as text)."""
     if not report:
         return None
+    if plain:
+        return {"role": "assistant", "content": "\n".join(note_line(entry, lang) for entry in report)}
     lines = "<br>".join(html.escape(note_line(entry, lang)) for entry in report)
     return {"role": "assistant", "content": f'<span class="{NOTE_CLASS}">{lines}</span>'}
 

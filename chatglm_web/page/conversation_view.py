@@ -44,16 +44,18 @@ def nav_message(tree: Conversation, node_id: str, lang: str) -> dict:
     return {"role": node.role, "content": f'<span class="{NAV_CLASS}" title="{label}">{" ".join(links)}</span>'}
 
 
-def view(tree: Conversation | None, lang: str, streaming: str | None = None) -> tuple[list[dict], list[str]]:
-    """``streaming``: the reply being written, shown without the "interrupted" marker it is stored with."""
+def view(tree: Conversation | None, lang: str, streaming: str | None = None, *,
+         plain: bool = False) -> tuple[list[dict], list[str]]:
+    """``streaming``: the reply being written, shown without the "interrupted" marker it is stored with.
+    ``plain``: documents' chips and notes as text (a Markdown download), not the page's HTML."""
     if tree is None:
         return [], []
     messages, shown = [], []
     for node in tree.path():
         body = [dict(m) for m in node.messages]
         if node.role == "user" and body and "documents" in body[0]:   # its documents' chips, under it
-            body.append(chips_message(body[0].pop("documents"), lang, is_live))
-        note = note_message(report_of(node.generation), lang) if node.role == "assistant" else None
+            body.append(chips_message(body[0].pop("documents"), lang, is_live, plain=plain))
+        note = note_message(report_of(node.generation), lang, plain=plain) if node.role == "assistant" else None
         if note is not None:   # what of the documents the model saw
             body.append(note)
         if node.role == "assistant" and node.end is not None and node.id != streaming:

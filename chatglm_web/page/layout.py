@@ -527,7 +527,7 @@ def _restored(store: BrowserStore, sharing: Sharing, snapshot: dict, old_history
 
 
 def _markdown_of(tree) -> str:
-    messages, _ = view(tree, "en")
+    messages, _ = view(tree, "en", plain=True)
     return to_markdown([m for m in messages if not is_nav(m)])
 
 
