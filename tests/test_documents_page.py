@@ -114,6 +114,10 @@ def test_a_pdf_and_a_docx_attached_on_the_page_go_into_the_prompt_whole(server, 
     assert user.index("<document>") < user.index("report.docx") < user.index("lighthouse.pdf") \
         < user.index("Summarise both documents.") < user.index("<|assistant|>")
     assert page.shown("attachments") == ""          # the pending chips went with the message
+    # with the box empty again, the meter counts the conversation, its documents in their message (no error)
+    meter = page.shown("token-meter")
+    history = re.search(r"history ([\d,]+)", meter)
+    assert history and int(history.group(1).replace(",", "")) > len(ids) // 2, meter
     shown = chat_texts(page)
     assert shown[0] == "Summarise both documents."
     chips = shown[1]                                # the chips: a line of their own under the message

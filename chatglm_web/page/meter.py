@@ -81,10 +81,15 @@ def make_meter(backend, toolbox, documents=None):
                         repetition_penalty=repetition_penalty, seed=seed)
         try:
             if documents is not None:   # the branch's and the pending documents, in their messages
-                framed = await asyncio.to_thread(documents.preview, tree, message if isinstance(message, str) else "",
+                typed = isinstance(message, str) and message.strip() != ""
+                pending = documents.store.pending(getattr(request, "session_hash", None))
+                # an empty box is measured as the placeholder (as ``measure`` does), unless documents wait to go
+                asked = message if typed or pending else _PLACEHOLDER
+                framed = await asyncio.to_thread(documents.preview, tree, asked if isinstance(asked, str) else "",
                                                  system_prompt, mode, sampling, lang, request)
                 if framed is not None:
-                    history, message = framed
+                    history, composed = framed
+                    message = composed if typed or pending else message
             preview, typed = await asyncio.to_thread(measure, backend, toolbox, message, history, system_prompt,
                                                      mode, sampling)
         except InvalidRequest as error:
