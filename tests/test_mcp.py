@@ -130,3 +130,26 @@ def test_without_the_flag_there_is_no_mcp_server_and_chat_is_listed(chatglm3_che
         assert response.status_code == 404
         client = Client(srv.url, verbose=False)
         assert "/chat" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+
+def test_a_tool_becomes_a_typed_function_with_its_required_arguments_first():
+    import inspect
+    from pathlib import Path
+
+    from chatglm_web.api.mcp import tool_endpoint
+    from chatglm_web.tools.registry import Tool, ToolResult
+
+    calls = []
+    tool = Tool("convert", "Convert units.", {
+        "type": "object", "required": ["value", "to"],
+        "properties": {"unit": {"type": "string", "enum": ["m", "km"]}, "value": {"type": "number"},
+                       "to": {"type": "string", "description": "target unit"}}}, Path("convert.py"))
+    endpoint = tool_endpoint(tool, lambda name, arguments: calls.append((name, arguments)) or ToolResult(True, "ok"))
+    signature = inspect.signature(endpoint)
+    assert list(signature.parameters) == ["value", "to", "unit"]
+    assert [p.annotation for p in signature.parameters.values()] == [float, str, str]
+    assert signature.parameters["unit"].default is None and "one of \"m\", \"km\"" in endpoint.__doc__
+    assert endpoint(3.0, "km") == "ok" and calls == [("convert", {"value": 3.0, "to": "km"})]
+    with pytest.raises(ValueError, match="cannot be an MCP tool's argument"):
+        tool_endpoint(Tool("bad", "x", {"type": "object", "properties": {"from-unit": {"type": "string"}}},
+                           Path("bad.py")), lambda name, arguments: None)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import keyword
+import logging
 import re
 
 import gradio as gr
@@ -29,7 +30,7 @@ from chatglm_web.generation import BackendBusy, Finished, InvalidRequest, Sampli
 
 #: JSON schema types -> the Python type hints Gradio derives an endpoint's (and the MCP tool's) schema from.
 _TYPES = {"string": str, "integer": int, "number": float, "boolean": bool, "array": list, "object": dict}
-MCP_PATH = "/gradio_api/mcp"
+log = logging.getLogger(__name__)
 
 
 def tool_endpoint(tool, call):
@@ -114,8 +115,12 @@ def add_tools(page: gr.Blocks, backend, toolbox) -> list[str]:
     with page:
         gr.api(chat_endpoint(backend), api_name="mcp_chat", queue=False)
         for tool in registry.tools.values():
-            endpoint = tool_endpoint(tool, lambda name, arguments: registry.call(name, arguments,
-                                                                                  timeout=toolbox.tool_timeout))
+            try:
+                endpoint = tool_endpoint(tool, lambda name, arguments: registry.call(name, arguments,
+                                                                                      timeout=toolbox.tool_timeout))
+            except ValueError as error:   # the model may still call it; MCP cannot name its arguments
+                log.warning("MCP: tool %s is not offered: %s", tool.name, error)
+                continue
             # not queued: Gradio's MCP server calls it directly (no loop back through its HTTP client)
             gr.api(endpoint, api_name=f"tool_{endpoint.__name__}", queue=False)
             names.append(tool.name)
