@@ -1,7 +1,8 @@
-"""Chat with a document on the page (issue 21, ``chatglm_web/page/attachments.py``): files attached through the
-page's real handler chain over HTTP (``PageClient``), the prompt the engine is given, the chips and the note
-under the reply, documents dropped when the browser session closes, the caps, bombs refused with their
-message; and in Debian's Chromium, the 📎 button, the pending chip and the chip on the message."""
+"""Chat with a document on the page (issue 21, ``chatglm_web/page/attachments.py``, ``document_store.py``
+and ``document_chips.py``): files attached through the page's real handler chain over HTTP (``PageClient``), the
+prompt the engine is given, the chips and the note under the reply, documents dropped when the browser session
+closes, the caps, bombs refused with their message; and in Debian's Chromium, the 📎 button, the pending chip and
+the chip on the message."""
 
 from __future__ import annotations
 
@@ -21,13 +22,9 @@ from waiting import wait_until
 from chatglm_web.conversations.tree import ROOT, Conversation
 from chatglm_web.documents.limits import LIMITS, megabytes
 from chatglm_web.messages import plain_text
-from chatglm_web.page import attachments
-from chatglm_web.page.attachments import (
-    PAGE_FILE_BYTES,
-    PageDocuments,
-    Refusal,
-    SessionDocuments,
-)
+from chatglm_web.page import document_store
+from chatglm_web.page.attachments import PageDocuments
+from chatglm_web.page.document_store import PAGE_FILE_BYTES, Refusal, SessionDocuments
 from chatglm_web.page.conversation_view import view
 from chatglm_web.page.strings import STRINGS, text
 
@@ -165,7 +162,7 @@ def test_documents_are_dropped_when_the_session_closes(server, http, prompts):
     with http.stream("GET", f"gradio_api/heartbeat/{page.session}") as beat:
         next(beat.iter_lines())
     wait_until(lambda: documents.store.held_chars(page.session) == 0, 30, "the session's documents to be dropped")
-    assert not any(store.held_chars(page.session) for store in attachments._STORES)
+    assert not any(store.held_chars(page.session) for store in document_store._STORES)
     # the same conversation in a new tab: the chip stays, and says the document must be attached again
     again = PageClient(http, local=page.local)
     again.tab = page.tab
@@ -194,7 +191,7 @@ def test_a_bomb_is_refused_with_its_message_and_the_page_goes_on(server, http, p
     # in Chinese
     page.run(page.handler("language-switch", "click"))
     attach(page, "bomb.docx", bomb)
-    assert page.shown("reply-stats") == "⚠️ " + attachments.REASONS_ZH["bomb"].format(name="bomb.docx")
+    assert page.shown("reply-stats") == "⚠️ " + document_store.REASONS_ZH["bomb"].format(name="bomb.docx")
 
 
 def test_a_file_over_the_page_limit_is_refused_in_the_browser_and_on_the_server(server, http):
@@ -336,9 +333,9 @@ def test_junk_from_a_hostile_browser_is_answered_and_names_are_escaped(server, h
 
 def test_uploads_are_counted_per_session_and_per_client(monkeypatch):
     store = SessionDocuments(len)
-    monkeypatch.setattr(attachments, "MAX_PENDING", 2)
-    monkeypatch.setattr(attachments, "MAX_SESSION_DOCUMENTS", 3)
-    monkeypatch.setattr(attachments, "MAX_CLIENT_DOCUMENTS", 4)
+    monkeypatch.setattr(document_store, "MAX_PENDING", 2)
+    monkeypatch.setattr(document_store, "MAX_SESSION_DOCUMENTS", 3)
+    monkeypatch.setattr(document_store, "MAX_CLIENT_DOCUMENTS", 4)
     def read(session, client, lang="en"):
         return store.attach(session, client, "a.txt", b"some text", lang)
 
@@ -363,8 +360,8 @@ def test_uploads_are_counted_per_session_and_per_client(monkeypatch):
 def test_characters_and_reads_are_capped(monkeypatch):
     now = [1000.0]
     store = SessionDocuments(len, clock=lambda: now[0])
-    monkeypatch.setattr(attachments, "MAX_SESSION_CHARS", 25)
-    monkeypatch.setattr(attachments, "MAX_CLIENT_READS", 4)
+    monkeypatch.setattr(document_store, "MAX_SESSION_CHARS", 25)
+    monkeypatch.setattr(document_store, "MAX_CLIENT_READS", 4)
     store.attach("s", "c", "a.txt", b"x" * 20, "en")
     with pytest.raises(Refusal, match="b.txt was not kept: this page's documents may hold 25 characters"):
         store.attach("s", "c", "b.txt", b"y" * 6, "en")
@@ -372,9 +369,9 @@ def test_characters_and_reads_are_capped(monkeypatch):
     store.attach("t", "c", "d.txt", b"w", "en")     # the fourth read (a refused one counts too)
     with pytest.raises(Refusal, match="at most 4 every 10 minutes"):
         store.attach("t", "c", "e.txt", b"w", "en")
-    now[0] += attachments.READ_WINDOW_SECONDS
+    now[0] += document_store.READ_WINDOW_SECONDS
     store.attach("t", "c", "e.txt", b"w", "en")
-    now[0] += attachments.IDLE_SECONDS + 1          # no unload came: idle sessions go at the next attach
+    now[0] += document_store.IDLE_SECONDS + 1          # no unload came: idle sessions go at the next attach
     store.attach("u", "other", "f.txt", b"v", "en")
     assert store.sessions() == 1 and store.held_chars() == 1
 
@@ -386,15 +383,15 @@ def test_the_limits_the_readme_states_are_the_ones_in_force():
     body = PAGE_FILE_BYTES * 4 // 3
     assert body < 8 * MiB - 64 * 1024                # base64 of the largest file fits the body limit with room
     for said in (f"at most {megabytes(PAGE_FILE_BYTES)}", f"{LIMITS.pages} pages",
-                 f"{LIMITS.chars:,} characters of text", f"{LIMITS.seconds:g} s", f"{attachments.MAX_PENDING} documents",
-                 f"{attachments.MAX_SESSION_DOCUMENTS} documents and {attachments.MAX_SESSION_CHARS:,} characters",
-                 f"{attachments.MAX_CLIENT_DOCUMENTS} documents and {attachments.MAX_CLIENT_CHARS:,} characters",
-                 f"{attachments.MAX_CLIENT_READS} files every {attachments.READ_WINDOW_SECONDS // 60} minutes",
-                 f"{attachments.MAX_TOTAL_CHARS:,} characters", f"{attachments.IDLE_SECONDS // 3600} hours"):
+                 f"{LIMITS.chars:,} characters of text", f"{LIMITS.seconds:g} s", f"{document_store.MAX_PENDING} documents",
+                 f"{document_store.MAX_SESSION_DOCUMENTS} documents and {document_store.MAX_SESSION_CHARS:,} characters",
+                 f"{document_store.MAX_CLIENT_DOCUMENTS} documents and {document_store.MAX_CLIENT_CHARS:,} characters",
+                 f"{document_store.MAX_CLIENT_READS} files every {document_store.READ_WINDOW_SECONDS // 60} minutes",
+                 f"{document_store.MAX_TOTAL_CHARS:,} characters", f"{document_store.IDLE_SECONDS // 3600} hours"):
         assert said in section, said
-    assert (attachments.MAX_PENDING, attachments.MAX_SESSION_DOCUMENTS, attachments.MAX_SESSION_CHARS,
-            attachments.MAX_CLIENT_DOCUMENTS, attachments.MAX_CLIENT_CHARS, attachments.MAX_CLIENT_READS,
-            attachments.MAX_TOTAL_CHARS) == (4, 8, 4_000_000, 16, 8_000_000, 30, 64_000_000)
+    assert (document_store.MAX_PENDING, document_store.MAX_SESSION_DOCUMENTS, document_store.MAX_SESSION_CHARS,
+            document_store.MAX_CLIENT_DOCUMENTS, document_store.MAX_CLIENT_CHARS, document_store.MAX_CLIENT_READS,
+            document_store.MAX_TOTAL_CHARS) == (4, 8, 4_000_000, 16, 8_000_000, 30, 64_000_000)
 
 
 # -- the conversation keeps references only ------------------------------------------------------------------------
@@ -420,7 +417,7 @@ def test_every_document_string_is_in_both_languages():
     keys = [key for key in STRINGS if key.startswith("doc_")]
     assert len(keys) > 20
     for reason in ("bomb", "pages", "chars", "time", "memory", "too_large", "unsupported", "busy"):
-        assert reason in attachments.REASONS_ZH
+        assert reason in document_store.REASONS_ZH
 
 
 # -- in the browser ------------------------------------------------------------------------------------------------

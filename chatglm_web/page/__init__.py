@@ -7,14 +7,19 @@
 ``conversation_list``  the list in the sidebar, and saving (``store.js`` is its browser half)
 ``sharing``  share links, the read-only view, Replay
 ``meter``    the token meter and the exact prompt
-``attachments``  documents attached to a message (📎; ``documents.js`` is its browser half): chips, caps per
-             session and client, the documents into the prompt, dropped when the session ends
+``attachments``     documents attached to a message (📎; ``documents.js`` is its browser half): the page's steps,
+                   and the documents into the prompt (whole or passages)
+``document_store``  the sessions' documents in memory, their caps per session, client and server, dropped when
+                   the session ends
+``document_chips``  how documents look: the 📎 button, chips, the note under a reply
+``steps``    how a tool step looks in the chat
 ``markers``  how a reply ended (stopped, cut off, failed, interrupted), kept with the conversation
 ``strings``  every string in English and Chinese (``gr.I18n`` and the server's own lookups)
 ``style``    the page's CSS (layout, contrast, touch targets, message containment)
 
-May import the backend interface (``generation``), ``agent``, ``steps``, ``toolbox``, ``transcript``,
-``conversations``, ``documents``, ``branding`` and ``browser_secret``; nothing imports the page but ``server``.
+May import ``generation``, ``messages``, ``settings``, ``families`` (the tool-call dialect, through
+``families.registry``), ``tools`` (agent, toolbox), ``conversations``, ``documents``, ``branding`` and
+``browser_secret``; nothing imports the page but ``server``.
 """
 
 from chatglm_web.page.chat import conversation, stats_markdown

@@ -1,7 +1,7 @@
 """A conversation tree as the chat shows it: the shown branch's messages, with after a reply how it ended
 (a marker, ``markers.py``) and after a message with several versions its ‹ 2/3 › links. A message with
 documents has their chips under it, and a reply made with them a line saying what of them the model saw
-(``attachments.py``).
+(``document_chips.py``).
 
     messages, shown = view(tree, lang)    shown[i]: the tree node the chat's message i belongs to
 
@@ -17,7 +17,8 @@ import html
 import re
 
 from chatglm_web.conversations.tree import Conversation
-from chatglm_web.page.attachments import chips_message, is_live, note_message, report_of
+from chatglm_web.page.document_chips import chips_message, note_message, report_of
+from chatglm_web.page.document_store import is_live
 from chatglm_web.page.markers import marker
 from chatglm_web.page.strings import text
 

@@ -48,7 +48,8 @@ from chatglm_web.page import turns
 from chatglm_web.page.chat import make_chat_fn
 from chatglm_web.page.conversation_list import (ALL_JS, CURRENT_JS, FORGIVE_JS, PICK_JS, QUIET, READ_CHOSEN_JS, SNAPSHOT_JS, ConversationList, count_line,
                                 list_update, rows_state, saved_note)
-from chatglm_web.page.attachments import ATTACH_JS, DETACH_JS, DOCUMENTS_JS, PageDocuments, button_html
+from chatglm_web.page.attachments import ATTACH_JS, DETACH_JS, DOCUMENTS_JS, PageDocuments
+from chatglm_web.page.document_chips import button_html
 from chatglm_web.page.conversation_view import is_nav, view
 from chatglm_web.page.markers import ending_of
 from chatglm_web.page.meter import DEBOUNCE_JS, make_meter

@@ -88,7 +88,7 @@ footer { flex: 0 0 auto; padding: 2px 0 !important; margin: 0 !important; }
 #reply-stats { order: 4; flex: 0 0 auto; font-size: 0.85rem; min-height: 1.4em; }
 #reply-stats p { margin: 0; }
 #send, #stop { min-height: 44px; }
-/* documents (page/attachments.py): the 📎 button, the pending chips over the message box, the chips under a
+/* documents (page/document_chips.py): the 📎 button, the pending chips over the message box, the chips under a
    message and the line under a reply saying what of them the model saw */
 #attach { flex: 0 0 44px !important; min-width: 44px !important; width: 44px !important; align-self: flex-end;
   padding: 0 !important; margin: 0 !important; }
