@@ -203,15 +203,15 @@ def test_file_parts_only_in_user_messages_and_at_most_four_per_request(server):
     assert error["param"] == "messages"
 
 
-def test_no_room_for_a_document_is_400_saying_so(server, client):
-    """A system prompt that leaves under MIN_ROOM_TOKENS of the prompt's budget: the document is refused."""
-    words = long_text("", paragraphs=12, seed=9).split()
+def longest_system_prompt(backend, words: list[str]) -> tuple[int, int]:
+    """(n, prompt tokens): the most of ``words`` a system prompt may hold before a framed question ("Read it.")
+    with an empty document and still fit the prompt, and the tokens that prompt takes."""
     framed = {"role": "user", "content": frame([""], "Read it.")}
 
     def total(count: int) -> int | None:   # the prompt without the document's text; None: it does not fit
         system = {"role": "system", "content": " ".join(words[:count])}
         try:
-            return server.backend.preview([system, framed], SamplingParams(max_new_tokens=4)).total
+            return backend.preview([system, framed], SamplingParams(max_new_tokens=4)).total
         except InvalidRequest:
             return None
 
@@ -220,12 +220,18 @@ def test_no_room_for_a_document_is_400_saying_so(server, client):
     while high - low > 1:   # the most words that still fit
         middle = (low + high) // 2
         low, high = (middle, high) if total(middle) is not None else (low, middle)
-    assert PROMPT_TOKENS - MIN_ROOM_TOKENS < total(low) <= PROMPT_TOKENS
-    system = {"role": "system", "content": " ".join(words[:low])}
+    return low, total(low)
+
+
+def test_no_room_for_a_document_is_400_saying_so(server, client):
+    """A system prompt that leaves under MIN_ROOM_TOKENS of the prompt's budget: the document is refused."""
+    low, tokens = longest_system_prompt(server.backend, long_text("", paragraphs=12, seed=9).split())
+    assert PROMPT_TOKENS - MIN_ROOM_TOKENS < tokens <= PROMPT_TOKENS
+    system = {"role": "system", "content": " ".join(long_text("", paragraphs=12, seed=9).split()[:low])}
     error = refusal(server, [system, *ask("Read it.", file_part("a.txt", b"hello"))])
     assert error["message"] == (
         f"messages[1].content[1]: there is no room in the prompt for a.txt: the prompt may use {PROMPT_TOKENS:,} of "
-        f"the model's 8,192 tokens and the conversation without the documents takes {total(low):,}. Shorten the "
+        f"the model's 8,192 tokens and the conversation without the documents takes {tokens:,}. Shorten the "
         "conversation, lower max_tokens or attach fewer documents.")
     # without the document the same conversation is answered
     reply = client.chat.completions.create(model="m", max_tokens=4, messages=[system, *ask("Read it.")])

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from browser_harness import browser  # noqa: F401  (the browser test's fixture)
 from server_harness import PageClient, running_server
-from test_api_documents import FACT, QUESTION, long_text
+from test_api_documents import FACT, QUESTION, long_text, longest_system_prompt
 from test_documents import MiB, docx_bytes, text_pdf, with_member
 from waiting import wait_until
 
@@ -229,25 +229,11 @@ def test_a_pending_chip_can_be_removed(server, http, prompts):
 def test_no_room_for_a_document_gives_the_message_and_its_documents_back(server, http, prompts):
     """A system prompt that leaves under MIN_ROOM_TOKENS of the prompt: the turn is refused, saying why; the
     message returns to the box and its document to the pending chips."""
-    from chatglm_web.documents.prompt import MIN_ROOM_TOKENS, frame
-    from chatglm_web.generation import InvalidRequest, SamplingParams
+    from chatglm_web.documents.prompt import MIN_ROOM_TOKENS
 
     words = long_text("", paragraphs=40, seed=9).split()
-    framed = {"role": "user", "content": frame([""], "Read it.")}
-
-    def total(count: int) -> int | None:   # the prompt without the document's text; None: it does not fit
-        system = {"role": "system", "content": " ".join(words[:count])}
-        try:
-            return server.backend.preview([system, framed], SamplingParams(max_new_tokens=4)).total
-        except InvalidRequest:
-            return None
-
-    low, high = 0, len(words)
-    assert total(high) is None
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if total(middle) is not None else (low, middle)
-    assert PROMPT_TOKENS - MIN_ROOM_TOKENS < total(low) <= PROMPT_TOKENS
+    low, tokens = longest_system_prompt(server.backend, words)
+    assert PROMPT_TOKENS - MIN_ROOM_TOKENS < tokens <= PROMPT_TOKENS
     page = opened(http)
     attach(page, "notes.txt", b"The ferry leaves at noon from pier 7.")
     page.set("system-prompt", " ".join(words[:low]))
