@@ -79,10 +79,16 @@ def start_app(args):
     return page, backend, f"http://127.0.0.1:{settings.port}/"
 
 
-def wait_for_reply(page, engine, finished_before: int, timeout: float):
+def replies_ended(backend) -> int:
+    """Requests the server finished so far, whatever the reason (its Prometheus counter)."""
+    return int(sum(sample.value for metric in backend.metrics.finished.collect() for sample in metric.samples
+                   if sample.name.endswith("_total")))
+
+
+def wait_for_reply(page, backend, finished_before: int, timeout: float):
     """Until the server finished one more generation and the page is ready for the next message."""
     deadline = time.monotonic() + timeout
-    while sum(engine.finished.values()) <= finished_before:
+    while replies_ended(backend) <= finished_before:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no reply within {timeout:.0f} s")
         time.sleep(0.2)
@@ -137,19 +143,19 @@ def main(argv=None) -> None:
 
                 def ask(question):
                     logging.info("%s: asking %s", view, question)
-                    before = sum(backend.engine.finished.values())
+                    before = replies_ended(backend)
                     page.locator("#chat-input textarea").fill(question)
                     page.locator("#chat-input textarea").press("Enter")
-                    wait_for_reply(page, backend.engine, before, args.timeout)
+                    wait_for_reply(page, backend, before, args.timeout)
 
                 ask(EARLIER[lang])
                 page.locator(CLEAR).click()   # a new conversation; that one is listed
                 page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=bot]')", timeout=30_000)
                 for question in args.questions or QUESTIONS[lang]:
                     ask(question)
-                before = sum(backend.engine.finished.values())
+                before = replies_ended(backend)
                 page.locator(RETRY).last.click()   # a second version of the reply
-                wait_for_reply(page, backend.engine, before, args.timeout)
+                wait_for_reply(page, backend, before, args.timeout)
                 page.wait_for_function("() => !!document.querySelector('#chatbot .version-nav')", timeout=30_000)
                 page.mouse.move(0, 0)  # no hover effects in the picture
                 page.locator("#chat-input textarea").blur()
