@@ -100,3 +100,27 @@ def test_a_call_that_does_not_parse_comes_back_as_text(client, script):
     reply = client.chat.completions.create(model="m", messages=QUESTION, tools=[WEATHER])
     assert reply.choices[0].finish_reason == "stop" and not reply.choices[0].message.tool_calls
     assert "tool_call(" in reply.choices[0].message.content
+
+
+def test_a_model_whose_family_cannot_call_tools_refuses_tools_and_tool_messages():
+    """A chat-template model (the offline demo, say) has no tool-call dialect: a request with ``tools``, a tool
+    call or a tool result is a 400 naming where, never ChatGLM3's tool messages written into its prompt."""
+    from chatglm_web.api.openai_api import APIError, parse_chat_request
+
+    def parse(body, model="demo-model"):
+        return parse_chat_request(json.dumps(body).encode(), None, model)
+
+    with pytest.raises(APIError) as error:
+        parse({"model": "m", "messages": QUESTION, "tools": [WEATHER]})
+    assert (error.value.status, error.value.param) == (400, "tools")
+    assert error.value.message == "demo-model cannot call tools: send no tools, tool calls or tool results."
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "c1", "content": "21 °C"}]
+    with pytest.raises(APIError) as error:
+        parse({"model": "m", "messages": history})
+    assert error.value.param == "messages[1]"
+    _, _, tools, messages = parse({"model": "m", "messages": QUESTION})
+    assert tools == [] and messages == QUESTION
+    _, _, tools, _ = parse({"model": "m", "messages": history, "tools": [WEATHER]}, model=None)   # ChatGLM3: taken
+    assert [tool["name"] for tool in tools] == ["get_weather"]

@@ -152,7 +152,8 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     async def chat_completions(request: Request):
         authorize(request)
         raw = await request.body()  # at most http_guard.body_limit() bytes: HttpGuard stops a longer one
-        chat, params, tools, messages = await run_in_threadpool(parse_chat_request, raw, max_new_tokens)
+        chat, params, tools, messages = await run_in_threadpool(parse_chat_request, raw, max_new_tokens,
+                                                                model_id if not backend.info.tools else None)
         try:
             attached = await attach_documents(backend, chat.messages, tools, params)
         except (InvalidRequest, BackendBusy) as error:
@@ -183,9 +184,11 @@ def api_routes(backend, *, metrics, api_key: str | None = None, auth: tuple[str,
     return list(router.routes)
 
 
-def parse_chat_request(raw: bytes, max_new_tokens: int | None = None):
+def parse_chat_request(raw: bytes, max_new_tokens: int | None = None, no_tools_model: str | None = None):
     """A ``/v1/chat/completions`` body -> (request, SamplingParams, tools, the model's messages); ``APIError`` 400
-    for anything the API does not take. CPU work proportional to the body: run it off the event loop."""
+    for anything the API does not take. ``no_tools_model``: the name of the served model when its family has no
+    tool-call dialect (``ModelInfo.tools`` false): then ``tools`` and tool messages are refused, never written
+    into its prompt in another family's format. CPU work proportional to the body: run it off the event loop."""
     try:
         body = strict_json.parse(raw)
     except ValueError as error:
@@ -207,6 +210,13 @@ def parse_chat_request(raw: bytes, max_new_tokens: int | None = None):
         params = chat.sampling_params(max_new_tokens)
     except InvalidRequest as error:
         raise APIError(400, _api_wording(str(error)), param=API_NAMES.get(error.param, error.param)) from None
+    if no_tools_model is not None:
+        used = "tools" if chat.tools else next(
+            (f"messages[{i}]" for i, m in enumerate(chat.messages)
+             if m.role == "tool" or getattr(m, "tool_calls", None)), None)
+        if used is not None:
+            raise APIError(400, f"{no_tools_model} cannot call tools: send no tools, tool calls or tool results.",
+                           param=used)
     try:
         tools = check_tool_choice(chat.tools, chat.tool_choice)
         messages = model_messages([m.model_dump() for m in chat.messages], tools)
