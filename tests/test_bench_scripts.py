@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["speed.py", "remote.py", "serving.py", "soak.py", "gpu.py"])
+@pytest.mark.parametrize("script", ["speed.py", "remote.py", "serving.py", "soak.py", "gpu.py", "host_step.py"])
 def test_a_benchmark_shows_its_help(script):
     done = subprocess.run([sys.executable, str(REPO / "bench" / script), "--help"], cwd=REPO / "bench",
                           capture_output=True, text=True, timeout=120)

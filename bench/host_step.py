@@ -1,0 +1,124 @@
+"""Host time per decode step: issue 22's CPU proxy for the GPU's launch-bound step.
+
+    python bench/host_step.py [--layers 28] [--tokens 64] [--rounds 5] [--threads 1]
+
+A ChatGLM3-format checkpoint as deep as ChatGLM3-6B (28 layers) but of tiny width (hidden 64) is generated,
+so a step does almost no arithmetic: what it costs is the host's work per layer (Python, module calls, aten
+dispatch), the same cost that leaves an H100 idle most of each step. Measured in this process, on one thread
+(``--threads``), in turns (this machine's speed drifts; only measurements seconds apart are compared):
+
+1. the engine's decode loop (``chatglm_web.engine.scheduler.Engine``: the step over KV slots, batched
+   sampling), one request of ``--tokens`` tokens: milliseconds per token;
+2. plain eager ``model.generate`` (greedy, transformers' own cache) of the same length: milliseconds per token;
+
+and once, with ``torch.profiler``, the aten operators one decode forward of the model runs. Printed: each round, the
+medians, and "engine step / generate step" (below 1: the engine's step costs the host less).
+
+A change that cuts host work (fused projections, a compiled or graph-captured step) shows here as fewer
+operators and fewer milliseconds per step; issue 22's targets on a GPU are measured by ``bench/gpu.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # synthetic_checkpoints: checkpoints in the original on-disk format
+
+import torch  # noqa: E402
+
+from chatglm_web.engine.events import Token  # noqa: E402
+from chatglm_web.engine.scheduler import Engine  # noqa: E402
+from chatglm_web.families.loading import load_from_folder  # noqa: E402
+from chatglm_web.generation import SamplingParams  # noqa: E402
+from chatglm_web.settings import Settings  # noqa: E402
+from synthetic_checkpoints import TinyChatGLM3, write_checkpoint  # noqa: E402
+
+NO_STOP = {2: -30.0, "<|user|>": -30.0, "<|observation|>": -30.0}  # replies run to their full length
+PROMPT = list(range(5, 45))  # 40 prompt tokens of the tiny vocabulary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=28, help="decoder layers (ChatGLM3-6B: 28)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size (tiny: the step is host time)")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    return parser.parse_args(argv)
+
+
+def engine_ms_per_token(engine: Engine, tokens: int) -> float:
+    request = engine.submit(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=tokens), [])
+    times = [time.perf_counter() for event in request if isinstance(event, Token)]
+    return (times[-1] - times[0]) * 1000 / (len(times) - 1)
+
+
+def generate_ms_per_token(model, tokens: int) -> float:
+    ids = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=1, do_sample=False)  # the prefill alone, to subtract
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total = time.perf_counter() - started
+    generated = out.shape[1] - ids.shape[1]
+    return (total - prefill) * 1000 / (generated - 1)
+
+
+def ops_per_step(model) -> int:
+    """aten operators one decode forward runs (one token, after the prompt's prefill; the profiler counts this
+    thread only, so the forward runs here, not in the engine's thread)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([PROMPT]), cache=cache, use_cache=True, logits_to_keep=1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True, logits_to_keep=1)
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="host-step-")) / "tiny"
+    spec = TinyChatGLM3(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4,
+                        kv_channels=args.hidden // 4, ffn_hidden_size=args.hidden * 3 // 2)
+    write_checkpoint(folder, spec, token_bias=NO_STOP, seed=1)
+    loaded = load_from_folder(folder, Settings(model=str(folder), precision="fp32", device="cpu"), "tiny")
+    model = loaded.model.eval()
+    print(f"== {args.layers} layers, hidden {args.hidden}, fp32, {args.threads} thread(s), prompt {len(PROMPT)} "
+          f"tokens, {args.tokens} tokens per reply")
+    engine = Engine(model, max_batch_size=1, max_queue=0)
+    try:
+        engine_ms_per_token(engine, 8)  # warm-up
+        generate_ms_per_token(model, 8)
+        ratios, engine_times, generate_times = [], [], []
+        for round_ in range(1, args.rounds + 1):
+            engine_ms = engine_ms_per_token(engine, args.tokens)
+            generate_ms = generate_ms_per_token(model, args.tokens)
+            engine_times.append(engine_ms)
+            generate_times.append(generate_ms)
+            ratios.append(engine_ms / generate_ms)
+            print(f"round {round_}: engine {engine_ms:.2f} ms/token, eager generate {generate_ms:.2f} ms/token, "
+                  f"ratio {engine_ms / generate_ms:.2f}")
+    finally:
+        engine.shutdown()
+    print(f"engine decode step: {statistics.median(engine_times):.2f} ms (median); the model's decode forward "
+          f"runs {ops_per_step(model)} aten calls (nested ones included)")
+    print(f"eager generate step: {statistics.median(generate_times):.2f} ms (median)")
+    print(f"engine step / generate step, in turns (median of {args.rounds}): {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
