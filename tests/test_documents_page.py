@@ -15,7 +15,7 @@ import httpx
 import pytest
 from browser_harness import browser  # noqa: F401  (the browser test's fixture)
 from server_harness import PageClient, running_server
-from test_api_documents import FACT, QUESTION, long_text, longest_system_prompt
+from test_api_documents import FACT, QUESTION, long_text, longest_system_prompt, prompts, text_of  # noqa: F401
 from test_documents import MiB, docx_bytes, text_pdf, with_member
 from waiting import wait_until
 
@@ -38,19 +38,6 @@ def server(long_reply_checkpoint):
     # (replies of at most 16 tokens: the browser test sends with the page's default)
     with running_server(model=str(long_reply_checkpoint), max_input_tokens=PROMPT_TOKENS, max_new_tokens=16) as srv:
         yield srv
-
-
-@pytest.fixture
-def prompts(server, monkeypatch) -> list[list[int]]:
-    """The prompt ids of every generation the engine is given from now on."""
-    seen = []
-    submit = server.engine.submit
-    monkeypatch.setattr(server.engine, "submit", lambda ids, *rest: seen.append(list(ids)) or submit(ids, *rest))
-    return seen
-
-
-def text_of(server, ids: list[int]) -> str:
-    return server.backend.format.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def documents_of(server) -> PageDocuments:

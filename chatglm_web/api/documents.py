@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from chatglm_web.api.tool_calls import model_messages
 from chatglm_web.documents import AttachedDocument, Document, DocumentError, FittedDocument, extract
 from chatglm_web.documents.prompt import (CLOSE, COUNT_PIECE_CHARS, ESTIMATE_MARGIN_SHARE, MARGIN_SHARE,  # noqa: F401
-                                          MARGIN_TOKENS, MIN_ROOM_TOKENS, OPEN, NoRoom, first_kept, frame, room,
+                                          MARGIN_TOKENS, MIN_ROOM_TOKENS, OPEN, NoRoom, first_kept, frame, framed, room,
                                           share_room, token_counter)
 from chatglm_web.documents.sniff import ACCEPTED, display_name
 from chatglm_web.generation import BackendBusy, InvalidRequest, PromptPreview, SamplingParams
@@ -167,18 +167,10 @@ def read(part: FilePart) -> Document:
 def with_documents(messages: Sequence[dict], parts: Sequence[FilePart], blocks: dict[FilePart, str]) -> list[dict]:
     """The request's messages, each with file parts made plain text: its parts' blocks (those in ``blocks``;
     a part left out has none) framed before its text."""
-    by_message: dict[int, list[FilePart]] = {}
+    blocks_at: dict[int, list[str]] = {}
     for part in parts:
-        by_message.setdefault(part.message, []).append(part)
-    out = []
-    for index, message in enumerate(messages):
-        mine = by_message.get(index)
-        if mine is None:
-            out.append(message)
-        else:
-            texts = [blocks[part] for part in mine if part in blocks]
-            out.append({**message, "content": frame(texts, plain_text(message.get("content")))})
-    return out
+        blocks_at.setdefault(part.message, []).extend([blocks[part]] if part in blocks else [])
+    return framed(messages, blocks_at, plain_text)
 
 
 def _first_kept(backend, messages: list[dict], parts: list[FilePart], tools: list[dict],

@@ -134,7 +134,7 @@ class GenerationRequest:
         self.deliver(Token(token_id))
 
     def end(self, reason: FinishReason, error: str | None = None) -> None:
-        self.deliver(Done(FinishReason(reason), error))
+        self.deliver(Done(reason, error))
 
     def deliver(self, event: EngineEvent) -> None:
         """Hand one event to the consumer (nothing after the ``Done``)."""

@@ -15,8 +15,6 @@ into the context one message at a time, ``message_tokens(message)`` (what one me
 exact or an estimate) and ``fixed_tokens`` (what every prompt has besides its messages). For showing a
 prompt: ``prompt_text(messages, ids)`` (the prompt as text, special tokens written out) and
 ``prompt_split(messages, ids)`` ((system, history, new) tokens, summing to ``len(ids)``).
-
-``plain_text`` and ``normalize_messages`` live in ``chatglm_web.messages``; they are importable from here too.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ from collections import OrderedDict
 
 from chatglm_web.families.streaming_text import IncrementalDecoder, StopStrings
 from chatglm_web.generation import ReplyMetadata, TextDelta
-from chatglm_web.messages import normalize_messages, plain_text
 
 __all__ = [
     "MESSAGE_COUNT_CACHE",
@@ -36,8 +33,6 @@ __all__ = [
     "ReplyEvents",
     "TextStream",
     "merge_text",
-    "normalize_messages",
-    "plain_text",
 ]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from chatglm_web.families.chat_format import plain_text
+from chatglm_web.messages import plain_text
 from chatglm_web.page.strings import text
 
 SYMBOLS = {"stopped": "⏹", "length": "✂", "failed": "⚠", "interrupted": "⚠"}

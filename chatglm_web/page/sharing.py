@@ -113,7 +113,7 @@ class Sharing:
 
 
 def _text(messages) -> str:
-    from chatglm_web.families.chat_format import plain_text
+    from chatglm_web.messages import plain_text
 
     return "\n\n".join(plain_text(m.get("content")) for m in messages or [] if isinstance(m, dict)
                        and isinstance(m.get("content"), (str, list)))

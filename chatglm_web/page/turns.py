@@ -28,7 +28,7 @@ from contextlib import aclosing, suppress
 
 import gradio as gr
 
-from chatglm_web.families.chat_format import plain_text
+from chatglm_web.messages import plain_text
 from chatglm_web.generation import BackendBusy, Finished, InvalidRequest
 from chatglm_web.conversations.tree import Conversation
 from chatglm_web.page.chat import check_text, printable, seed_value, start_turn
