@@ -127,6 +127,23 @@ def session(browser, server):
 
 # -- helpers ------------------------------------------------------------------------------------
 
+STEP_SECONDS = 0.02  # the least a decode step takes with ``unhurried_replies``
+
+
+@pytest.fixture
+def unhurried_replies(server, monkeypatch):
+    """Each decode step of the engine takes at least STEP_SECONDS, so a 4000-token reply streams for over a
+    minute, longer than any test needs it still streaming, however fast the machine (the tiny model alone
+    writes it in seconds, and a reply that ended by itself leaves no Stop to press, nothing to interrupt)."""
+    decode = server.engine.step.decode
+
+    def unhurried(*args):
+        time.sleep(STEP_SECONDS)   # not a wait for a condition: the model made slower
+        return decode(*args)
+
+    monkeypatch.setattr(server.engine.step, "decode", unhurried)
+
+
 def messages(page, role: str) -> list[str]:
     """Raw text of every ``role`` ("user" or "bot") message, oldest first."""
     labels = page.eval_on_selector_all(f'#chatbot [data-testid="{role}"]',

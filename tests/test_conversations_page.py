@@ -21,7 +21,7 @@ from playwright.sync_api import expect
 
 from browser_harness import (CUT_OFF, EDIT, RETRY, STATS, STOP, STOPPED, TEXTAREA, UI_TIMEOUT_MS, Session,  # noqa: F401
                              browser, expect_idle, finished_total, reload, send, set_max_new_tokens, set_seed,
-                             wait_for_page_load, wait_until)
+                             unhurried_replies, wait_for_page_load, wait_until)
 from chatglm_web.browser_secret import ENV_VAR
 from chatglm_web.conversations.browser_store import EXPORT_FORMAT, BrowserStore
 from chatglm_web.conversations.tree import Conversation
@@ -308,7 +308,7 @@ def test_new_switch_delete_undo_search_and_rename(visit, server):
 
 # -- 2. two tabs at once -------------------------------------------------------------------------------------
 
-def test_two_tabs_chatting_at_once_keep_their_own_conversations(visit, server):
+def test_two_tabs_chatting_at_once_keep_their_own_conversations(visit, server, unhurried_replies):
     session = visit()
     one = session.page
     two = open_tab(session.context, server)

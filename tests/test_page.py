@@ -18,7 +18,7 @@ from browser_harness import (CLEAR, CONVERSATION_LIST, EDIT, MESSAGES, SEND, STA
                              UNDO, VERSION_NAV, Session, browser, chosen, expect_idle, finished_total, listed,
                              messages, open_settings, pick_conversation, reload, replies, saved_conversation, send,
                              set_max_new_tokens, set_seed, settle, tab_conversation, wait_for_saved_conversation,
-                             wait_until, without_version_navs)
+                             unhurried_replies, wait_until, without_version_navs)
 from chatglm_web.page import SETTINGS_KEY
 from server_harness import running_server
 
@@ -135,7 +135,7 @@ def test_an_edited_turn_shows_stop_and_can_be_stopped(visit, server):
     expect(page.locator("#chatbot")).to_contain_text("⏹ Stopped")
 
 
-def test_undo_retry_and_edit_do_nothing_while_a_reply_streams(visit, server):
+def test_undo_retry_and_edit_do_nothing_while_a_reply_streams(visit, server, unhurried_replies):
     page = visit().page
     short_reply(page, server, "earlier")
     start_long_reply(page, server, "streaming now")
@@ -150,7 +150,7 @@ def test_undo_retry_and_edit_do_nothing_while_a_reply_streams(visit, server):
         assert controls.nth(i).evaluate("b => getComputedStyle(b).pointerEvents") != "none"
 
 
-def test_a_stopped_reply_is_still_marked_after_a_reload(visit, server):
+def test_a_stopped_reply_is_still_marked_after_a_reload(visit, server, unhurried_replies):
     page = visit().page
     start_long_reply(page, server)
     page.locator(STOP).dispatch_event("click")   # (the button itself: the streaming chat keeps re-laying the page out)
@@ -165,17 +165,17 @@ def test_a_stopped_reply_is_still_marked_after_a_reload(visit, server):
     assert messages(page, "user") == ["a long one"]
 
 
-def test_a_reload_mid_reply_keeps_the_partial_reply_marked_interrupted(visit, server):
+def test_a_reload_mid_reply_keeps_the_partial_reply_marked_interrupted(visit, server, unhurried_replies):
     page = visit().page
     start_long_reply(page, server)
-    # kept when the turn began (an empty reply), then after each change of the chat: a change after the reply was
-    # seen growing, so the entry holds some of it (no more: on a busy machine the reply could end meanwhile)
+    # kept when the turn began (an empty reply), then after each change of the chat: two changes after the reply
+    # was seen growing, and the entry holds some of it (the reply is unhurried: it is still streaming then)
     seen = [saved_conversation(page)]
 
     def stored_again() -> bool:
         if saved_conversation(page) != seen[-1]:
             seen.append(saved_conversation(page))
-        return len(seen) >= 2
+        return len(seen) >= 3
 
     wait_until(stored_again, 30, "the partial reply to be stored")
     shown = replies(messages(page, "bot"))[-1]
