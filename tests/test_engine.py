@@ -334,19 +334,19 @@ def test_queue_position_is_sent_only_when_it_changes(loaded):
 def test_a_failing_prefill_fails_only_its_own_request(loaded, monkeypatch):
     """E.g. out of memory on one long prompt: that request gets the error, the running replies go on."""
     model = loaded.model
-    real_forward = model.forward
-
-    def forward(input_ids=None, **kwargs):
-        if input_ids.shape[1] > 50:  # the long prompt's prefill
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_forward(input_ids=input_ids, **kwargs)
-
     engine = Engine(model, max_batch_size=4, max_queue=4)
+    real_prefill = engine.step.prefill_chunk
+
+    def prefill_chunk(ids, cache, start):
+        if len(ids) > 50:  # the long prompt's prefill
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_prefill(ids, cache, start)
+
     params = [SamplingParams(seed=s, max_new_tokens=40) for s in range(2)]
     solo = []
     for p in params:
         solo.append([e.id for e in engine.submit([5, 6, 7, 8], p, []) if isinstance(e, Token)])
-    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(engine.step, "prefill_chunk", prefill_chunk)
     try:
         running = [engine.submit([5, 6, 7, 8], p, []) for p in params]
         first = [next(iter(r)) for r in running]

@@ -208,7 +208,9 @@ def test_the_stopping_criterion_ends_the_gpu_function_before_its_next_forward_pa
     """In-process (off ZeroGPU) the cancel event itself stops the decorated function."""
     zero = ZeroGPUEngine(loaded.model)  # makes the model known to the GPU function
     forward_passes = []
-    hook = loaded.model.register_forward_hook(lambda *_: forward_passes.append(1))
+    step = zero_gpu._step_of(zero._key)  # the step the GPU function runs: the engine's lean forward
+    assert step.lean is not None
+    hook = step.lean.register_forward_hook(lambda *_: forward_passes.append(1))
     try:
         cancel = threading.Event()
         tokens = zero_gpu.generate_on_gpu(zero._key, [5, 6, 7], SamplingParams(max_new_tokens=100), (), 8192, 0,

@@ -15,7 +15,9 @@ values with the new token at every step). A step reads the first ``span`` positi
 slots (views, no copy), ``span`` being the longest slot rounded up to a multiple of ``SPAN_STEP``; a
 boolean mask hides each slot's positions past its own length. So a step's shapes change only when
 the batch size changes or the longest request crosses a multiple of ``SPAN_STEP``: a fixed set of
-shapes, as CUDA graphs need (capturing them is not done yet).
+shapes, as CUDA graphs need (``graphs.py`` captures one per batch-size and span bucket). A cache's
+tensors change only when it grows: ``version`` counts the changes, so a captured graph knows when its
+buffers are gone.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ SPAN_STEP = 64  # attention reads whole blocks of this many positions
 FIRST_CAPACITY = 256  # positions per slot allocated at first; doubled when a request needs more
 
 
-def prefilled_kv(cache: DynamicCache, row: int = 0, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, (keys, values) of one row of a prefill's cache from position ``start`` on (after its left padding)."""
-    return [(layer.keys[row, :, start:], layer.values[row, :, start:]) for layer in cache.layers]
+def prefilled_kv(cache: DynamicCache | SlotCache, row: int = 0, start: int = 0,
+                 end: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (keys, values) of one row of a prefill's cache, positions ``start`` to ``end`` (default:
+    all after ``start``, a left padding)."""
+    if isinstance(cache, SlotCache):
+        return [(keys[row, :, start:end], values[row, :, start:end]) for keys, values in zip(cache.keys, cache.values)]
+    return [(layer.keys[row, :, start:end], layer.values[row, :, start:end]) for layer in cache.layers]
 
 
 def _round_up(value: int, step: int) -> int:
@@ -45,6 +51,7 @@ class SlotCache:
         self.rows = 0  # slots in use: 0 .. rows - 1
         self._write = self._index = None  # set by step_inputs for the model's update() calls
         self._span = 0  # positions the last step read: every slot's data lies before it
+        self.version = 0  # bumped whenever the tensors are replaced (grown)
 
     @property
     def capacity(self) -> int:
@@ -68,16 +75,39 @@ class SlotCache:
         self.rows += 1
         self._span = max(self._span, _round_up(length, SPAN_STEP))
 
-    def step_inputs(self, lengths: list[int]) -> dict:
-        """The model's keyword arguments for one decode step of the running slots, in order;
-        ``lengths``: how many tokens each slot holds (its new token goes at that position)."""
+    @classmethod
+    def empty(cls, layers: int, *, slots: int, capacity: int, kv_heads: int, head_dim: int, dtype, device) -> SlotCache:
+        """A cache of ``slots`` slots (all in use, none filled) of at least ``capacity`` positions: a prefill's."""
+        cache = cls()
+        shape = (slots, kv_heads, _round_up(capacity, SPAN_STEP), head_dim)
+        cache.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        cache.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        cache.rows = slots
+        return cache
+
+    def reserve(self, *, slots: int, capacity: int) -> None:
+        """Room for ``slots`` slots of ``capacity`` positions (buffers doubled where short, data kept)."""
+        self._grow(slots=slots, capacity=capacity)
+
+    def span_for(self, positions: int) -> int:
+        """How many positions a step reads when its rows hold up to ``positions`` tokens (new ones included)."""
+        return min(self.capacity, _round_up(positions, SPAN_STEP))
+
+    def prepare(self, lengths: list[int]) -> int:
+        """Make room for one new token in each running slot (``lengths``: the tokens each holds, in order);
+        the span the step reads (every slot's data, its new token included, lies before it)."""
         assert len(lengths) == self.rows
         self._grow(slots=self.rows, capacity=max(lengths) + 1)
+        self._span = self.span_for(max(lengths) + 1)
+        return self._span
+
+    def step_inputs(self, lengths: list[int]) -> dict:
+        """transformers' keyword arguments for one decode step of the running slots, in order (the
+        model then calls ``update`` per layer); ``lengths``: how many tokens each slot holds."""
+        span = self.prepare(lengths)
         device = self.keys[0].device
-        span = min(self.capacity, _round_up(max(lengths) + 1, SPAN_STEP))
         self._write = torch.tensor(lengths, device=device)
         self._index = torch.arange(self.rows, device=device)
-        self._span = span
         visible = torch.arange(span, device=device)[None, :] <= self._write[:, None]  # [rows, span]
         return {"cache": self, "attention_mask": visible[:, None, None, :],
                 "position_ids": self._write[:, None]}
@@ -106,6 +136,7 @@ class SlotCache:
 
         self.keys = [buffer(keys) for keys, _ in kv]
         self.values = [buffer(values) for _, values in kv]
+        self.version += 1
 
     def _grow(self, *, slots: int, capacity: int) -> None:
         """Make room for ``slots`` slots of ``capacity`` positions (doubling what is short), keeping the data."""
@@ -124,3 +155,4 @@ class SlotCache:
                 new[:self.rows, :, :self._span] = old[:self.rows, :, :self._span]
                 grown[-1].append(new)
         self.keys, self.values = grown
+        self.version += 1

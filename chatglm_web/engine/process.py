@@ -232,7 +232,6 @@ def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> N
     # Ctrl-C reaches the whole process group: the web process shuts down, and this one ends with its pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from chatglm_web.engine.cpu_linear import prepack_linear_layers
     from chatglm_web.families.loading import load_chat_model
     from chatglm_web.settings import error_line
 
@@ -241,10 +240,9 @@ def _engine_main(connection, settings, max_batch_size: int, max_queue: int) -> N
     except Exception as error:
         connection.send(Failed(error_line(error)))
         return
-    if loaded.model.device.type == "cpu":
-        prepack_linear_layers(loaded.model)  # fp32 weights in oneDNN's layout: faster CPU decode steps
     engine = Engine(loaded.model, max_batch_size=max_batch_size, max_queue=max_queue,
                     context_length=loaded.info.context_length, own_thread=False)
+    engine.step.pack_for_cpu()  # fp32 CPU weights in oneDNN's layout: faster decode steps (this process's alone)
     connection.send(Ready(loaded.chat_format, loaded.info))
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     sender = threading.Thread(target=_send_events, args=(connection, outbox), daemon=True)

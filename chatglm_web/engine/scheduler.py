@@ -20,7 +20,8 @@ while others stream delays their next token by one chunk at most, not by its who
 running batch's keys and values live in KV slots (``kv_slots.py``): a preallocated slot per
 request, each writing its new token at its own position, read through a boolean mask; a finished
 or cancelled request's slot is freed at once and an idle engine holds no cache, so memory follows
-the live requests and nothing accumulates between turns. The forward passes are ``step.py``'s;
+the live requests and nothing accumulates between turns. The forward passes are ``step.py``'s (a
+lean forward with fused projections, replayed as CUDA graphs on a GPU);
 each request samples with its own settings and its own seeded generator (``sampling.py``).
 """
 
@@ -33,7 +34,7 @@ import torch
 
 from chatglm_web.engine.admission import AdmissionPolicy, WaitingLine
 from chatglm_web.engine.events import describe_failure
-from chatglm_web.engine.kv_slots import SlotCache, prefilled_kv
+from chatglm_web.engine.kv_slots import SlotCache
 from chatglm_web.engine.request import GenerationRequest
 from chatglm_web.engine.sampling import choose_tokens, penalized_ids, request_seed, seeded_generator
 from chatglm_web.engine.step import ModelStep
@@ -204,7 +205,7 @@ class Engine:
             request = self._admitting[0]
             prefill = self._prefills.get(request.id)
             if prefill is None:
-                prefill = self._prefills[request.id] = _Prefill(request, self.step.new_cache())
+                prefill = self._prefills[request.id] = _Prefill(request, self.step.new_cache(len(request.prompt_ids)))
             try:
                 if request.cancelled:
                     request.end(FinishReason.CANCELLED)
@@ -212,11 +213,11 @@ class Engine:
                     size = min(budget, prefill.remaining)
                     budget -= size
                     logits = self.step.prefill_chunk(request.prompt_ids[prefill.done:prefill.done + size],
-                                                     prefill.cache)
+                                                     prefill.cache, prefill.done)
                     prefill.done += size
                     if prefill.remaining:
                         continue  # more chunks of this prompt in the next turns
-                    self._admit(request, prefilled_kv(prefill.cache), logits)
+                    self._admit(request, self.step.prefilled_kv(prefill.cache, 0, (0, prefill.done)), logits)
             except Exception as error:  # this request alone fails; the batch goes on
                 self._prefill_failed(request, error)
             self._prefills.pop(request.id, None)
@@ -234,10 +235,10 @@ class Engine:
 
     def _prefill_together(self, group: list[GenerationRequest]) -> None:
         """One forward for several whole prompts; each request then gets its first token and its slot."""
-        cache, logits, padding = self.step.prefill_together([r.prompt_ids for r in group])
+        cache, logits, spans = self.step.prefill_together([r.prompt_ids for r in group])
         for i, request in enumerate(group):
             try:
-                self._admit(request, prefilled_kv(cache, i, padding[i]), logits[i:i + 1])
+                self._admit(request, self.step.prefilled_kv(cache, i, spans[i]), logits[i:i + 1])
             except Exception as error:
                 self._prefill_failed(request, error)
             self._admitted(request)

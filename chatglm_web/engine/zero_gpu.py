@@ -39,13 +39,14 @@ import threading
 
 import spaces  # before torch touches CUDA: on ZeroGPU it patches torch (app.py imports it even earlier)
 import torch
-from transformers import DynamicCache
 
 from chatglm_web.engine.admission import AdmissionPolicy, EngineBusy, WaitingLine
 from chatglm_web.engine.events import describe_failure
+from chatglm_web.engine.kv_slots import SlotCache
 from chatglm_web.engine.request import GenerationRequest, finish_reason
 from chatglm_web.engine.sampling import choose_tokens, penalized_ids, request_seed, seeded_generator
 from chatglm_web.engine.scheduler import context_length_of
+from chatglm_web.engine.step import ModelStep
 from chatglm_web.generation import FinishReason, SamplingParams
 from chatglm_web.settings import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 
@@ -59,6 +60,8 @@ GPU_MAX_SECONDS = 120  # the longest call asked for; a reply still running then 
 #: pickled to the worker), but the forked worker inherits this table as it was at start-up.
 _models: dict[int, torch.nn.Module] = {}
 _keys = itertools.count(1)
+_steps: dict[int, ModelStep] = {}  # each model's step, made in the process that runs it
+_steps_lock = threading.Lock()
 
 
 class StopOnCancel:
@@ -85,12 +88,19 @@ def gpu_seconds(model_key: int, prompt_ids: list[int], params: SamplingParams, s
     return min(GPU_MAX_SECONDS, math.ceil(GPU_START_SECONDS + GPU_SECONDS_PER_TOKEN * budget))
 
 
-@torch.inference_mode()
-def _next_token(model, input_ids: torch.Tensor, cache: DynamicCache, params: SamplingParams,
-                generator: torch.Generator, seen: list[int]) -> int:
-    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1].float()
-    return choose_tokens(logits, [params], [generator], [penalized_ids(params, seen, logits.device)])[0]
+def _step_of(model_key: int) -> ModelStep:
+    """The model's step in this process (a ZeroGPU worker makes its own, on its GPU): the engine's lean
+    forward without fused weights (ZeroGPU moves the weights it knows between processes: they are
+    left as they are) and without CUDA graphs (replies of one worker run in threads at once, and a
+    captured graph's buffers are one step's)."""
+    with _steps_lock:
+        if model_key not in _steps:
+            _steps[model_key] = ModelStep(_models[model_key], fuse=False, graphs=False)
+        return _steps[model_key]
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, seen: list[int]) -> int:
+    return choose_tokens(logits.float(), [params], [generator], [penalized_ids(params, seen)])[0]
 
 
 @spaces.GPU(duration=gpu_seconds)
@@ -98,26 +108,30 @@ def generate_on_gpu(model_key: int, prompt_ids: list[int], params: SamplingParam
                     max_length: int, seed: int, stop: StopOnCancel):
     """Token ids of one reply, each yielded as soon as it is sampled; the last one ends the reply.
 
-    A plain cached decode (prefill, then one token per step), sampled as the engine samples a
-    request alone. Ends after a stop token, at the reply budget or the context, or when
-    ``stop()`` says the request was cancelled (checked before every forward pass).
+    The engine's step for one request (``step.py``: the prompt's prefill, then one decode step per
+    token over a KV slot), sampled as the engine samples a request alone. Ends after a stop token, at
+    the reply budget or the context, or when ``stop()`` says the request was cancelled (checked
+    before every forward pass).
     """
-    model = _models[model_key]
-    device = next(model.parameters()).device
+    step = _step_of(model_key)
     generator = seeded_generator(seed)
-    cache = DynamicCache(config=model.config)
     seen = list(prompt_ids)
-    input_ids = torch.tensor([seen], device=device)
-    for generated in itertools.count(1):
-        if stop():
-            return
-        token = _next_token(model, input_ids, cache, params, generator, seen)
-        seen.append(token)
-        yield token
-        if finish_reason(token, generated=generated, length=len(seen), params=params, stop_ids=stop_ids,
-                         max_length=max_length):
-            return
-        input_ids = torch.tensor([[token]], device=device)
+    if stop():
+        return
+    with torch.inference_mode():
+        prefill = step.new_cache(len(seen))
+        logits = step.prefill_chunk(seen, prefill, 0)
+        slots = SlotCache()
+        slots.add(step.prefilled_kv(prefill, 0, (0, len(seen))))
+        del prefill
+        for generated in itertools.count(1):
+            token = _choose(logits, params, generator, seen)
+            seen.append(token)
+            yield token
+            if finish_reason(token, generated=generated, length=len(seen), params=params, stop_ids=stop_ids,
+                             max_length=max_length) or stop():
+                return
+            logits = step.decode([token], slots, [len(seen) - 1])
 
 
 class ZeroGPUEngine:
