@@ -188,7 +188,7 @@ def test_the_lean_forward_runs_under_half_of_transformers_operators(make):
 
 # -- CUDA graphs, with an eager stand-in for the capture ------------------------------------------------------
 
-def eager_capture(run, pool):
+def eager_capture(run, pool, device):
     """What ``cuda_capture`` does, without CUDA: run once for real, then replay = run again into the output."""
     output = run()
     return Replay(types.SimpleNamespace(replay=lambda: output.copy_(run())), output)
@@ -232,7 +232,7 @@ def test_graph_replays_give_the_eager_steps_logits_across_buckets_and_growth(glm
 
 
 def test_a_capture_that_fails_leaves_the_step_eager(glm, caplog):
-    def failing(run, pool):
+    def failing(run, pool, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     step = ModelStep(glm)

@@ -10,7 +10,7 @@ the same arithmetic over the same weight tensors with about 20 operators per lay
                 q, k, v = split(qkv(x))                 one product for the three projections
                 q, k = rope(q, k)                       one pass for both: x * cos + x[perm] * sin
                 keys/values[slot, :, position] = k, v    the step's new entries, in place
-                h += o_proj(sdpa(q, keys, values, mask)) grouped-query attention, no repeat of K/V
+                h += o_proj(sdpa(q, keys, values, mask)) query heads folded per KV head, no repeat of K/V
                 h += down(silu(gate) * up)              one product for gate and up
     logits = lm_head(rms_norm(h at each row's last position))
 
@@ -192,15 +192,39 @@ class LeanForward(nn.Module):
             layer_keys[rows, :, positions] = qk[:, :, self.heads:]
             layer_values[rows, :, positions] = qkv[..., q_size + kv_size:].view(batch, width, self.kv_heads,
                                                                                    self.head_dim)
-            attended = F.scaled_dot_product_attention(
-                qk[:, :, :self.heads].transpose(1, 2), layer_keys[:batch, :, :span], layer_values[:batch, :, :span],
-                attn_mask=mask, scale=layer.scaling, enable_gqa=self.kv_heads != self.heads)
-            h = h + layer.o_proj(attended.transpose(1, 2).reshape(batch, width, q_size))
+            attended = self._attend(qk[:, :, :self.heads], layer_keys[:batch, :, :span],
+                                    layer_values[:batch, :, :span], mask, layer.scaling)
+            h = h + layer.o_proj(attended)
             x = F.rms_norm(h, (h.shape[-1],), layer.post_norm.weight, eps2)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down_proj(F.silu(gate) * up)
         h = h[:, -1] if last is None else h[rows[:, 0], last]
         return self.lm_head(F.rms_norm(h, (h.shape[-1],), self.norm.weight, self.final_eps))
+
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Attention of ``q`` [B, T, heads, D] over ``keys``/``values`` [B, kv heads, span, D] under ``mask``
+        [B, 1, T, span]; [B, T, heads * D].
+
+        Grouped-query heads are folded into the query length: the ``group`` query heads that share a KV
+        head are ``group * T`` queries of that head, so SDPA sees plain multi-head attention with a mask
+        (on a GPU its memory-efficient kernel takes that; with ``enable_gqa`` and a mask it would fall
+        back to the math one, which copies K and V per query head). At decode (T = 1) the fold is a view.
+        """
+        batch, width = q.shape[:2]
+        group = self.heads // self.kv_heads
+        if width == 1:
+            folded = q.view(batch, self.kv_heads, group, self.head_dim)
+        else:  # [B, T, kv, group, D] -> [B, kv, group * T, D]; the mask repeats for each head of a group
+            folded = q.view(batch, width, self.kv_heads, group, self.head_dim).permute(0, 2, 3, 1, 4)
+            folded = folded.reshape(batch, self.kv_heads, group * width, self.head_dim)
+            mask = mask.repeat(1, 1, group, 1) if group > 1 else mask
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
+        if width == 1:
+            return out.reshape(batch, 1, self.heads * self.head_dim)
+        out = out.view(batch, self.kv_heads, group, width, self.head_dim).permute(0, 3, 1, 2, 4)
+        return out.reshape(batch, width, self.heads * self.head_dim)
 
 
 def lean_forward_for(model: nn.Module, fuse: bool = True) -> LeanForward | None:

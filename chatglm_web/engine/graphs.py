@@ -8,10 +8,11 @@ A graph is captured once per (batch bucket, span bucket) over the running batch'
 - span bucket: the positions attention reads, rounded up to a power of two (at most the capacity).
 
 A graph reads its inputs from its own static tensors (token ids, positions) and writes its logits
-into a static output; each step copies the real inputs in and replays. When the cache grows (its
-tensors are replaced: ``SlotCache.version``), the graphs of the old tensors are dropped and captured
-again as steps need them. The first run of a shape does the step for real while capturing it (its
-writes are the step's own, so replaying them again is harmless).
+into a static output; each step copies the real inputs in (one asynchronous copy from pinned memory)
+and replays. When the cache grows (its tensors are replaced: ``SlotCache.version``), the graphs of
+the old tensors are dropped and captured again as steps need them; on a GPU the engine keeps its
+slots between bursts, so the graphs outlive a quiet minute. The first run of a shape does the step
+for real while capturing it (its writes are the step's own, so replaying them again is harmless).
 
 Capture is CUDA-only; ``capture`` is a parameter so that tests on a CPU drive the same bucketing,
 padding and static tensors with an eager stand-in. If a capture fails (an operator that cannot be
@@ -28,6 +29,7 @@ import torch
 
 from chatglm_web.engine.forward import LeanForward
 from chatglm_web.engine.kv_slots import SlotCache
+from chatglm_web.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +51,19 @@ class Replay:
         return self.output
 
 
-def cuda_capture(run: Callable[[], torch.Tensor], pool) -> Replay:
-    """Warm up on a side stream (the step for real), then capture ``run`` into a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = run()
+def cuda_capture(run: Callable[[], torch.Tensor], pool, device) -> Replay:
+    """Warm up on a side stream (the step for real), then capture ``run`` into a CUDA graph on ``device``.
+    Only this thread's CUDA work is captured (``thread_local``): another thread's (a web request's) is no
+    error."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            output = run()
     return Replay(graph, output)
 
 
@@ -79,7 +84,7 @@ class DecodeGraphs:
         self._capture = capture or cuda_capture
         self._pool = torch.cuda.graph_pool_handle() if capture is None and torch.cuda.is_available() else None
         self._shapes: dict[tuple[int, int], _Static] = {}
-        self._buffers: tuple[int, int] | None = None  # (id, version) of the cache the graphs read
+        self._buffers: int | None = None  # the version (tensor set) of the cache the graphs read
         self.usable = True
         self.captures = 0  # shapes captured so far (bench and log)
 
@@ -87,23 +92,24 @@ class DecodeGraphs:
         """The step's logits [rows, vocab]: ``last_tokens`` at positions ``lengths`` (``cache.prepare``
         has made room; ``span`` positions hold every row's data)."""
         rows = len(last_tokens)
-        buffers = (id(cache), cache.version)
-        if buffers != self._buffers:  # new or grown tensors: the captured graphs read freed memory
+        if cache.version != self._buffers:  # new or grown tensors: the captured graphs read freed memory
             self._shapes.clear()
-            self._buffers = buffers
+            self._buffers = cache.version
         shape = (bucket(rows), min(cache.capacity, bucket(span)))
         static = self._shapes.get(shape)
         fresh = static is None
         if fresh:
             static = self._shapes[shape] = _Static(shape[0], cache.keys[0].device)
-        static.ids.zero_()
-        static.positions.zero_()
-        static.ids[:rows, 0] = torch.tensor(last_tokens, device=static.ids.device)
-        static.positions[:rows, 0] = torch.tensor(lengths, device=static.ids.device)
+        padding = [0] * (shape[0] - rows)  # rows past the real ones: token 0 at position 0 of a free slot
+        inputs = torch.tensor([last_tokens + padding, lengths + padding], device="cpu")
+        inputs = to_device(inputs, static.ids.device)  # one asynchronous copy
+        static.ids.copy_(inputs[0, :, None], non_blocking=True)
+        static.positions.copy_(inputs[1, :, None], non_blocking=True)
         if fresh:
             try:
                 static.replay = self._capture(
-                    lambda: self.forward(static.ids, static.positions, cache.keys, cache.values, shape[1]), self._pool)
+                    lambda: self.forward(static.ids, static.positions, cache.keys, cache.values, shape[1]), self._pool,
+                    static.ids.device)
                 self.captures += 1
                 log.info("captured the decode step for %d rows over %d positions", *shape)
             except Exception as error:  # noqa: BLE001 - any failure: run eagerly from now on

@@ -16,17 +16,20 @@ slots (views, no copy), ``span`` being the longest slot rounded up to a multiple
 boolean mask hides each slot's positions past its own length. So a step's shapes change only when
 the batch size changes or the longest request crosses a multiple of ``SPAN_STEP``: a fixed set of
 shapes, as CUDA graphs need (``graphs.py`` captures one per batch-size and span bucket). A cache's
-tensors change only when it grows: ``version`` counts the changes, so a captured graph knows when its
-buffers are gone.
+tensors change only when it grows: ``version`` numbers each set of tensors (unique in the process), so a
+captured graph knows when its buffers are gone.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from transformers import DynamicCache
 
 SPAN_STEP = 64  # attention reads whole blocks of this many positions
 FIRST_CAPACITY = 256  # positions per slot allocated at first; doubled when a request needs more
+_buffer_sets = itertools.count(1)  # every set of KV tensors made, in this process, gets its own number
 
 
 def prefilled_kv(cache: DynamicCache | SlotCache, row: int = 0, start: int = 0,
@@ -51,7 +54,7 @@ class SlotCache:
         self.rows = 0  # slots in use: 0 .. rows - 1
         self._write = self._index = None  # set by step_inputs for the model's update() calls
         self._span = 0  # positions the last step read: every slot's data lies before it
-        self.version = 0  # bumped whenever the tensors are replaced (grown)
+        self.version = 0  # which tensors these are: a new number, unique in the process, whenever they are replaced
 
     @property
     def capacity(self) -> int:
@@ -83,6 +86,7 @@ class SlotCache:
         cache.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         cache.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         cache.rows = slots
+        cache.version = next(_buffer_sets)
         return cache
 
     def reserve(self, *, slots: int, capacity: int) -> None:
@@ -136,7 +140,7 @@ class SlotCache:
 
         self.keys = [buffer(keys) for keys, _ in kv]
         self.values = [buffer(values) for _, values in kv]
-        self.version += 1
+        self.version = next(_buffer_sets)
 
     def _grow(self, *, slots: int, capacity: int) -> None:
         """Make room for ``slots`` slots of ``capacity`` positions (doubling what is short), keeping the data."""
@@ -155,4 +159,4 @@ class SlotCache:
                 new[:self.rows, :, :self._span] = old[:self.rows, :, :self._span]
                 grown[-1].append(new)
         self.keys, self.values = grown
-        self.version += 1
+        self.version = next(_buffer_sets)

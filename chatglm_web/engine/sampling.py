@@ -18,6 +18,7 @@ import random
 
 import torch
 
+from chatglm_web.engine.transfer import to_device
 from chatglm_web.generation import SamplingParams
 
 _FAST_K = 64
@@ -30,14 +31,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penal
     scores = logits.gather(0, seen_ids)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
     return logits.scatter(0, seen_ids, scores)
-
-
-def to_device(values: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without waiting for the device: from pinned memory, asynchronously
-    (a copy from ordinary memory would wait for the work queued before it)."""
-    if torch.device(device).type == "cpu":
-        return values
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def top_p_probs(probs: torch.Tensor, top_p, *, sort_all: bool | None = None) -> torch.Tensor:

@@ -20,8 +20,9 @@ while others stream delays their next token by one chunk at most, not by its who
 running batch's keys and values live in KV slots (``kv_slots.py``): a preallocated slot per
 request, each writing its new token at its own position, read through a boolean mask; a finished
 or cancelled request's slot is freed at once and an idle engine holds no cache, so memory follows
-the live requests and nothing accumulates between turns. The forward passes are ``step.py``'s (a
-lean forward with fused projections, replayed as CUDA graphs on a GPU);
+the live requests and nothing accumulates between turns (on a GPU whose decode step is replayed as
+CUDA graphs, the slots' tensors stay for the next burst: the graphs read them). The forward passes
+are ``step.py``'s (a lean forward with fused projections, replayed as CUDA graphs on a GPU);
 each request samples with its own settings and its own seeded generator (``sampling.py``).
 """
 
@@ -38,6 +39,7 @@ from chatglm_web.engine.kv_slots import SlotCache
 from chatglm_web.engine.request import GenerationRequest
 from chatglm_web.engine.sampling import choose_tokens, penalized_ids, request_seed, seeded_generator
 from chatglm_web.engine.step import ModelStep
+from chatglm_web.engine.transfer import to_device
 from chatglm_web.generation import FinishReason, SamplingParams
 from chatglm_web.settings import DEFAULT_CONTEXT_LENGTH, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 
@@ -252,7 +254,7 @@ class Engine:
     def _admit(self, request: GenerationRequest, kv: list, logits: torch.Tensor) -> None:
         """Choose the first token of a prefilled request and join its cache to the batch."""
         generator = seeded_generator(request_seed(request.params))
-        seen = penalized_ids(request.params, request.prompt_ids, self.device)
+        seen = penalized_ids(request.params, request.prompt_ids)
         token = choose_tokens(logits.float(), [request.params], [generator], [seen])[0]
         row = _Row(request, token, generator)
         if self._ends(row, token):
@@ -277,9 +279,11 @@ class Engine:
         logits = self.step.decode([row.last_token for row in rows], self._cache,
                                   [row.length - 1 for row in rows])  # the last token is not cached yet
         live = [i for i, row in enumerate(rows) if not row.request.cancelled]
+        if len(live) < len(rows):  # the cancelled rows' logits are not sampled (an index copied without a wait)
+            logits = logits[to_device(torch.tensor(live, dtype=torch.long, device="cpu"), self.device)]
         tokens = dict(zip(live, choose_tokens(
-            logits[live], [rows[i].request.params for i in live], [rows[i].generator for i in live],
-            [penalized_ids(rows[i].request.params, rows[i].seen, self.device) for i in live])))
+            logits, [rows[i].request.params for i in live], [rows[i].generator for i in live],
+            [penalized_ids(rows[i].request.params, rows[i].seen) for i in live])))
         keep, done = [], []
         for i, row in enumerate(rows):
             if i not in tokens:
@@ -314,7 +318,7 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
-        if keep:
+        if keep or self.step.keeps_slots:  # on a GPU, CUDA graphs read the slots: they stay for the next burst
             self._cache.keep(keep)
         else:
             self._cache = None  # an idle engine holds no KV memory

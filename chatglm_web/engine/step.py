@@ -28,6 +28,7 @@ from chatglm_web.engine.cpu_linear import prepack_linear_layers
 from chatglm_web.engine.forward import LeanForward, lean_forward_for
 from chatglm_web.engine.graphs import DecodeGraphs
 from chatglm_web.engine.kv_slots import SlotCache, prefilled_kv
+from chatglm_web.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,8 @@ class ModelStep:
         span = cache.prepare(cached)
         if self.graphs is not None and self.graphs.usable:
             return self.graphs.decode(last_tokens, cached, cache, span).float()
-        ids = torch.tensor([[token] for token in last_tokens], device=self.device)
-        positions = torch.tensor([[n] for n in cached], device=self.device)
-        return self.lean(ids, positions, cache.keys, cache.values, span).float()
+        inputs = to_device(torch.tensor([last_tokens, cached], device="cpu"), self.device)  # one asynchronous copy
+        return self.lean(inputs[0, :, None], inputs[1, :, None], cache.keys, cache.values, span).float()
 
     # -- memory ---------------------------------------------------------------------------------------
     def pack_for_cpu(self) -> int:
@@ -128,6 +128,11 @@ class ModelStep:
                 module.weight = nn.Parameter(module.weight.new_empty(0), requires_grad=False)
                 module.bias = None
         return packed
+
+    @property
+    def keeps_slots(self) -> bool:
+        """Whether the engine should keep its KV slots when it goes idle: the captured graphs read them."""
+        return self.graphs is not None and self.graphs.usable
 
     def release_memory(self) -> None:
         if self.device.type == "cuda":
