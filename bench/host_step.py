@@ -18,9 +18,10 @@ A change that cuts host work (fused projections, a compiled or graph-captured st
 operators and fewer milliseconds per step; issue 22's targets on a GPU are measured by ``bench/gpu.py``.
 
 Then the offline demo model every newcomer meets (SmolLM2-135M, 30 layers; from the cache, fetched once if
-missing), on all the torch threads: the engine as the app runs it (its own process's main thread runs the
-loop, over weights prepacked for oneDNN: ``ModelStep.pack_for_cpu``) beside plain eager ``generate`` of the
-same checkpoint as transformers loads it (fp32, greedy), in turns. Issue 22's target: the engine decodes at
+missing), on all the torch threads: the engine as the app runs it (the app's engine process, started as
+``app.py`` starts it where no ChatGLM3 is cached or reachable; its main thread runs the loop over weights
+prepacked for oneDNN, ``ModelStep.pack_for_cpu``) beside plain eager ``generate`` of the same checkpoint as
+transformers loads it (fp32, greedy, in this process), in turns. Issue 22's target: the engine decodes at
 least 1.5x as fast.
 """
 
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def engine_ms_per_token(engine: Engine, tokens: int, prompt: list[int] = PROMPT) -> float:
+def engine_ms_per_token(engine, tokens: int, prompt: list[int] = PROMPT) -> float:
     request = engine.submit(prompt, SamplingParams(temperature=0.0, max_new_tokens=tokens), [])
     times = [time.perf_counter() for event in request if isinstance(event, Token)]
     return (times[-1] - times[0]) * 1000 / (len(times) - 1)
@@ -147,42 +148,34 @@ def tiny_width(args) -> None:
 
 
 def demo_model(args) -> None:
-    """The offline demo model: the engine as the app runs it beside plain eager ``generate``, in turns."""
-    import threading
-
+    """The offline demo model: the engine as the app runs it (its own process) beside eager ``generate``, in turns."""
+    from chatglm_web.engine.process import EngineProcess
     from chatglm_web.families.template.offline import load_offline_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    plain, tokenizer = load_offline_model()  # as transformers loads it: eager generate's model
-    served, _ = load_offline_model()  # the engine's copy (packing changes its layers)
+    plain, tokenizer = load_offline_model()  # as transformers loads it: eager generate's model, in this process
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story about a lighthouse."}],
                                         add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = list(ids)
-    engine = Engine(served, max_batch_size=1, max_queue=0, own_thread=False)
-    packed = engine.step.pack_for_cpu()
-    print(f"== offline demo model (SmolLM2-135M, {served.config.num_hidden_layers} layers), fp32, "
-          f"{torch.get_num_threads()} thread(s), prompt {len(ids)} tokens, {args.tokens} tokens per reply; engine: "
-          f"{engine.step.describe()}, {packed} layers packed for oneDNN, loop in the main thread")
-    results: list[tuple[float, float]] = []
-
-    def turns() -> None:  # the client side: the engine's loop owns the main thread, as in its process
-        try:
-            engine_ms_per_token(engine, 8, ids)
-            generate_ms_per_token(plain, 8, ids)
-            for round_ in range(1, args.rounds + 1):
-                engine_ms = engine_ms_per_token(engine, args.tokens, ids)
-                generate_ms = generate_ms_per_token(plain, args.tokens, ids)
-                results.append((engine_ms, generate_ms))
-                print(f"round {round_}: engine {engine_ms:.1f} ms/token, eager generate {generate_ms:.1f} ms/token, "
-                      f"generate / engine {generate_ms / engine_ms:.2f}", flush=True)
-        finally:
-            engine.shutdown()
-
-    client = threading.Thread(target=turns)
-    client.start()
-    engine.run()
-    client.join()
-    speedups = [generate / engine_ms for engine_ms, generate in results]
+    # the app's engine process, on the model the app starts with here (no ChatGLM3 cached, no Hub: the demo model)
+    engine, _, info = EngineProcess.start(Settings(device="cpu"), max_batch_size=1, max_queue=0)
+    try:
+        print(f"== offline demo model ({info.name}, {plain.config.num_hidden_layers} layers), fp32, "
+              f"{torch.get_num_threads()} thread(s) here, prompt {len(ids)} tokens, {args.tokens} tokens per reply; "
+              "engine: the app's engine process (lean forward, weights packed for oneDNN)", flush=True)
+        if not info.offline_demo:
+            raise SystemExit(f"the app's default start loads {info.name} here, not the offline demo model")
+        engine_ms_per_token(engine, 8, ids)
+        generate_ms_per_token(plain, 8, ids)
+        speedups = []
+        for round_ in range(1, args.rounds + 1):
+            engine_ms = engine_ms_per_token(engine, args.tokens, ids)
+            generate_ms = generate_ms_per_token(plain, args.tokens, ids)
+            speedups.append(generate_ms / engine_ms)
+            print(f"round {round_}: engine {engine_ms:.1f} ms/token, eager generate {generate_ms:.1f} ms/token, "
+                  f"generate / engine {generate_ms / engine_ms:.2f}", flush=True)
+    finally:
+        engine.shutdown()
     median = statistics.median(speedups)
     print(f"demo model: engine decodes {median:.2f}x as fast as eager generate, in turns (median of "
           f"{len(speedups)}; target >= 1.5: {'met' if median >= 1.5 else 'not met'})")
