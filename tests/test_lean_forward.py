@@ -285,3 +285,29 @@ def test_sampling_for_a_device_reads_nothing_back_before_the_chosen_ids():
     with Syncs() as cpu_path:  # where checking costs nothing, the CPU still takes its shortcut
         choose_tokens(logits.clone(), params, generators(), seen)
     assert cpu_path.waits
+
+
+def test_an_engine_replaying_graphs_gives_the_eager_engines_replies_burst_after_burst(glm):
+    """The scheduler with graphs: seeded replies of requests joining and leaving equal the eager engine's, and the
+    slots stay between bursts (the graphs read them): a second burst of the same shape captures nothing new."""
+    from chatglm_web.engine.events import Token
+    from chatglm_web.engine.scheduler import Engine
+
+    def replies(engine, count: int) -> list[list[int]]:
+        params = [SamplingParams(seed=s, temperature=0.9, top_p=0.9, max_new_tokens=40 + 15 * s) for s in range(3)]
+        requests = [engine.submit(PROMPTS[i], params[i], []) for i in range(count)]
+        return [[e.id for e in request if isinstance(e, Token)] for request in requests]
+
+    eager, graphed = Engine(glm, max_batch_size=4), Engine(glm, max_batch_size=4)
+    graphed.step.graphs = DecodeGraphs(graphed.step.lean, capture=eager_capture)
+    try:
+        assert replies(graphed, 3) == replies(eager, 3)
+        assert graphed.step.keeps_slots
+        alone = replies(eager, 1)
+        assert replies(graphed, 1) == alone  # one row: the same shapes every time
+        captured = graphed.step.graphs.captures
+        assert replies(graphed, 1) == alone
+        assert graphed.step.graphs.captures == captured, "the second burst replays the first one's graphs"
+    finally:
+        eager.shutdown()
+        graphed.shutdown()
