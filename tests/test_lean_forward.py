@@ -109,6 +109,31 @@ def test_prompts_prefilled_together_match_one_by_one(glm):
     torch.testing.assert_close(after_together, alone[3], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["4bit", "8bit", "bf16"])
+def test_quantized_and_16_bit_models_run_the_lean_forward_too(precision, tmp_path, tokenizer_model):
+    """bitsandbytes' layers are called one by one (not fused), 16-bit weights fused; the KV slots take the
+    model's compute dtype. Same logits as transformers' forward of the same weights, within that precision."""
+    from chatglm_web.families.chatglm3.loader import load_glm_model
+    from chatglm_web.families.chatglm3.tokenizer import ChatGLM3Tokenizer
+    from chatglm_web.families.loading import from_pretrained_kwargs
+    from synthetic_checkpoints import TinyChatGLM3, write_checkpoint
+
+    spec = TinyChatGLM3(hidden_size=128, num_attention_heads=4, kv_channels=32, ffn_hidden_size=256)  # bnb: x64 dims
+    folder = write_checkpoint(tmp_path / "q", spec, tokenizer_model=tokenizer_model)
+    model = load_glm_model(folder, ChatGLM3Tokenizer.from_pretrained(folder), **from_pretrained_kwargs(precision, "cpu"))
+    step = ModelStep(model)
+    assert step.lean is not None
+    fused = step.lean.layers[0].qkv.fused
+    assert (fused is None) == (precision != "bf16"), "quantized layers stay as they are"
+    got = steps_of(step, decode_steps=4)
+    expected = steps_of(ModelStep(model, lean=False), decode_steps=4)
+    tolerance = 0.05 if precision == "bf16" else 0.02
+    scale = max(float(e.abs().max()) for e in expected)
+    for g, e in zip(got, expected):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance * scale)
+
+
 def test_fusing_adds_no_memory_and_leaves_the_model_working():
     model = tiny_llama()
     ids = torch.tensor([PROMPTS[0]])
