@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gc
 import os
 import random
@@ -171,48 +170,6 @@ def gib(n: float) -> str:
 
 # -- 1. the checkpoint -----------------------------------------------------------------------------------------
 
-def random_state_dict_on(device, config: dict, *, seed: int = 0, dtype=torch.float16, std: float = 0.02,
-                         token_bias: dict | None = None) -> dict:
-    """``synthetic_checkpoints.random_state_dict`` with its random numbers drawn on ``device`` (a GPU draws the 6.2 B
-    weights in a second; the CPU takes a minute or more): the same names, shapes and token bias, on the CPU."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    hidden = config["hidden_size"]
-    heads, head_dim = config["num_attention_heads"], config["kv_channels"]
-    groups = config["multi_query_group_num"] if config["multi_query_attention"] else heads
-    qkv_rows = (heads + 2 * groups) * head_dim
-    ffn, vocab = config["ffn_hidden_size"], config["padded_vocab_size"]
-
-    def normal(*shape):
-        return (torch.randn(*shape, generator=generator, device=device, dtype=torch.float32) * std).to(dtype).cpu()
-
-    def norm_weight():
-        return (1.0 + 0.1 * torch.randn(hidden, generator=generator, device=device)).to(dtype).cpu()
-
-    rotary_dim = head_dim // 2
-    state = {
-        "transformer.embedding.word_embeddings.weight": normal(vocab, hidden),
-        "transformer.rotary_pos_emb.inv_freq":
-            (1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))).to(dtype),
-    }
-    if token_bias:
-        state["transformer.embedding.word_embeddings.weight"][:, 0] = 4.0
-    for i in range(config["num_layers"]):
-        p = f"transformer.encoder.layers.{i}."
-        state[p + "input_layernorm.weight"] = norm_weight()
-        state[p + "self_attention.query_key_value.weight"] = normal(qkv_rows, hidden)
-        state[p + "self_attention.query_key_value.bias"] = normal(qkv_rows)
-        state[p + "self_attention.dense.weight"] = normal(hidden, heads * head_dim)
-        state[p + "post_attention_layernorm.weight"] = norm_weight()
-        state[p + "mlp.dense_h_to_4h.weight"] = normal(2 * ffn, hidden)
-        state[p + "mlp.dense_4h_to_h.weight"] = normal(hidden, ffn)
-    state["transformer.encoder.final_layernorm.weight"] = norm_weight()
-    state["transformer.output_layer.weight"] = normal(vocab, hidden)
-    if token_bias:
-        for token_id, shift in token_bias.items():
-            state["transformer.output_layer.weight"][token_id, 0] = shift / hidden ** 0.5
-    return state
-
-
 def default_workdir(need_bytes: int) -> str:
     """A RAM-backed folder when it has room (writing and reading 12.5 GB there takes seconds), else the temp dir."""
     for candidate in FAST_DIRS:
@@ -236,13 +193,8 @@ def make_checkpoint(folder: Path, tiny: bool, device: str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     spec = sc.TinyChatGLM3() if tiny else sc.TinyChatGLM3.chatglm3_6b(sp_vocab_size=SP_VOCAB)
     start = time.perf_counter()
-    original = sc.random_state_dict
-    sc.random_state_dict = functools.partial(random_state_dict_on, device)  # write_checkpoint looks it up by name
-    try:
-        sc.write_checkpoint(folder, spec, weights_format="safetensors", num_shards=2 if tiny else 7,
-                            tokenizer_model=sc.train_tokenizer_model(spec.sp_vocab_size), token_bias=NO_STOP)
-    finally:
-        sc.random_state_dict = original
+    sc.write_checkpoint(folder, spec, weights_format="safetensors", num_shards=2 if tiny else 7,
+                        tokenizer_model=sc.train_tokenizer_model(spec.sp_vocab_size), token_bias=NO_STOP, device=device)
     marker.write_text("ok\n")
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     say(f"checkpoint: wrote {folder} ({gib(size)} of safetensors, weights drawn on {device}) in "

@@ -146,15 +146,18 @@ TOKENIZER_CONFIG = {
 
 
 def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: float = 0.02,
-                      token_bias: dict[int, float] | None = None) -> dict:
+                      token_bias: dict[int, float] | None = None, device="cpu") -> dict:
     """Random weights under the original ChatGLM3 tensor names.
 
     ``token_bias`` ({token id: logit shift}) makes a test model favour or avoid tokens, e.g. never
     stop (-20 on the stop ids) for tests that need long replies. It works through a constant
     channel: hidden dim 0 of every embedding is set high, so the final normalized hidden state
     has a large positive dim 0, and the output-layer rows of the biased ids get a weight there.
+
+    The random numbers are drawn on ``device`` (a GPU draws ChatGLM3-6B's 6.2 B weights in a second, a CPU
+    takes a minute or more: ``bench/gpu.py``); the tensors are returned on the CPU.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     hidden = config["hidden_size"]
     heads, head_dim = config["num_attention_heads"], config["kv_channels"]
     groups = config["multi_query_group_num"] if config["multi_query_attention"] else heads
@@ -163,10 +166,10 @@ def random_state_dict(config: dict, *, seed: int = 0, dtype=torch.float16, std: 
     vocab = config["padded_vocab_size"]
 
     def normal(*shape):
-        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype).cpu()
 
     def norm_weight():
-        return (1.0 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+        return (1.0 + 0.1 * torch.randn(hidden, generator=gen, device=device)).to(dtype).cpu()
 
     rotary_dim = head_dim // 2
     state = {
@@ -236,8 +239,9 @@ def write_checkpoint(
     std: float = 0.02,
     tokenizer_model: bytes | None = None,
     token_bias: dict[str | int, float] | None = None,
+    device="cpu",
 ) -> Path:
-    """Create a ChatGLM3 checkpoint folder; returns its path."""
+    """Create a ChatGLM3 checkpoint folder; returns its path. ``device``: where the random weights are drawn."""
     spec = spec or TinyChatGLM3()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,6 +262,6 @@ def write_checkpoint(
         from chatglm_web.families.chatglm3.tokenizer import SPECIAL_TOKENS
 
         token_bias = {(sp_size + SPECIAL_TOKENS.index(k) if isinstance(k, str) else k): v for k, v in token_bias.items()}
-    save_weights(random_state_dict(config, seed=seed, dtype=dtype, std=std, token_bias=token_bias), folder,
-                 weights_format=weights_format, num_shards=num_shards)
+    weights = random_state_dict(config, seed=seed, dtype=dtype, std=std, token_bias=token_bias, device=device)
+    save_weights(weights, folder, weights_format=weights_format, num_shards=num_shards)
     return folder
