@@ -89,10 +89,6 @@ class SlotCache:
         cache.version = next(_buffer_sets)
         return cache
 
-    def reserve(self, *, slots: int, capacity: int) -> None:
-        """Room for ``slots`` slots of ``capacity`` positions (buffers doubled where short, data kept)."""
-        self._grow(slots=slots, capacity=capacity)
-
     def span_for(self, positions: int) -> int:
         """How many positions a step reads when its rows hold up to ``positions`` tokens (new ones included)."""
         return min(self.capacity, _round_up(positions, SPAN_STEP))

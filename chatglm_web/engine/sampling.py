@@ -6,10 +6,10 @@ same tokens whether it runs alone or batched with others.
 Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p``. It avoids a
 full-vocabulary sort (the costliest part of sampling on a 65k vocabulary) whenever the nucleus
 lies within the top 64 tokens, as it does for a trained model's usual peaked distributions; only
-flat ones are sorted whole (on a GPU every row is sorted: see ``top_p_probs``). The draw itself is one uniform number mapped through the cumulative
-distribution (cheaper than ``torch.multinomial`` over the whole vocabulary). A batch of rows is
-sampled with one pass of each operation and one transfer of the chosen ids to the host: nothing
-else in sampling makes the host wait for the device.
+flat ones are sorted whole (on a GPU every row is sorted: see ``top_p_probs``). The draw itself is
+one uniform number mapped through the cumulative distribution (cheaper than ``torch.multinomial``
+over the whole vocabulary). A batch of rows is sampled with one pass of each operation and one
+transfer of the chosen ids to the host: nothing else in sampling makes the host wait for the device.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def top_p_probs(probs: torch.Tensor, top_p, *, sort_all: bool | None = None) -> 
     top_p = to_device(top_p, rows.device)
     if sort_all:
         values = torch.sort(rows, dim=-1, descending=True).values
-        cumulative = torch.cumsum(values, -1)
     else:
         values = torch.topk(rows, min(_FAST_K, rows.shape[1]), dim=-1).values
-        cumulative = torch.cumsum(values, -1)
+    cumulative = torch.cumsum(values, -1)
+    if not sort_all:
         flat = cumulative[:, -1] < top_p[:, 0]
         if bool(flat.any()):  # nucleus beyond the top k: sort those rows whole (one batched sort)
             full = torch.sort(rows[flat], dim=-1, descending=True).values
